@@ -1,0 +1,23 @@
+"""stride-jax: STRIDE training-data attribution in JAX/Flax NNX."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+_REQS = [
+    line.strip()
+    for line in (Path(__file__).parent / "requirements.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+]
+
+setup(
+    name="stride-jax",
+    version="0.1.0",
+    description="Steering-based Training Data Influence Decomposition (STRIDE) in JAX",
+    long_description=(Path(__file__).parent / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["stride_jax", "stride_jax.*", "experiments", "experiments.*"]),
+    python_requires=">=3.11",
+    install_requires=_REQS,
+    extras_require={"test": ["pytest==9.0.3", "ruff==0.17.6"]},
+)

@@ -1,0 +1,108 @@
+"""The one place that knows about orbax, plus atomic array files for cached stage outputs.
+
+Stage-1 training state goes through an orbax ``CheckpointManager`` (atomic, keep-last-N,
+restored into an abstract target). Finished stage outputs (base model, ground truth,
+responses, scores) are small .npz files written to a temporary name and renamed, so a job
+killed mid-write never leaves a half-written file that a restart would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(ValueError):
+    """A checkpoint exists but does not match what the run expects."""
+
+
+class TrainCheckpoints:
+    """Save / restore a training-state pytree every N steps; resume from the latest."""
+
+    def __init__(self, directory: str, keep: int = 2):
+        self._manager = ocp.CheckpointManager(
+            os.path.abspath(directory),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state) -> None:
+        self._manager.save(step, args=ocp.args.StandardSave(state))
+        self._manager.wait_until_finished()
+
+    def restore(self, abstract_state):
+        """Restore the latest step into ``abstract_state``'s structure, shapes and shardings."""
+        step = self._manager.latest_step()
+        try:
+            return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"checkpoint at step {step} in {self._manager.directory} does not match this "
+                f"run's state (different config?): {e}"
+            ) from e
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def _atomic_write(path: str, write) -> None:
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_arrays(path: str, **arrays) -> None:
+    """Atomically write a .npz of host copies of ``arrays``."""
+    host = {k: np.asarray(jax.device_get(v)) for k, v in arrays.items()}
+    _atomic_write(path, lambda f: np.savez(f, **host))
+
+
+def load_arrays(path: str) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def save_npy(path: str, array) -> None:
+    _atomic_write(path, lambda f: np.save(f, np.asarray(jax.device_get(array))))
+
+
+def save_json(path: str, obj) -> None:
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+
+
+def save_params(path: str, params) -> None:
+    """Flatten an ``nnx.State`` / pytree of arrays into an atomic .npz."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    save_arrays(path, **{jax.tree_util.keystr(k): v for k, v in leaves})
+
+
+def load_params(path: str, abstract_params):
+    """Load ``save_params`` output into the structure of ``abstract_params``; checks shapes."""
+    arrays = load_arrays(path)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
+    out = []
+    for key_path, leaf in leaves:
+        name = jax.tree_util.keystr(key_path)
+        if name not in arrays:
+            raise CheckpointError(f"{path} lacks parameter {name}")
+        if arrays[name].shape != tuple(leaf.shape):
+            raise CheckpointError(
+                f"{path}: parameter {name} has shape {arrays[name].shape}, expected {leaf.shape}"
+            )
+        out.append(arrays[name])
+    return jax.tree_util.tree_unflatten(treedef, out)

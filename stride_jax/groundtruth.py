@@ -1,0 +1,78 @@
+"""Ground truth for LDS: M models really retrained on random alpha-subsets.
+
+All M retrains run in one jitted call: ``mlp.fit`` (the base model's recipe, unchanged)
+vmapped over (init key, kept mask) and micro-batched with ``lax.map``; models are sharded
+over the mesh's ``data`` axis. Each model has its own init key drawn from the ground-truth
+seed. The masks and the per-model query losses are cached in the workdir.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from stride_jax import checkpoint, sharding, subsets
+from stride_jax.data import Splits
+from stride_jax.models import mlp
+
+
+def retrain_many(model_config, keys_M, x_NxF, y_N, masks_MxN, num_classes, mesh, batch: int):
+    """Params of M models (stacked on a leading axis), model m trained on masks_MxN[m]."""
+    sharding.check_divisible("number of retrained models M", masks_MxN.shape[0], mesh,
+                             sharding.DATA)
+
+    def train_all(keys, masks):
+        one = lambda args: mlp.fit(model_config, args[0], x_NxF, y_N, args[1], num_classes)  # noqa: E731
+        return jax.lax.map(one, (keys, masks), batch_size=batch)
+
+    models = sharding.along(mesh, sharding.DATA, 1)
+    fn = jax.jit(train_all, in_shardings=(models, sharding.along(mesh, sharding.DATA, 2)))
+    return fn(keys_M, jnp.asarray(masks_MxN, jnp.float32))
+
+
+def query_losses(model_config, params_M, x_QxF, y_Q, num_classes) -> jax.Array:
+    """losses_MxQ: cross-entropy of every stacked model on every query."""
+    graphdef, _ = mlp.abstract(model_config, x_QxF.shape[1], num_classes)
+
+    @jax.jit
+    def fn(p):
+        return jax.vmap(lambda pm: mlp.cross_entropy(mlp.apply(graphdef, pm, x_QxF), y_Q))(p)
+
+    return fn(params_M)
+
+
+def build(config, model_config, splits: Splits, mesh, workdir: str | None = None) -> dict:
+    """Masks (M x N, bool) and query losses (M x Q, float32); cached as groundtruth.npz."""
+    path = os.path.join(workdir, "groundtruth.npz") if workdir else None
+    if path and os.path.exists(path):
+        cached = checkpoint.load_arrays(path)
+        n, q = len(splits.train), len(splits.query)
+        if cached["masks_MxN"].shape != (config.num_models, n) or cached["losses_MxQ"].shape[1] != q:
+            raise checkpoint.CheckpointError(
+                f"{path} was built for other data or settings (masks {cached['masks_MxN'].shape},"
+                f" expected ({config.num_models}, {n})); use a new --workdir"
+            )
+        logging.info("ground truth: reusing %s", path)
+        return cached
+    key = jax.random.key(config.seed)
+    mask_key, init_key = jax.random.split(key)
+    masks = subsets.retention_masks(mask_key, config.num_models, len(splits.train), config.alpha)
+    logging.info("ground truth: retraining %d models on %.0f%% subsets (vmapped, %d at a time)",
+                 config.num_models, 100 * config.alpha, config.models_per_batch)
+    t0 = time.time()
+    params = retrain_many(
+        model_config, jax.random.split(init_key, config.num_models), jnp.asarray(splits.train.x_NxF),
+        jnp.asarray(splits.train.y_N), masks, splits.num_classes, mesh, config.models_per_batch,
+    )
+    losses = query_losses(model_config, params, jnp.asarray(splits.query.x_NxF),
+                          jnp.asarray(splits.query.y_N), splits.num_classes)
+    out = {"masks_MxN": masks, "losses_MxQ": jax.device_get(losses)}
+    logging.info("ground truth: done in %.1fs; mean query loss %.4f",
+                 time.time() - t0, float(losses.mean()))
+    if path:
+        checkpoint.save_arrays(path, **out)
+    return out

@@ -1,0 +1,312 @@
+"""Stage 2b: recover per-example scores from per-subset responses by a batched Lasso.
+
+For each query q, with responses ``y_T`` (one per subset) and the design ``A_TxN``, solve
+
+    min_b  1/(2 T') sum_t w_t ((A_c b)_t - (y_c)_t)^2 + lam ||b||_1      (optionally b >= 0)
+
+in scikit-learn's scaling (``T' = sum_t w_t``, the rows actually used; ``w`` masks held-out
+rows). With ``fit_intercept`` the columns of A and y are centred implicitly on the used rows
+(``A_c = A - 1 mu^T``), exactly like ``sklearn.linear_model.Lasso``. A is only applied through
+its gather form (``members_TxS`` / ``subsets_NxD``, see :mod:`stride_jax.subsets`). Solves use
+jaxopt's FISTA with the fixed step 1/L (L from power iteration), warm-started along a geometric
+lambda path under ``lax.scan``, and are vmapped over queries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import jaxopt
+import numpy as np
+
+from stride_jax.subsets import Design
+
+_POWER_ITERS = 100
+_LIPSCHITZ_SAFETY = 1.01
+_SELECTS = ("fixed", "heldout")
+
+
+@dataclasses.dataclass(frozen=True)
+class LassoConfig:
+    """Lasso settings; lambda is always a fraction of each query's lambda_max."""
+
+    lam_frac: float = 0.05  # lambda = lam_frac * lambda_max (per query)
+    nonneg: bool = False
+    fit_intercept: bool = True
+    maxiter: int = 500  # FISTA iterations per path point
+    tol: float = 1e-6  # jaxopt's ||b_k+1 - b_k|| * L stopping tolerance
+    path_len: int = 8  # warm-started path from lambda_max down to lam_frac*lambda_max (geometric)
+    select: str = "fixed"  # "fixed": use lam_frac; "heldout": choose per query on held-out rows
+    holdout_frac: float = 0.1
+    path_min_frac: float = 0.005  # smallest fraction considered when select == "heldout"
+
+
+def _ops(members_TxS, subsets_NxD, w_T, fit_intercept: bool):
+    """Weighted, optionally centred operators: (matvec N->T, rmatvec T->N, mu_N, T')."""
+    n_used = jnp.sum(w_T)
+
+    def a_mv(b_N):  # A @ b
+        return jnp.concatenate([b_N, jnp.zeros(1, b_N.dtype)])[members_TxS].sum(-1)
+
+    def a_rmv(r_T):  # A.T @ r
+        return jnp.concatenate([r_T, jnp.zeros(1, r_T.dtype)])[subsets_NxD].sum(-1)
+
+    mu_N = a_rmv(w_T) / n_used if fit_intercept else jnp.zeros(subsets_NxD.shape[0], jnp.float32)
+
+    def mv(b_N):
+        return a_mv(b_N) - jnp.dot(mu_N, b_N)
+
+    def rmv(r_T):
+        return a_rmv(r_T) - mu_N * jnp.sum(r_T)
+
+    return mv, rmv, mu_N, n_used
+
+
+def _lipschitz(mv, rmv, w_T, n_used, num_examples: int):
+    """Largest eigenvalue of A_c^T W A_c / T' by power iteration, times a safety factor."""
+    v0 = jax.random.normal(jax.random.PRNGKey(0), (num_examples,), jnp.float32)
+
+    def body(_, v):
+        u = rmv(w_T * mv(v)) / n_used
+        return u / jnp.maximum(jnp.linalg.norm(u), 1e-30)
+
+    v = jax.lax.fori_loop(0, _POWER_ITERS, body, v0 / jnp.linalg.norm(v0))
+    return jnp.maximum(jnp.linalg.norm(rmv(w_T * mv(v)) / n_used), 1e-12) * _LIPSCHITZ_SAFETY
+
+
+def _fracs(end_frac, path_len: int):
+    """Geometric fractions 1.0 -> end_frac (path_len points; just end_frac when path_len == 1)."""
+    if path_len == 1:
+        return jnp.reshape(jnp.asarray(end_frac, jnp.float32), (1,))
+    return jnp.asarray(end_frac, jnp.float32) ** (jnp.arange(path_len) / (path_len - 1.0))
+
+
+def _setup(members_TxS, subsets_NxD, w_T, fit_intercept, nonneg, maxiter, tol):
+    """Operators, centring and a FISTA solver for one row weighting (shared by all queries)."""
+    w_T = jnp.asarray(w_T, jnp.float32)
+    mv, rmv, mu_N, n_used = _ops(members_TxS, subsets_NxD, w_T, fit_intercept)
+    step = 1.0 / _lipschitz(mv, rmv, w_T, n_used, subsets_NxD.shape[0])
+
+    def value_and_grad(b_N, yc_T):
+        wr_T = w_T * (mv(b_N) - yc_T)
+        return 0.5 * jnp.sum(wr_T * wr_T) / n_used, rmv(w_T * wr_T) / n_used
+
+    solver = jaxopt.ProximalGradient(
+        fun=value_and_grad,
+        value_and_grad=True,
+        prox=jaxopt.prox.prox_non_negative_lasso if nonneg else jaxopt.prox.prox_lasso,
+        stepsize=lambda _: step,  # callable => fixed step, no line search (step is traced)
+        maxiter=maxiter,
+        tol=tol,
+        acceleration=True,
+        implicit_diff=False,
+    )
+
+    def centre(y_T):
+        """(y_c, ybar, lambda_max) for one query on the weighted rows."""
+        ybar = jnp.sum(w_T * y_T) / n_used if fit_intercept else jnp.float32(0.0)
+        yc_T = y_T - ybar
+        grad0_N = rmv(w_T * yc_T) / n_used
+        lam_max = jnp.max(grad0_N if nonneg else jnp.abs(grad0_N))
+        return yc_T, ybar, jnp.maximum(lam_max, 0.0)
+
+    def solve(b_N, yc_T, lam):
+        return solver.run(b_N, lam, yc_T).params
+
+    return mv, mu_N, centre, solve
+
+
+@partial(
+    jax.jit, static_argnames=("nonneg", "fit_intercept", "maxiter", "tol", "path_len")
+)
+def lasso_scores_arrays(
+    members_TxS,
+    subsets_NxD,
+    y_QxT,
+    row_weight_T,
+    lam_frac,
+    *,
+    nonneg: bool,
+    fit_intercept: bool,
+    maxiter: int,
+    tol: float,
+    path_len: int,
+) -> dict:
+    """Jitted core: Lasso at ``lam_frac * lambda_max`` per query, warm-started along a path.
+
+    Args: ``members_TxS`` / ``subsets_NxD`` int32 design tables, ``y_QxT`` float32 responses,
+    ``row_weight_T`` float32 row weights (1 = used, 0 = masked out), ``lam_frac`` scalar.
+    Returns ``{"scores_QxN", "lam_Q", "lam_frac_Q", "nnz_Q"}``.
+    """
+    _, _, centre, solve = _setup(
+        members_TxS, subsets_NxD, row_weight_T, fit_intercept, nonneg, maxiter, tol
+    )
+    fracs_K = _fracs(lam_frac, path_len)
+    num_examples = subsets_NxD.shape[0]
+
+    def one_query(y_T):
+        yc_T, _, lam_max = centre(y_T)
+
+        def step(b_N, frac):
+            return solve(b_N, yc_T, frac * lam_max), None
+
+        b_N, _ = jax.lax.scan(step, jnp.zeros(num_examples, jnp.float32), fracs_K)
+        return b_N, fracs_K[-1] * lam_max
+
+    scores_QxN, lam_Q = jax.vmap(one_query)(jnp.asarray(y_QxT, jnp.float32))
+    lam_frac_Q = jnp.full(lam_Q.shape, fracs_K[-1])
+    return {"scores_QxN": scores_QxN, "lam_Q": lam_Q, "lam_frac_Q": lam_frac_Q,
+            "nnz_Q": jnp.sum(scores_QxN != 0, -1)}
+
+
+@partial(
+    jax.jit, static_argnames=("nonneg", "fit_intercept", "maxiter", "tol", "path_len")
+)
+def lasso_heldout_arrays(
+    members_TxS,
+    subsets_NxD,
+    y_QxT,
+    fit_mask_T,
+    path_min_frac,
+    *,
+    nonneg: bool,
+    fit_intercept: bool,
+    maxiter: int,
+    tol: float,
+    path_len: int,
+) -> dict:
+    """Jitted core for ``select="heldout"``: pick each query's path point on held-out rows.
+
+    ``fit_mask_T`` is float32 0/1 (1 = fit row, 0 = held out). The path (fractions 1.0 down to
+    ``path_min_frac``) is fitted on the fit rows; each query keeps the point with the lowest
+    held-out MSE, then the path is rerun on all rows and that point's solution is returned.
+    Returns the same dict as :func:`lasso_scores_arrays`.
+    """
+    fit_mask_T = jnp.asarray(fit_mask_T, jnp.float32)
+    held_T = 1.0 - fit_mask_T
+    fracs_K = _fracs(path_min_frac, path_len)
+    num_examples = subsets_NxD.shape[0]
+    zeros_N = jnp.zeros(num_examples, jnp.float32)
+    mv_f, mu_f, centre_f, solve_f = _setup(
+        members_TxS, subsets_NxD, fit_mask_T, fit_intercept, nonneg, maxiter, tol
+    )
+    _, _, centre_a, solve_a = _setup(
+        members_TxS, subsets_NxD, jnp.ones_like(fit_mask_T), fit_intercept, nonneg, maxiter, tol
+    )
+
+    def one_query(y_T):
+        yc_T, ybar, lam_max = centre_f(y_T)
+
+        def fit_step(b_N, frac):
+            b_N = solve_f(b_N, yc_T, frac * lam_max)
+            # mv_f is centred on the fit rows, so mv_f(b) + ybar = A b + (ybar - mu.b).
+            err_T = mv_f(b_N) + ybar - y_T
+            return b_N, jnp.sum(held_T * err_T * err_T) / jnp.sum(held_T)
+
+        _, mse_K = jax.lax.scan(fit_step, zeros_N, fracs_K)
+        best = jnp.argmin(mse_K)
+
+        yc_all_T, _, lam_max_all = centre_a(y_T)
+
+        def refit_step(carry, k_frac):
+            b_N, keep_N = carry
+            k, frac = k_frac
+            b_N = solve_a(b_N, yc_all_T, frac * lam_max_all)
+            return (b_N, jnp.where(k == best, b_N, keep_N)), None
+
+        (_, keep_N), _ = jax.lax.scan(
+            refit_step, (zeros_N, zeros_N), (jnp.arange(path_len), fracs_K)
+        )
+        return keep_N, fracs_K[best] * lam_max_all, fracs_K[best]
+
+    scores_QxN, lam_Q, lam_frac_Q = jax.vmap(one_query)(jnp.asarray(y_QxT, jnp.float32))
+    return {"scores_QxN": scores_QxN, "lam_Q": lam_Q, "lam_frac_Q": lam_frac_Q,
+            "nnz_Q": jnp.sum(scores_QxN != 0, -1)}
+
+
+def _design_arrays(design_or_arrays):
+    if isinstance(design_or_arrays, Design):
+        return design_or_arrays.members_TxS, design_or_arrays.subsets_NxD
+    if isinstance(design_or_arrays, dict):
+        return design_or_arrays["members_TxS"], design_or_arrays["subsets_NxD"]
+    raise ValueError(
+        "design_or_arrays must be a subsets.Design or a dict with members_TxS and subsets_NxD"
+    )
+
+
+def _validate(config: LassoConfig, members_TxS, y_QxT, key) -> None:
+    num_subsets = int(members_TxS.shape[0])
+    if y_QxT.ndim != 2:
+        raise ValueError(f"responses y_QxT must be 2-D (Q, T), got shape {tuple(y_QxT.shape)}")
+    if y_QxT.shape[1] != num_subsets:
+        raise ValueError(
+            f"responses y_QxT have T={y_QxT.shape[1]} columns but the design has "
+            f"T={num_subsets} subsets"
+        )
+    if y_QxT.shape[0] < 1:
+        raise ValueError("responses y_QxT have no queries (Q = 0)")
+    if not bool(jnp.all(jnp.isfinite(y_QxT))):
+        raise ValueError("responses y_QxT contain NaN or inf")
+    if config.select not in _SELECTS:
+        raise ValueError(f"unknown select {config.select!r}; choose one of {list(_SELECTS)}")
+    if not config.lam_frac > 0:
+        raise ValueError(f"lam_frac must be > 0, got {config.lam_frac}")
+    if config.path_len < 1 or config.maxiter < 1:
+        raise ValueError(f"path_len and maxiter must be >= 1, got {config.path_len}, "
+                         f"{config.maxiter}")
+    if config.select == "heldout":
+        if key is None:
+            raise ValueError("select='heldout' needs a PRNG key to choose held-out rows")
+        if not 0.0 < config.holdout_frac < 1.0:
+            raise ValueError(f"holdout_frac must be in (0, 1), got {config.holdout_frac}")
+        if not 0.0 < config.path_min_frac <= 1.0:
+            raise ValueError(f"path_min_frac must be in (0, 1], got {config.path_min_frac}")
+
+
+def lasso_scores(design_or_arrays, y_QxT, config: LassoConfig, key=None) -> dict:
+    """Per-example scores for each query by (optionally non-negative) Lasso.
+
+    Args:
+      design_or_arrays: a :class:`~stride_jax.subsets.Design` (T subsets x N examples) or its
+        ``to_arrays()`` dict.
+      y_QxT: responses, one row per query, one column per subset.
+      config: :class:`LassoConfig`.
+      key: PRNG key choosing the held-out rows (only for ``select="heldout"``).
+
+    Returns:
+      ``{"scores_QxN": float32 (Q, N), "lam_Q": chosen lambda (Q,), "lam_frac_Q": lambda /
+      lambda_max (Q,), "nnz_Q": active-set sizes (Q,)}``.
+    """
+    members_TxS, subsets_NxD = _design_arrays(design_or_arrays)
+    y_QxT = jnp.asarray(y_QxT, jnp.float32)
+    _validate(config, members_TxS, y_QxT, key)
+    members_TxS = jnp.asarray(members_TxS, jnp.int32)
+    subsets_NxD = jnp.asarray(subsets_NxD, jnp.int32)
+    static = dict(
+        nonneg=config.nonneg,
+        fit_intercept=config.fit_intercept,
+        maxiter=config.maxiter,
+        tol=float(config.tol),
+        path_len=config.path_len,
+    )
+    num_subsets = int(members_TxS.shape[0])
+    if config.select == "fixed":
+        ones_T = jnp.ones(num_subsets, jnp.float32)
+        return lasso_scores_arrays(
+            members_TxS, subsets_NxD, y_QxT, ones_T, jnp.float32(config.lam_frac), **static
+        )
+    num_held = max(1, round(config.holdout_frac * num_subsets))
+    if num_subsets - num_held < 2:
+        raise ValueError(
+            f"holdout_frac={config.holdout_frac} leaves fewer than 2 of T={num_subsets} rows to fit"
+        )
+    held = np.asarray(jax.random.permutation(key, num_subsets))[:num_held]
+    fit_mask_T = np.ones(num_subsets, np.float32)
+    fit_mask_T[held] = 0.0
+    return lasso_heldout_arrays(
+        members_TxS, subsets_NxD, y_QxT, jnp.asarray(fit_mask_T),
+        jnp.float32(config.path_min_frac), **static
+    )

@@ -1,0 +1,65 @@
+"""Stage 2a: the (queries x T) response matrix in one fused, jitted, vmapped call.
+
+``y_QxT[q, k] = CE_base(q) - CE_k(q)``: how much operator k (a stand-in for "trained more
+on subset S_k") lowers query q's loss. ``steered_logits`` evaluates all T operators on one
+query at once; ``response_matrix`` vmaps it over query micro-batches (``lax.map``) so that
+memory stays at (batch x T x C) however many queries there are.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from stride_jax import sharding
+from stride_jax.operators import LogitHook
+
+
+def steered_logits(ops, cache_row: dict) -> jax.Array:
+    """logits_TxC of all T operators on one query (cache row: ``h`` (D,), ``logits`` (C,))."""
+    phi_1xR = ops.basis(cache_row["h"][None])
+    return LogitHook.steered_logits(cache_row, ops.shifts(phi_1xR)[:, 0])
+
+
+def _responses_one(ops, cache_row, y):
+    ce_base = optax.softmax_cross_entropy_with_integer_labels(cache_row["logits"], y)
+    logits_TxC = steered_logits(ops, cache_row)
+    y_T = jnp.broadcast_to(y, logits_TxC.shape[:1])
+    ce_T = optax.softmax_cross_entropy_with_integer_labels(logits_TxC, y_T)
+    return ce_base - ce_T
+
+
+def make_response_fn(graphdef, mesh, batch_size: int = 64):
+    """Jitted ``(params, h_QxD, logits_QxC, y_Q) -> y_QxT`` with queries sharded on ``data``.
+
+    Q must be a multiple of the mesh's data axis (``response_matrix`` pads for you).
+    """
+
+    def fn(params, h_QxD, logits_QxC, y_Q):
+        ops = nnx.merge(graphdef, params)
+
+        def one(args):
+            h, z, y = args
+            return _responses_one(ops, {"h": h, "logits": z}, y)
+
+        return jax.lax.map(one, (h_QxD, logits_QxC, y_Q), batch_size=batch_size)
+
+    rows = sharding.along(mesh, sharding.DATA, 2)
+    return jax.jit(
+        fn,
+        in_shardings=(sharding.replicated(mesh), rows, rows, sharding.along(mesh, sharding.DATA, 1)),
+        out_shardings=rows,
+    )
+
+
+def response_matrix(graphdef, params, cache_q: dict, y_Q, mesh, batch_size: int = 64):
+    """Response matrix y_QxT (float32) for queries with cached base activations."""
+    n_data = mesh.shape[sharding.DATA]
+    h, q = sharding.pad_to_multiple(jnp.asarray(cache_q["h"]), n_data)
+    z, _ = sharding.pad_to_multiple(jnp.asarray(cache_q["logits"]), n_data)
+    y, _ = sharding.pad_to_multiple(jnp.asarray(y_Q), n_data)
+    params = jax.device_put(params, sharding.replicated(mesh))
+    out = make_response_fn(graphdef, mesh, batch_size)(params, h, z, y)
+    return out[:q]

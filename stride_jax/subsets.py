@@ -1,0 +1,145 @@
+"""Subset designs: which training examples each steering operator is trained on.
+
+A design is a binary matrix ``A_TxN`` (T subsets, N training examples). We never store it
+densely: ``members_TxS`` lists each subset's examples (padded with the sentinel ``N``) and
+``subsets_NxD`` lists each example's subsets (padded with the sentinel ``T``). Appending one
+zero to a length-N (or length-T) vector makes the sentinel gather a no-op, so
+``A @ b == b_pad[members_TxS].sum(-1)`` and ``A.T @ r == r_pad[subsets_NxD].sum(-1)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+_MAX_DENSE = 1 << 28
+
+
+@dataclasses.dataclass(frozen=True)
+class Design:
+    """Sparse view of a T x N membership matrix (see module docstring)."""
+
+    members_TxS: np.ndarray
+    subsets_NxD: np.ndarray
+    kind: str
+
+    @property
+    def num_subsets(self) -> int:
+        return int(self.members_TxS.shape[0])
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.subsets_NxD.shape[0])
+
+    @property
+    def sizes_T(self) -> np.ndarray:
+        return (self.members_TxS < self.num_examples).sum(-1)
+
+    @property
+    def degrees_N(self) -> np.ndarray:
+        return (self.subsets_NxD < self.num_subsets).sum(-1)
+
+    def dense(self) -> np.ndarray:
+        """The T x N float32 matrix; refused when it would be huge."""
+        t, n = self.num_subsets, self.num_examples
+        if t * n > _MAX_DENSE:
+            raise ValueError(f"dense design of {t} x {n} is too large; use the sparse form")
+        a = np.zeros((t, n + 1), np.float32)
+        np.put_along_axis(a, self.members_TxS, 1.0, axis=1)
+        return a[:, :n]
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"members_TxS": self.members_TxS, "subsets_NxD": self.subsets_NxD}
+
+    @classmethod
+    def from_arrays(cls, arrays, kind: str) -> Design:
+        return cls(np.asarray(arrays["members_TxS"]), np.asarray(arrays["subsets_NxD"]), kind)
+
+
+def _check(num_subsets: int, num_examples: int, degree: int) -> None:
+    if num_subsets < 1:
+        raise ValueError(f"number of subsets T must be >= 1, got {num_subsets}")
+    if num_examples < 1:
+        raise ValueError(f"number of training examples N must be >= 1, got {num_examples}")
+    if degree < 1:
+        raise ValueError(f"degree d must be >= 1, got {degree}")
+    if degree > num_subsets:
+        raise ValueError(f"degree d={degree} exceeds the number of subsets T={num_subsets}")
+
+
+def _pad_rows(rows_of_ids: np.ndarray, owner: np.ndarray, n_rows: int, sentinel: int):
+    """Group ``rows_of_ids`` by ``owner`` into a padded (n_rows, width) int32 table."""
+    order = np.argsort(owner, kind="stable")
+    owner_sorted, ids_sorted = owner[order], rows_of_ids[order]
+    counts = np.bincount(owner_sorted, minlength=n_rows)
+    width = max(int(counts.max(initial=0)), 1)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    col = np.arange(owner_sorted.size) - starts[owner_sorted]
+    table = np.full((n_rows, width), sentinel, np.int32)
+    table[owner_sorted, col] = ids_sorted
+    return table
+
+
+def _from_pairs(subset_ids: np.ndarray, example_ids: np.ndarray, t: int, n: int, kind: str):
+    members = _pad_rows(example_ids, subset_ids, t, sentinel=n)
+    subsets = _pad_rows(subset_ids, example_ids, n, sentinel=t)
+    return Design(np.sort(members, -1), np.sort(subsets, -1), kind)
+
+
+def expander(key: jax.Array, num_subsets: int, num_examples: int, degree: int) -> Design:
+    """Left-d-regular design: each example in exactly ``degree`` distinct subsets.
+
+    Subsets are filled in rounds, each a random permutation of all T subsets, and example
+    i takes the next d slots; so subset sizes differ by at most one. Where an example's d
+    slots straddle two rounds, the new round is reordered so its slots stay distinct.
+    """
+    _check(num_subsets, num_examples, degree)
+    t, n, d = num_subsets, num_examples, degree
+    total = n * d
+    num_rounds = -(-total // t)
+    keys = jax.random.split(key, num_rounds)
+    perms = np.array(jax.vmap(lambda k: jax.random.permutation(k, t))(keys))
+    for r in range(1, num_rounds):
+        carried = (r * t) % d  # slots of the straddling example already in round r-1
+        if carried == 0:
+            continue
+        taken = perms[r - 1, t - carried :]
+        need = d - carried
+        clash = np.isin(perms[r], taken)
+        fresh = perms[r][~clash]
+        perms[r] = np.concatenate([fresh[:need], perms[r][clash], fresh[need:]])
+    stream = perms.reshape(-1)[:total]
+    return _from_pairs(stream, np.repeat(np.arange(n), d), t, n, "expander")
+
+
+def bernoulli(key: jax.Array, num_subsets: int, num_examples: int, degree: int) -> Design:
+    """Ablation design: each entry of A is Bernoulli(degree / T), so degrees vary."""
+    _check(num_subsets, num_examples, degree)
+    a = np.asarray(jax.random.bernoulli(key, degree / num_subsets, (num_subsets, num_examples)))
+    subset_ids, example_ids = np.nonzero(a)
+    return _from_pairs(subset_ids, example_ids, num_subsets, num_examples, "bernoulli")
+
+
+def make_design(key: jax.Array, kind: str, num_subsets: int, num_examples: int, degree: int):
+    builders = {"expander": expander, "bernoulli": bernoulli}
+    if kind not in builders:
+        raise ValueError(f"unknown design kind {kind!r}; choose one of {sorted(builders)}")
+    return builders[kind](key, num_subsets, num_examples, degree)
+
+
+def retention_masks(key: jax.Array, num_models: int, num_examples: int, alpha: float):
+    """LDS subsets: ``num_models`` random subsets of exactly round(alpha * N) examples.
+
+    Returns a bool array M x N (True = kept for that retrain).
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"retention alpha must be in (0, 1], got {alpha}")
+    if num_models < 1 or num_examples < 1:
+        raise ValueError(f"need num_models >= 1 and N >= 1, got {num_models}, {num_examples}")
+    keep = max(1, round(alpha * num_examples))
+    keys = jax.random.split(key, num_models)
+    scores = jax.vmap(lambda k: jax.random.uniform(k, (num_examples,)))(keys)
+    ranks = np.argsort(np.argsort(np.asarray(scores), axis=1), axis=1)
+    return ranks < keep

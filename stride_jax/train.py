@@ -1,0 +1,219 @@
+"""Stage 1: learn the T steering operators on a frozen base model.
+
+Each step draws K subsets; for each, a batch of its members (fidelity), a batch of
+non-members (stability) and a shared batch of probe examples (linearity). Steps run in
+jitted ``lax.scan`` chunks (``log_every`` steps per call) with explicit shardings: operator
+gates are sharded over the mesh's ``ops`` axis. The key of step s is ``fold_in(key, s)``, so
+a run resumed from a checkpoint takes exactly the steps an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from stride_jax import checkpoint, losses, sharding
+from stride_jax.operators import SteeringOperators
+from stride_jax.subsets import Design
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage1Inputs:
+    """Cached base-model activations on the training set and the design.
+
+    ``h_NxD`` features at the hook, ``logits_NxC`` base logits, ``y_N`` labels, ``sketch_TxM``
+    the sketched design A P.
+    """
+
+    h_NxD: jax.Array
+    logits_NxC: jax.Array
+    y_N: jax.Array
+    members_TxS: jax.Array
+    subsets_NxD: jax.Array
+    sketch_TxM: jax.Array
+
+
+def make_inputs(cache, y_N, design: Design, sketch_dim: int, key: jax.Array) -> Stage1Inputs:
+    """Bundle activations and design; draws the fixed random sketch P (N x M)."""
+    n = design.num_examples
+    proj_NxM = jax.random.normal(key, (n, sketch_dim)) / np.sqrt(sketch_dim)
+    proj_pad = jnp.concatenate([proj_NxM, jnp.zeros((1, sketch_dim))])
+    members = jnp.asarray(design.members_TxS)
+    return Stage1Inputs(
+        h_NxD=jnp.asarray(cache["h"]),
+        logits_NxC=jnp.asarray(cache["logits"]),
+        y_N=jnp.asarray(y_N),
+        members_TxS=members,
+        subsets_NxD=jnp.asarray(design.subsets_NxD),
+        sketch_TxM=proj_pad[members].sum(1),
+    )
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """MuonAdamW: muon on the 2-D basis ``w_down``, AdamW on the per-subset gates.
+
+    Both follow linear warmup then linear decay to ``lr_end_frac`` of the peak.
+    """
+
+    def schedule(peak):
+        warm = max(config.warmup_steps, 1)
+        return optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, peak, warm),
+                optax.linear_schedule(
+                    peak, peak * config.lr_end_frac, max(config.steps - warm, 1)
+                ),
+            ],
+            [warm],
+        )
+
+    muon = optax.contrib.muon(schedule(config.lr_muon))
+    adamw = optax.adamw(schedule(config.lr), weight_decay=config.weight_decay)
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "muon" if "w_down" in jax.tree_util.keystr(path) else "adamw", params
+        )
+
+    return optax.multi_transform({"muon": muon, "adamw": adamw}, labels)
+
+
+def sample_batch(key, inputs: Stage1Inputs, config):
+    """Subset ids (K,), member rows (K, Bf), non-member rows (K, Bs), probe rows (P,)."""
+    t = inputs.members_TxS.shape[0]
+    n = inputs.h_NxD.shape[0]
+    k_sub, k_mem, k_non, k_probe = jax.random.split(key, 4)
+    ids_K = jax.random.choice(k_sub, t, (config.subsets_per_step,), replace=False)
+    members = inputs.members_TxS[ids_K]
+    sizes = (members < n).sum(-1)
+    u = jax.random.uniform(k_mem, (config.subsets_per_step, config.fidelity_batch))
+    pos = jnp.minimum((u * sizes[:, None]).astype(jnp.int32), members.shape[1] - 1)
+    mem_KxB = jnp.take_along_axis(members, pos, axis=1)
+    w_fid = (mem_KxB < n).astype(jnp.float32)
+    non_KxB = jax.random.randint(k_non, (config.subsets_per_step, config.stability_batch), 0, n)
+    is_member = (inputs.subsets_NxD[non_KxB] == ids_K[:, None, None]).any(-1)
+    w_stab = (~is_member).astype(jnp.float32)
+    probe_P = jax.random.randint(k_probe, (config.probe_batch,), 0, n)
+    return ids_K, jnp.minimum(mem_KxB, n - 1), w_fid, non_KxB, w_stab, probe_P
+
+
+def loss_terms(ops: SteeringOperators, inputs: Stage1Inputs, batch, config):
+    """The three losses (scalars) for one sampled batch."""
+    ids_K, mem_KxB, w_fid, non_KxB, w_stab, probe_P = batch
+    h, z, y = inputs.h_NxD, inputs.logits_NxC, inputs.y_N
+    fid_logits = z[mem_KxB] + ops.shifts_per_row(ops.basis(h[mem_KxB]), ids_K)
+    fid = losses.fidelity(fid_logits, y[mem_KxB], w_fid).mean()
+    stab_logits = z[non_KxB] + ops.shifts_per_row(ops.basis(h[non_KxB]), ids_K)
+    stab = losses.stability(z[non_KxB], stab_logits, w_stab, config.top_k).mean()
+    probe_logits = z[probe_P] + ops.shifts(ops.basis(h[probe_P]), ids_K)
+    ce_base = optax.softmax_cross_entropy_with_integer_labels(z[probe_P], y[probe_P])
+    y_KxP = jnp.broadcast_to(y[probe_P], probe_logits.shape[:2])
+    ce_steer = optax.softmax_cross_entropy_with_integer_labels(probe_logits, y_KxP)
+    lin = losses.linearity(ce_base - ce_steer, inputs.sketch_TxM[ids_K], config.ridge)
+    return {"fidelity": fid, "stability": stab, "linearity": lin}
+
+
+def total_loss(terms, config):
+    return (
+        config.w_fidelity * terms["fidelity"]
+        + config.w_stability * terms["stability"]
+        + config.w_linearity * terms["linearity"]
+    )
+
+
+def init_state(key, feat_dim: int, out_dim: int, num_subsets: int, config, tx):
+    ops = SteeringOperators(feat_dim, out_dim, config.rank, num_subsets, rngs=nnx.Rngs(key))
+    graphdef, params = nnx.split(ops, nnx.Param)
+    return graphdef, {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+
+
+def build_train_chunk(graphdef, tx, inputs: Stage1Inputs, config, mesh, state_shardings):
+    """Jitted function running ``config.log_every`` steps; returns (state, mean loss terms)."""
+
+    def one_step(state, key):
+        step_key = jax.random.fold_in(key, state["step"])
+        batch = sample_batch(step_key, inputs, config)
+
+        def objective(params):
+            terms = loss_terms(nnx.merge(graphdef, params), inputs, batch, config)
+            return total_loss(terms, config), terms
+
+        (_, terms), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, terms
+
+    def chunk(state, key):
+        state, terms = jax.lax.scan(lambda s, _: one_step(s, key), state, None, config.log_every)
+        return state, jax.tree_util.tree_map(jnp.mean, terms)
+
+    rep = sharding.replicated(mesh)
+    return jax.jit(chunk, in_shardings=(state_shardings, rep), out_shardings=(state_shardings, rep))
+
+
+def state_shardings(state, mesh):
+    """Gates (and their optimizer moments) shard their T axis over ``ops``; rest replicated."""
+    num_subsets = state["params"]["gates"][...].shape[0]
+
+    def rule(x):
+        if hasattr(x, "shape") and x.ndim == 3 and x.shape[0] == num_subsets:
+            return sharding.along(mesh, sharding.OPS, 3)
+        return sharding.replicated(mesh)
+
+    return jax.tree_util.tree_map(rule, state)
+
+
+def fit_operators(inputs: Stage1Inputs, config, key, mesh, workdir: str | None = None):
+    """Train the operators (resuming from ``workdir/stage1_ckpt`` if present).
+
+    Returns (graphdef, params, history) where history lists per-chunk mean losses.
+    """
+    if config.steps % config.log_every:
+        raise ValueError(f"stage1.steps={config.steps} must be a multiple of log_every")
+    num_subsets = inputs.members_TxS.shape[0]
+    if config.subsets_per_step > num_subsets:
+        raise ValueError(
+            f"stage1.subsets_per_step={config.subsets_per_step} exceeds T={num_subsets}"
+        )
+    if config.sketch_dim >= config.subsets_per_step:
+        raise ValueError("stage1.sketch_dim must be smaller than stage1.subsets_per_step")
+    sharding.check_divisible("number of subsets T", num_subsets, mesh, sharding.OPS)
+    tx = make_optimizer(config)
+    init_key, run_key = jax.random.split(key)
+    feat_dim, out_dim = inputs.h_NxD.shape[1], inputs.logits_NxC.shape[1]
+    graphdef, state = init_state(init_key, feat_dim, out_dim, num_subsets, config, tx)
+    shardings = state_shardings(state, mesh)
+    state = jax.device_put(state, shardings)
+    ckpts = checkpoint.TrainCheckpoints(f"{workdir}/stage1_ckpt") if workdir else None
+    if ckpts is not None and ckpts.latest_step() is not None:
+        abstract = jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+        )
+        state = ckpts.restore(abstract)
+        logging.info("stage 1: resumed from step %d", int(state["step"]))
+    chunk = build_train_chunk(graphdef, tx, inputs, config, mesh, shardings)
+    history = []
+    start = int(state["step"])
+    t0 = time.time()
+    for _ in range(start // config.log_every, config.steps // config.log_every):
+        state, terms = chunk(state, run_key)
+        step = int(state["step"])
+        terms = {k: float(v) for k, v in terms.items()}
+        history.append({"step": step, **terms})
+        rate = (step - start) / max(time.time() - t0, 1e-9)
+        logging.info(
+            "stage 1 step %d/%d  fidelity %.4f  stability %.5f  linearity %.3g  (%.1f steps/s)",
+            step, config.steps, terms["fidelity"], terms["stability"], terms["linearity"], rate,
+        )
+        if ckpts is not None and (step % config.ckpt_every == 0 or step == config.steps):
+            ckpts.save(step, state)
+    if ckpts is not None:
+        ckpts.close()
+    return graphdef, state["params"], history

@@ -1,0 +1,173 @@
+"""Tests for stride_jax.recover against scikit-learn's Lasso and dense numpy references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.linear_model import Lasso
+
+from stride_jax import recover, subsets
+from stride_jax.recover import LassoConfig, lasso_scores
+
+T, N, D, Q = 60, 100, 4, 4
+# Coefficients must match sklearn to 1e-4 of max|coef| (observed ~1e-5 in float32 with
+# maxiter=3000, tol=1e-7; sklearn runs in float64 with tol=1e-12).
+COEF_RTOL = 1e-4
+TIGHT = dict(maxiter=3000, tol=1e-7)
+
+
+def _problem(seed=0, t=T, n=N, q=Q, noise_Q=None, k=5):
+    """Expander design and responses y = A b_true + noise + offset, sparse b_true per query."""
+    design = subsets.expander(jax.random.PRNGKey(seed), t, n, D)
+    a_TxN = design.dense().astype(np.float64)
+    rng = np.random.default_rng(seed)
+    b_QxN = np.zeros((q, n))
+    for i in range(q):
+        b_QxN[i, rng.choice(n, k, replace=False)] = rng.normal(0.0, 3.0, k)
+    noise_Q = np.full(q, 0.5) if noise_Q is None else np.asarray(noise_Q)
+    y_QxT = b_QxN @ a_TxN.T + noise_Q[:, None] * rng.normal(size=(q, t)) + 2.0
+    return design, a_TxN, y_QxT
+
+
+def _alpha_max(a_TxN, y_T, fit_intercept, nonneg=False):
+    if fit_intercept:
+        a_TxN, y_T = a_TxN - a_TxN.mean(0), y_T - y_T.mean()
+    corr_N = a_TxN.T @ y_T / len(y_T)
+    return corr_N.max() if nonneg else np.abs(corr_N).max()
+
+
+def _sklearn(a_TxN, y_T, alpha, fit_intercept, positive=False):
+    model = Lasso(alpha=alpha, fit_intercept=fit_intercept, positive=positive, tol=1e-12,
+                  max_iter=200_000)
+    return model.fit(a_TxN, y_T).coef_
+
+
+def _assert_close_to_sklearn(out, a_TxN, y_QxT, fit_intercept, positive=False):
+    for q in range(y_QxT.shape[0]):
+        ref_N = _sklearn(a_TxN, y_QxT[q], float(out["lam_Q"][q]), fit_intercept, positive)
+        got_N = np.asarray(out["scores_QxN"][q])
+        err = np.abs(got_N - ref_N).max() / np.abs(ref_N).max()
+        assert err < COEF_RTOL, (q, err)
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_matches_sklearn_lasso(fit_intercept):
+    design, a_TxN, y_QxT = _problem(seed=0)
+    cfg = LassoConfig(lam_frac=0.05, fit_intercept=fit_intercept, **TIGHT)
+    out = lasso_scores(design, jnp.asarray(y_QxT), cfg)
+    assert out["scores_QxN"].shape == (Q, N) and out["scores_QxN"].dtype == jnp.float32
+    lam_ref_Q = [0.05 * _alpha_max(a_TxN, y, fit_intercept) for y in y_QxT]
+    np.testing.assert_allclose(out["lam_Q"], lam_ref_Q, rtol=1e-5)
+    _assert_close_to_sklearn(out, a_TxN, y_QxT, fit_intercept)
+    nnz_ref_Q = (np.asarray(out["scores_QxN"]) != 0).sum(-1)
+    np.testing.assert_array_equal(out["nnz_Q"], nnz_ref_Q)
+
+
+def test_nonneg_matches_sklearn_positive():
+    design, a_TxN, y_QxT = _problem(seed=1)
+    cfg = LassoConfig(lam_frac=0.05, nonneg=True, **TIGHT)
+    out = lasso_scores(design.to_arrays(), y_QxT, cfg)
+    assert float(out["scores_QxN"].min()) >= 0.0
+    _assert_close_to_sklearn(out, a_TxN, y_QxT, fit_intercept=True, positive=True)
+
+
+@pytest.mark.parametrize("nonneg", [False, True])
+def test_lambda_max_is_the_zero_threshold(nonneg):
+    design, a_TxN, y_QxT = _problem(seed=2)
+    at_max = lasso_scores(design, y_QxT, LassoConfig(lam_frac=1.0, nonneg=nonneg, path_len=2))
+    assert float(jnp.abs(at_max["scores_QxN"]).max()) == 0.0
+    np.testing.assert_array_equal(at_max["nnz_Q"], 0)
+    ref_Q = [_alpha_max(a_TxN, y, True, nonneg) for y in y_QxT]
+    np.testing.assert_allclose(at_max["lam_Q"], ref_Q, rtol=1e-5)
+    below = lasso_scores(design, y_QxT, LassoConfig(lam_frac=0.97, nonneg=nonneg, path_len=2))
+    assert (np.asarray(below["nnz_Q"]) > 0).all()
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_gather_operators_equal_dense(fit_intercept):
+    design, a_TxN, _ = _problem(seed=3)
+    rng = np.random.default_rng(3)
+    b_N, r_T = rng.normal(size=N), rng.normal(size=T)
+    w_T = jnp.ones(T, jnp.float32)
+    mv, rmv, _, n_used = recover._ops(
+        jnp.asarray(design.members_TxS), jnp.asarray(design.subsets_NxD), w_T, fit_intercept
+    )
+    a_ref = a_TxN - a_TxN.mean(0) if fit_intercept else a_TxN
+    np.testing.assert_allclose(mv(jnp.asarray(b_N, jnp.float32)), a_ref @ b_N, atol=1e-4)
+    np.testing.assert_allclose(rmv(jnp.asarray(r_T, jnp.float32)), a_ref.T @ r_T, atol=1e-4)
+    assert float(n_used) == T
+    # Lipschitz constant: top eigenvalue of A_c^T A_c / T, overestimated by at most ~1%.
+    lip = float(recover._lipschitz(mv, rmv, w_T, n_used, N))
+    top = np.linalg.eigvalsh(a_ref.T @ a_ref / T).max()
+    assert top <= lip <= 1.011 * top
+
+
+def test_heldout_selection():
+    t, n = 200, 60
+    # Query 0: clean signal; query 1: pure noise (b_true = 0); query 2: signal, heavy noise.
+    design, a_TxN, y_QxT = _problem(seed=4, t=t, n=n, q=3, noise_Q=[0.05, 3.0, 3.0])
+    y_QxT[1] = 2.0 + 3.0 * np.random.default_rng(5).normal(size=t)
+    cfg = LassoConfig(select="heldout", holdout_frac=0.25, path_len=6, path_min_frac=0.005,
+                      **TIGHT)
+    out = lasso_scores(design, y_QxT, cfg, key=jax.random.PRNGKey(0))
+    lam_max_Q = np.array([_alpha_max(a_TxN, y, True) for y in y_QxT])
+    frac_Q = np.asarray(out["lam_frac_Q"])
+    fracs_K = 0.005 ** (np.arange(6) / 5)
+    assert np.isclose(frac_Q[:, None], fracs_K, rtol=1e-5).any(-1).all()
+    np.testing.assert_allclose(out["lam_Q"], frac_Q * lam_max_Q, rtol=1e-5)
+    assert np.isfinite(np.asarray(out["scores_QxN"])).all()
+    # The clean query is fitted with a smaller lambda fraction than the pure-noise query.
+    assert frac_Q[0] < frac_Q[1]
+    # Returned scores are the all-rows Lasso at the chosen lambda.
+    _assert_close_to_sklearn(out, a_TxN, y_QxT, fit_intercept=True)
+
+
+@pytest.mark.parametrize(
+    ("y_change", "cfg", "match"),
+    [
+        ("nan", LassoConfig(), "y_QxT contain NaN or inf"),
+        ("inf", LassoConfig(), "y_QxT contain NaN or inf"),
+        ("wrong_t", LassoConfig(), "T=59 columns but the design has T=60"),
+        ("1d", LassoConfig(), "must be 2-D"),
+        (None, LassoConfig(lam_frac=0.0), "lam_frac must be > 0"),
+        (None, LassoConfig(lam_frac=-0.1), "lam_frac must be > 0"),
+        (None, LassoConfig(select="cv"), "unknown select"),
+        (None, LassoConfig(select="heldout"), "needs a PRNG key"),
+    ],
+)
+def test_bad_input_raises(y_change, cfg, match):
+    design, _, y_QxT = _problem(seed=0)
+    if y_change == "nan":
+        y_QxT[1, 3] = np.nan
+    elif y_change == "inf":
+        y_QxT[0, 0] = np.inf
+    elif y_change == "wrong_t":
+        y_QxT = y_QxT[:, :-1]
+    elif y_change == "1d":
+        y_QxT = y_QxT[0]
+    with pytest.raises(ValueError, match=match):
+        lasso_scores(design, y_QxT, cfg)
+
+
+def test_jaxopt_still_works_with_installed_jax():
+    """Fails loudly if a jax upgrade breaks jaxopt's ProximalGradient / prox_lasso."""
+    import jaxopt
+
+    rng = np.random.default_rng(0)
+    x_MxP = rng.normal(size=(30, 8))
+    y_M = x_MxP @ np.array([2.0, -1.0, 0, 0, 0.5, 0, 0, 0]) + 0.1 * rng.normal(size=30)
+    alpha = 0.1
+
+    def loss(w_P, x, y):
+        r = x @ w_P - y
+        return 0.5 * jnp.mean(r * r)
+
+    @jax.jit
+    def solve(x, y):
+        pg = jaxopt.ProximalGradient(fun=loss, prox=jaxopt.prox.prox_lasso, maxiter=5000,
+                                     tol=1e-7)
+        return pg.run(jnp.zeros(8), alpha, x, y).params
+
+    got_P = solve(jnp.asarray(x_MxP, jnp.float32), jnp.asarray(y_M, jnp.float32))
+    ref_P = _sklearn(x_MxP, y_M, alpha, fit_intercept=False)
+    np.testing.assert_allclose(got_P, ref_P, atol=1e-4)

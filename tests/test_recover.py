@@ -10,22 +10,25 @@ from stride_jax import recover, subsets
 from stride_jax.recover import LassoConfig, lasso_scores
 
 T, N, D, Q = 60, 100, 4, 4
-# Coefficients must match sklearn to 1e-4 of max|coef| (observed ~1e-5 in float32 with
-# maxiter=3000, tol=1e-7; sklearn runs in float64 with tol=1e-12).
-COEF_RTOL = 1e-4
+# Coefficients must match sklearn to 2e-4 of max|coef|. Observed worst over 20 seeds x 4 queries:
+# 3e-5 (float32, maxiter=3000, tol=1e-7; sklearn in float64 with tol=1e-12). Problems are kept
+# well posed (offset only with an intercept, b_true >= 0 for the non-negative variant): with
+# ~T active coefficients the Lasso solution is near non-unique and only objectives agree.
+COEF_RTOL = 2e-4
 TIGHT = dict(maxiter=3000, tol=1e-7)
 
 
-def _problem(seed=0, t=T, n=N, q=Q, noise_Q=None, k=5):
+def _problem(seed=0, t=T, n=N, q=Q, noise_Q=None, k=5, offset=2.0, positive=False):
     """Expander design and responses y = A b_true + noise + offset, sparse b_true per query."""
     design = subsets.expander(jax.random.PRNGKey(seed), t, n, D)
     a_TxN = design.dense().astype(np.float64)
     rng = np.random.default_rng(seed)
     b_QxN = np.zeros((q, n))
     for i in range(q):
-        b_QxN[i, rng.choice(n, k, replace=False)] = rng.normal(0.0, 3.0, k)
+        b_k = rng.normal(0.0, 3.0, k)
+        b_QxN[i, rng.choice(n, k, replace=False)] = np.abs(b_k) if positive else b_k
     noise_Q = np.full(q, 0.5) if noise_Q is None else np.asarray(noise_Q)
-    y_QxT = b_QxN @ a_TxN.T + noise_Q[:, None] * rng.normal(size=(q, t)) + 2.0
+    y_QxT = b_QxN @ a_TxN.T + noise_Q[:, None] * rng.normal(size=(q, t)) + offset
     return design, a_TxN, y_QxT
 
 
@@ -46,13 +49,13 @@ def _assert_close_to_sklearn(out, a_TxN, y_QxT, fit_intercept, positive=False):
     for q in range(y_QxT.shape[0]):
         ref_N = _sklearn(a_TxN, y_QxT[q], float(out["lam_Q"][q]), fit_intercept, positive)
         got_N = np.asarray(out["scores_QxN"][q])
-        err = np.abs(got_N - ref_N).max() / np.abs(ref_N).max()
+        err = np.abs(got_N - ref_N).max() / (np.abs(ref_N).max() or 1.0)
         assert err < COEF_RTOL, (q, err)
 
 
 @pytest.mark.parametrize("fit_intercept", [True, False])
 def test_matches_sklearn_lasso(fit_intercept):
-    design, a_TxN, y_QxT = _problem(seed=0)
+    design, a_TxN, y_QxT = _problem(seed=0, offset=2.0 if fit_intercept else 0.0)
     cfg = LassoConfig(lam_frac=0.05, fit_intercept=fit_intercept, **TIGHT)
     out = lasso_scores(design, jnp.asarray(y_QxT), cfg)
     assert out["scores_QxN"].shape == (Q, N) and out["scores_QxN"].dtype == jnp.float32
@@ -64,7 +67,7 @@ def test_matches_sklearn_lasso(fit_intercept):
 
 
 def test_nonneg_matches_sklearn_positive():
-    design, a_TxN, y_QxT = _problem(seed=1)
+    design, a_TxN, y_QxT = _problem(seed=1, positive=True)
     cfg = LassoConfig(lam_frac=0.05, nonneg=True, **TIGHT)
     out = lasso_scores(design.to_arrays(), y_QxT, cfg)
     assert float(out["scores_QxN"].min()) >= 0.0

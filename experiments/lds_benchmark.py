@@ -1,0 +1,38 @@
+"""LDS benchmark: python -m experiments.lds_benchmark --workdir=DIR [--config=...].
+
+Trains the base model, retrains the ground-truth models, runs the configured attribution
+methods and writes DIR/results.json, DIR/scores_<method>.npy and DIR/config.json.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from stride_jax import benchmark
+from stride_jax.checkpoint import CheckpointError
+from stride_jax.config import ConfigError
+from stride_jax.data import DataError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "experiments/configs/digits.py", "Run config file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(benchmark.only_stride_jax_info)
+    try:
+        results = benchmark.run(_CONFIG.value, _WORKDIR.value)
+    except (DataError, ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(benchmark.format_table(results))
+    print(f"results: {_WORKDIR.value}/results.json")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,204 @@
+"""The LDS benchmark job: base model, ground truth, attribution methods, LDS, results.json.
+
+Every stage caches its output in the workdir beside a copy of the config slice that made it;
+a restart reuses what matches and refuses what does not (a different config needs a new
+workdir). Stage-1 training resumes from its orbax checkpoint. All randomness is keyed by
+config seeds, so a killed job restarted gives the same results.json numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from stride_jax import checkpoint, groundtruth, metrics, sharding
+from stride_jax.attribute import attribute
+from stride_jax.baselines import graddot
+from stride_jax.config import validate
+from stride_jax.data import load
+from stride_jax.models import mlp
+from stride_jax.operators import LogitHook
+
+ABLATIONS = {
+    "no_fidelity": lambda c: c.stage1.update(w_fidelity=0.0),
+    "no_stability": lambda c: c.stage1.update(w_stability=0.0),
+    "no_linearity": lambda c: c.stage1.update(w_linearity=0.0),
+    "bernoulli_design": lambda c: c.design.update(kind="bernoulli"),
+}
+
+
+@dataclasses.dataclass
+class Context:
+    config: object
+    workdir: str
+    splits: object
+    mesh: object
+    graphdef: object = None
+    params: object = None
+
+
+def _guarded(workdir: str, name: str, config_slice: dict) -> str:
+    """Path of a cached stage output; refuses a cache built from another config."""
+    path = os.path.join(workdir, name)
+    meta = path + ".config.json"
+    if os.path.exists(path):
+        with open(meta) as f:
+            made_by = json.load(f)
+        if made_by != json.loads(json.dumps(config_slice)):
+            raise checkpoint.CheckpointError(
+                f"{path} was made with a different config; use a new --workdir or delete it"
+            )
+    else:
+        checkpoint.save_json(meta, config_slice)
+    return path
+
+
+def base_model(ctx: Context):
+    """Train (or reload) the base model with the shared recipe; logs its query accuracy."""
+    c, s = ctx.config, ctx.splits
+    in_dim = s.train.x_NxF.shape[1]
+    graphdef, abstract = mlp.abstract(c.model, in_dim, s.num_classes)
+    path = _guarded(ctx.workdir, "base_model.npz",
+                    {"data": c.data.to_dict(), "model": c.model.to_dict()})
+    if os.path.exists(path):
+        params = checkpoint.load_params(path, abstract)
+        logging.info("base model: reusing %s", path)
+    else:
+        t0 = time.time()
+        x, y = jnp.asarray(s.train.x_NxF), jnp.asarray(s.train.y_N)
+        fit = jax.jit(lambda k, w: mlp.fit(c.model, k, x, y, w, s.num_classes))
+        params = fit(jax.random.key(c.model.seed), jnp.ones(len(s.train)))
+        checkpoint.save_params(path, params)
+        logging.info("base model: trained in %.1fs", time.time() - t0)
+    stats = {}
+    for split, ds in (("train", s.train), ("query", s.query)):
+        logits = mlp.apply(graphdef, params, jnp.asarray(ds.x_NxF))
+        stats[f"{split}_loss"] = float(mlp.cross_entropy(logits, ds.y_N).mean())
+        stats[f"{split}_accuracy"] = float((logits.argmax(-1) == ds.y_N).mean())
+    logging.info("base model: train loss %.4f acc %.4f | query loss %.4f acc %.4f",
+                 stats["train_loss"], stats["train_accuracy"], stats["query_loss"],
+                 stats["query_accuracy"])
+    ctx.graphdef, ctx.params = graphdef, params
+    return stats
+
+
+def hook(ctx: Context) -> LogitHook:
+    g, p = ctx.graphdef, ctx.params
+    return LogitHook(lambda x: mlp.apply_features(g, p, x), lambda x: mlp.apply(g, p, x))
+
+
+def run_stride(ctx: Context, stride_config, workdir: str):
+    os.makedirs(workdir, exist_ok=True)
+    _guarded(workdir, "stride", stride_config.to_dict())
+    out = attribute(hook(ctx), ctx.splits.train, ctx.splits.query, stride_config,
+                    mesh=ctx.mesh, workdir=workdir)
+    return out.scores_QxN, {"seconds_split": out.seconds, "lam_frac": stride_config.lasso.lam_frac}
+
+
+def run_graddot(ctx: Context):
+    t0 = time.time()
+    scores = graddot.scores(ctx.graphdef, ctx.params, ctx.splits.train, ctx.splits.query)
+    scores = np.asarray(jax.device_get(scores), np.float32)
+    return scores, {"seconds_split": {"score": time.time() - t0}}
+
+
+def evaluate(scores_QxN, gt, n_boot: int) -> dict:
+    """LDS (Spearman, with CI), Pearson and Kendall variants, score statistics."""
+    res = metrics.lds(scores_QxN, gt["masks_MxN"], gt["losses_MxQ"], n_boot=n_boot)
+    out = {"lds": res["lds"], "lds_ci95": list(res["ci95"]), "num_valid_queries": res["num_valid"]}
+    for kind in ("pearson", "kendall"):
+        out[f"lds_{kind}"] = metrics.lds(scores_QxN, gt["masks_MxN"], gt["losses_MxQ"],
+                                         kind=kind, n_boot=n_boot)["lds"]
+    out["score_stats"] = metrics.score_stats(scores_QxN)
+    return out
+
+
+def _method(ctx, name, fn, gt):
+    """Run (or reuse) one method's scores and evaluate them."""
+    path = os.path.join(ctx.workdir, f"scores_{name}.npy")
+    meta_path = os.path.join(ctx.workdir, f"scores_{name}.meta.json")
+    if os.path.exists(path) and os.path.exists(meta_path):
+        scores = np.load(path)
+        with open(meta_path) as f:
+            meta = json.load(f)
+        logging.info("%s: reusing %s", name, path)
+    else:
+        logging.info("%s: scoring %d queries x %d training examples", name,
+                     len(ctx.splits.query), len(ctx.splits.train))
+        t0 = time.time()
+        scores, meta = fn()
+        meta["seconds"] = time.time() - t0
+        checkpoint.save_npy(path, scores)
+        checkpoint.save_json(meta_path, meta)
+    result = {**evaluate(scores, gt, ctx.config.lds.n_boot), **meta}
+    logging.info("%s: LDS %.4f [%.4f, %.4f] in %.1fs", name, result["lds"],
+                 *result["lds_ci95"], result["seconds"])
+    return result
+
+
+def run(config, workdir: str) -> dict:
+    """The whole job; returns and writes ``workdir/results.json``."""
+    validate(config)
+    splits = load(config.data)  # fails on bad data before any work or any file is written
+    os.makedirs(workdir, exist_ok=True)
+    checkpoint.save_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+    logging.info("data: %s, %d train, %d query, %d classes", splits.name, len(splits.train),
+                 len(splits.query), splits.num_classes)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.ops)
+    ctx = Context(config, workdir, splits, mesh)
+    base_stats = base_model(ctx)
+    _guarded(workdir, "groundtruth.npz", {"data": config.data.to_dict(),
+             "model": config.model.to_dict(), "groundtruth": config.groundtruth.to_dict()})
+    gt = groundtruth.build(config.groundtruth, config.model, splits, mesh, workdir)
+    runners = {
+        "stride": lambda: run_stride(ctx, config.stride, os.path.join(workdir, "stride")),
+        "graddot": lambda: run_graddot(ctx),
+    }
+    methods = {}
+    for name in config.methods:
+        methods[name] = _method(ctx, name, runners[name], gt)
+    ablations = {}
+    for name in config.ablations:
+        sub = config.stride.copy_and_resolve_references()
+        with sub.unlocked():
+            ABLATIONS[name](sub)
+        sub_dir = os.path.join(workdir, "ablations", name)
+        ablations[name] = _method(ctx, f"ablation_{name}",
+                                  lambda s=sub, d=sub_dir: run_stride(ctx, s, d), gt)
+    results = {
+        "dataset": {"name": splits.name, "n_train": len(splits.train),
+                    "n_query": len(splits.query)},
+        "ground_truth": {"num_models": config.groundtruth.num_models,
+                         "alpha": config.groundtruth.alpha},
+        "base_model": base_stats,
+        "methods": methods,
+    }
+    if ablations:
+        results["ablations"] = ablations
+    checkpoint.save_json(os.path.join(workdir, "results.json"), results)
+    return results
+
+
+def only_stride_jax_info(record) -> bool:
+    """Log filter: keep warnings from everywhere, INFO only from this package's progress."""
+    return record.levelno > 20 or "stride_jax" in record.pathname
+
+
+def format_table(results: dict) -> str:
+    rows = [("method", "LDS", "95% CI", "Pearson", "Kendall", "seconds")]
+    entries = list(results["methods"].items())
+    entries += [(f"stride w/o {k}" if k.startswith("no_") else f"stride {k}", v)
+                for k, v in results.get("ablations", {}).items()]
+    for name, r in entries:
+        rows.append((name.replace("w/o no_", "w/o "), f"{r['lds']:.4f}",
+                     f"[{r['lds_ci95'][0]:.3f}, {r['lds_ci95'][1]:.3f}]",
+                     f"{r['lds_pearson']:.4f}", f"{r['lds_kendall']:.4f}", f"{r['seconds']:.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)

@@ -87,12 +87,12 @@ def _fracs(end_frac, path_len: int):
 def _setup(members_TxS, subsets_NxD, w_T, fit_intercept, nonneg, maxiter, tol):
     """Operators, centring and a FISTA solver for one row weighting (shared by all queries)."""
     w_T = jnp.asarray(w_T, jnp.float32)
-    mv, rmv, mu_N, n_used = _ops(members_TxS, subsets_NxD, w_T, fit_intercept)
+    mv, rmv, _, n_used = _ops(members_TxS, subsets_NxD, w_T, fit_intercept)
     step = 1.0 / _lipschitz(mv, rmv, w_T, n_used, subsets_NxD.shape[0])
 
     def value_and_grad(b_N, yc_T):
-        wr_T = w_T * (mv(b_N) - yc_T)
-        return 0.5 * jnp.sum(wr_T * wr_T) / n_used, rmv(w_T * wr_T) / n_used
+        r_T = mv(b_N) - yc_T
+        return 0.5 * jnp.sum(w_T * r_T * r_T) / n_used, rmv(w_T * r_T) / n_used
 
     solver = jaxopt.ProximalGradient(
         fun=value_and_grad,
@@ -113,15 +113,24 @@ def _setup(members_TxS, subsets_NxD, w_T, fit_intercept, nonneg, maxiter, tol):
         lam_max = jnp.max(grad0_N if nonneg else jnp.abs(grad0_N))
         return yc_T, ybar, jnp.maximum(lam_max, 0.0)
 
-    def solve(b_N, yc_T, lam):
-        return solver.run(b_N, lam, yc_T).params
+    def solve(b_N, yc_T, lam_max, frac):
+        """Lasso at frac * lam_max from b_N. By KKT b = 0 when frac >= 1; set it exactly, since
+        float32 sums of the gradient in and out of the solver can differ by an ulp."""
+        b_N = solver.run(b_N, frac * lam_max, yc_T).params
+        return jnp.where(frac >= 1.0, jnp.zeros_like(b_N), b_N)
 
-    return mv, mu_N, centre, solve
+    return mv, centre, solve
 
 
-@partial(
-    jax.jit, static_argnames=("nonneg", "fit_intercept", "maxiter", "tol", "path_len")
-)
+def _result(scores_QxN, lam_Q, lam_frac_Q) -> dict:
+    nnz_Q = jnp.sum(scores_QxN != 0, -1)
+    return {"scores_QxN": scores_QxN, "lam_Q": lam_Q, "lam_frac_Q": lam_frac_Q, "nnz_Q": nnz_Q}
+
+
+_STATIC = ("nonneg", "fit_intercept", "maxiter", "tol", "path_len")
+
+
+@partial(jax.jit, static_argnames=_STATIC)
 def lasso_scores_arrays(
     members_TxS,
     subsets_NxD,
@@ -141,7 +150,7 @@ def lasso_scores_arrays(
     ``row_weight_T`` float32 row weights (1 = used, 0 = masked out), ``lam_frac`` scalar.
     Returns ``{"scores_QxN", "lam_Q", "lam_frac_Q", "nnz_Q"}``.
     """
-    _, _, centre, solve = _setup(
+    _, centre, solve = _setup(
         members_TxS, subsets_NxD, row_weight_T, fit_intercept, nonneg, maxiter, tol
     )
     fracs_K = _fracs(lam_frac, path_len)
@@ -151,20 +160,16 @@ def lasso_scores_arrays(
         yc_T, _, lam_max = centre(y_T)
 
         def step(b_N, frac):
-            return solve(b_N, yc_T, frac * lam_max), None
+            return solve(b_N, yc_T, lam_max, frac), None
 
         b_N, _ = jax.lax.scan(step, jnp.zeros(num_examples, jnp.float32), fracs_K)
         return b_N, fracs_K[-1] * lam_max
 
     scores_QxN, lam_Q = jax.vmap(one_query)(jnp.asarray(y_QxT, jnp.float32))
-    lam_frac_Q = jnp.full(lam_Q.shape, fracs_K[-1])
-    return {"scores_QxN": scores_QxN, "lam_Q": lam_Q, "lam_frac_Q": lam_frac_Q,
-            "nnz_Q": jnp.sum(scores_QxN != 0, -1)}
+    return _result(scores_QxN, lam_Q, jnp.full(lam_Q.shape, fracs_K[-1]))
 
 
-@partial(
-    jax.jit, static_argnames=("nonneg", "fit_intercept", "maxiter", "tol", "path_len")
-)
+@partial(jax.jit, static_argnames=_STATIC)
 def lasso_heldout_arrays(
     members_TxS,
     subsets_NxD,
@@ -190,10 +195,10 @@ def lasso_heldout_arrays(
     fracs_K = _fracs(path_min_frac, path_len)
     num_examples = subsets_NxD.shape[0]
     zeros_N = jnp.zeros(num_examples, jnp.float32)
-    mv_f, mu_f, centre_f, solve_f = _setup(
+    mv_f, centre_f, solve_f = _setup(
         members_TxS, subsets_NxD, fit_mask_T, fit_intercept, nonneg, maxiter, tol
     )
-    _, _, centre_a, solve_a = _setup(
+    _, centre_a, solve_a = _setup(
         members_TxS, subsets_NxD, jnp.ones_like(fit_mask_T), fit_intercept, nonneg, maxiter, tol
     )
 
@@ -201,7 +206,7 @@ def lasso_heldout_arrays(
         yc_T, ybar, lam_max = centre_f(y_T)
 
         def fit_step(b_N, frac):
-            b_N = solve_f(b_N, yc_T, frac * lam_max)
+            b_N = solve_f(b_N, yc_T, lam_max, frac)
             # mv_f is centred on the fit rows, so mv_f(b) + ybar = A b + (ybar - mu.b).
             err_T = mv_f(b_N) + ybar - y_T
             return b_N, jnp.sum(held_T * err_T * err_T) / jnp.sum(held_T)
@@ -214,7 +219,7 @@ def lasso_heldout_arrays(
         def refit_step(carry, k_frac):
             b_N, keep_N = carry
             k, frac = k_frac
-            b_N = solve_a(b_N, yc_all_T, frac * lam_max_all)
+            b_N = solve_a(b_N, yc_all_T, lam_max_all, frac)
             return (b_N, jnp.where(k == best, b_N, keep_N)), None
 
         (_, keep_N), _ = jax.lax.scan(
@@ -222,9 +227,7 @@ def lasso_heldout_arrays(
         )
         return keep_N, fracs_K[best] * lam_max_all, fracs_K[best]
 
-    scores_QxN, lam_Q, lam_frac_Q = jax.vmap(one_query)(jnp.asarray(y_QxT, jnp.float32))
-    return {"scores_QxN": scores_QxN, "lam_Q": lam_Q, "lam_frac_Q": lam_frac_Q,
-            "nnz_Q": jnp.sum(scores_QxN != 0, -1)}
+    return _result(*jax.vmap(one_query)(jnp.asarray(y_QxT, jnp.float32)))
 
 
 def _design_arrays(design_or_arrays):
@@ -255,8 +258,9 @@ def _validate(config: LassoConfig, members_TxS, y_QxT, key) -> None:
     if not config.lam_frac > 0:
         raise ValueError(f"lam_frac must be > 0, got {config.lam_frac}")
     if config.path_len < 1 or config.maxiter < 1:
-        raise ValueError(f"path_len and maxiter must be >= 1, got {config.path_len}, "
-                         f"{config.maxiter}")
+        raise ValueError(
+            f"path_len and maxiter must be >= 1, got {config.path_len}, {config.maxiter}"
+        )
     if config.select == "heldout":
         if key is None:
             raise ValueError("select='heldout' needs a PRNG key to choose held-out rows")
@@ -285,13 +289,7 @@ def lasso_scores(design_or_arrays, y_QxT, config: LassoConfig, key=None) -> dict
     _validate(config, members_TxS, y_QxT, key)
     members_TxS = jnp.asarray(members_TxS, jnp.int32)
     subsets_NxD = jnp.asarray(subsets_NxD, jnp.int32)
-    static = dict(
-        nonneg=config.nonneg,
-        fit_intercept=config.fit_intercept,
-        maxiter=config.maxiter,
-        tol=float(config.tol),
-        path_len=config.path_len,
-    )
+    static = {name: getattr(config, name) for name in _STATIC}
     num_subsets = int(members_TxS.shape[0])
     if config.select == "fixed":
         ones_T = jnp.ones(num_subsets, jnp.float32)
@@ -306,7 +304,5 @@ def lasso_scores(design_or_arrays, y_QxT, config: LassoConfig, key=None) -> dict
     held = np.asarray(jax.random.permutation(key, num_subsets))[:num_held]
     fit_mask_T = np.ones(num_subsets, np.float32)
     fit_mask_T[held] = 0.0
-    return lasso_heldout_arrays(
-        members_TxS, subsets_NxD, y_QxT, jnp.asarray(fit_mask_T),
-        jnp.float32(config.path_min_frac), **static
-    )
+    min_frac = jnp.float32(config.path_min_frac)
+    return lasso_heldout_arrays(members_TxS, subsets_NxD, y_QxT, fit_mask_T, min_frac, **static)

@@ -40,8 +40,9 @@ def _alpha_max(a_TxN, y_T, fit_intercept, nonneg=False):
 
 
 def _sklearn(a_TxN, y_T, alpha, fit_intercept, positive=False):
-    model = Lasso(alpha=alpha, fit_intercept=fit_intercept, positive=positive, tol=1e-12,
-                  max_iter=200_000)
+    model = Lasso(
+        alpha=alpha, fit_intercept=fit_intercept, positive=positive, tol=1e-12, max_iter=200_000
+    )
     return model.fit(a_TxN, y_T).coef_
 
 
@@ -72,6 +73,27 @@ def test_nonneg_matches_sklearn_positive():
     out = lasso_scores(design.to_arrays(), y_QxT, cfg)
     assert float(out["scores_QxN"].min()) >= 0.0
     _assert_close_to_sklearn(out, a_TxN, y_QxT, fit_intercept=True, positive=True)
+
+
+def test_masked_rows_equal_sklearn_on_kept_rows():
+    """Rows with weight 0 are dropped: the fit (and its 1/(2T) scaling) uses the kept rows."""
+    design, a_TxN, y_QxT = _problem(seed=5)
+    keep_T = np.random.default_rng(5).random(T) > 0.2
+    out = recover.lasso_scores_arrays(
+        jnp.asarray(design.members_TxS),
+        jnp.asarray(design.subsets_NxD),
+        jnp.asarray(y_QxT, jnp.float32),
+        jnp.asarray(keep_T, jnp.float32),
+        0.05,
+        nonneg=False,
+        fit_intercept=True,
+        path_len=8,
+        **TIGHT,
+    )
+    a_kept, y_kept = a_TxN[keep_T], y_QxT[:, keep_T]
+    lam_ref_Q = [0.05 * _alpha_max(a_kept, y, True) for y in y_kept]
+    np.testing.assert_allclose(out["lam_Q"], lam_ref_Q, rtol=1e-5)
+    _assert_close_to_sklearn(out, a_kept, y_kept, fit_intercept=True)
 
 
 @pytest.mark.parametrize("nonneg", [False, True])
@@ -110,8 +132,7 @@ def test_heldout_selection():
     # Query 0: clean signal; query 1: pure noise (b_true = 0); query 2: signal, heavy noise.
     design, a_TxN, y_QxT = _problem(seed=4, t=t, n=n, q=3, noise_Q=[0.05, 3.0, 3.0])
     y_QxT[1] = 2.0 + 3.0 * np.random.default_rng(5).normal(size=t)
-    cfg = LassoConfig(select="heldout", holdout_frac=0.25, path_len=6, path_min_frac=0.005,
-                      **TIGHT)
+    cfg = LassoConfig(select="heldout", holdout_frac=0.25, path_len=6, path_min_frac=0.005, **TIGHT)
     out = lasso_scores(design, y_QxT, cfg, key=jax.random.PRNGKey(0))
     lam_max_Q = np.array([_alpha_max(a_TxN, y, True) for y in y_QxT])
     frac_Q = np.asarray(out["lam_frac_Q"])
@@ -167,8 +188,7 @@ def test_jaxopt_still_works_with_installed_jax():
 
     @jax.jit
     def solve(x, y):
-        pg = jaxopt.ProximalGradient(fun=loss, prox=jaxopt.prox.prox_lasso, maxiter=5000,
-                                     tol=1e-7)
+        pg = jaxopt.ProximalGradient(fun=loss, prox=jaxopt.prox.prox_lasso, maxiter=5000, tol=1e-7)
         return pg.run(jnp.zeros(8), alpha, x, y).params
 
     got_P = solve(jnp.asarray(x_MxP, jnp.float32), jnp.asarray(y_M, jnp.float32))

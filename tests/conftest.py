@@ -1,0 +1,30 @@
+"""Shared tiny configs and fixtures: everything here runs in seconds on 2 CPU cores."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from stride_jax.config import base_config  # noqa: E402
+
+
+def tiny_config():
+    """A digits run small enough for unit tests (~10 s end to end)."""
+    c = base_config()
+    c.data.update(n_train=120, n_query=16)
+    c.model.update(hidden=(32,), steps=60)
+    c.groundtruth.update(num_models=8, models_per_batch=4)
+    c.stride.design.update(num_subsets=40, degree=3)
+    c.stride.stage1.update(rank=8, steps=40, log_every=10, ckpt_every=20, warmup_steps=5,
+                           subsets_per_step=16, fidelity_batch=4, stability_batch=8,
+                           probe_batch=8, sketch_dim=8)
+    c.stride.lasso.update(maxiter=200, path_len=4)
+    c.lds.n_boot = 50
+    return c
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config()

@@ -192,13 +192,23 @@ def fit_operators(inputs: Stage1Inputs, config, key, mesh, workdir: str | None =
     shardings = state_shardings(state, mesh)
     state = jax.device_put(state, shardings)
     ckpts = checkpoint.TrainCheckpoints(f"{workdir}/stage1_ckpt") if workdir else None
-    if ckpts is not None and ckpts.latest_step() is not None:
-        abstract = jax.tree_util.tree_map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
-        )
-        state = ckpts.restore(abstract)
-        logging.info("stage 1: resumed from step %d", int(state["step"]))
-    chunk = build_train_chunk(graphdef, tx, inputs, config, mesh, shardings)
+    try:
+        if ckpts is not None and ckpts.latest_step() is not None:
+            abstract = jax.tree_util.tree_map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+            )
+            state = ckpts.restore(abstract)
+            logging.info("stage 1: resumed from step %d", int(state["step"]))
+        chunk = build_train_chunk(graphdef, tx, inputs, config, mesh, shardings)
+        state, history = _train_loop(chunk, state, run_key, config, ckpts)
+    finally:
+        if ckpts is not None:
+            ckpts.close()
+    return graphdef, state["params"], history
+
+
+def _train_loop(chunk, state, run_key, config, ckpts):
+    """Run the remaining chunks; returns (final state, per-chunk mean losses)."""
     history = []
     start = int(state["step"])
     t0 = time.time()
@@ -214,6 +224,5 @@ def fit_operators(inputs: Stage1Inputs, config, key, mesh, workdir: str | None =
         )
         if ckpts is not None and (step % config.ckpt_every == 0 or step == config.steps):
             ckpts.save(step, state)
-    if ckpts is not None:
-        ckpts.close()
+    return state, history
     return graphdef, state["params"], history

@@ -76,7 +76,8 @@ def attribute(hook, train_set: Dataset, query_set: Dataset, config, *, mesh=None
     logging.info("stride: responses %s in %.2fs (mean %.4g, std %.4g)", y_QxT.shape,
                  seconds["responses"], y_QxT.mean(), y_QxT.std())
     t0 = time.time()
-    out = recover.lasso_scores(design, y_QxT, lasso_config(config.lasso), key=lasso_key)
+    out = recover.lasso_scores(design, y_QxT, lasso_config(config.lasso), key=lasso_key,
+                               mesh=mesh)
     scores = np.asarray(jax.device_get(out["scores_QxN"]), np.float32)
     seconds["lasso"] = time.time() - t0
     nnz = np.asarray(out["nnz_Q"])

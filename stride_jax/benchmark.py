@@ -42,6 +42,7 @@ class Context:
     mesh: object
     graphdef: object = None
     params: object = None
+    base_stats: dict = None
 
 
 def _guarded(workdir: str, name: str, config_slice: dict) -> str:
@@ -143,20 +144,27 @@ def _method(ctx, name, fn, gt):
     return result
 
 
-def run(config, workdir: str) -> dict:
-    """The whole job; returns and writes ``workdir/results.json``."""
+def context(config, workdir: str):
+    """Validate, load data, then the base model and ground truth (reused when cached)."""
     validate(config)
     splits = load(config.data)  # fails on bad data before any work or any file is written
     os.makedirs(workdir, exist_ok=True)
-    checkpoint.save_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
     logging.info("data: %s, %d train, %d query, %d classes", splits.name, len(splits.train),
                  len(splits.query), splits.num_classes)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.ops)
     ctx = Context(config, workdir, splits, mesh)
-    base_stats = base_model(ctx)
+    ctx.base_stats = base_model(ctx)
     _guarded(workdir, "groundtruth.npz", {"data": config.data.to_dict(),
              "model": config.model.to_dict(), "groundtruth": config.groundtruth.to_dict()})
     gt = groundtruth.build(config.groundtruth, config.model, splits, mesh, workdir)
+    return ctx, gt
+
+
+def run(config, workdir: str) -> dict:
+    """The whole job; returns and writes ``workdir/results.json``."""
+    ctx, gt = context(config, workdir)
+    splits = ctx.splits
+    checkpoint.save_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
     runners = {
         "stride": lambda: run_stride(ctx, config.stride, os.path.join(workdir, "stride")),
         "graddot": lambda: run_graddot(ctx),
@@ -177,7 +185,7 @@ def run(config, workdir: str) -> dict:
                     "n_query": len(splits.query)},
         "ground_truth": {"num_models": config.groundtruth.num_models,
                          "alpha": config.groundtruth.alpha},
-        "base_model": base_stats,
+        "base_model": ctx.base_stats,
         "methods": methods,
     }
     if ablations:

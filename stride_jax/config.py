@@ -20,7 +20,7 @@ ABLATION_NAMES = ("no_fidelity", "no_stability", "no_linearity", "bernoulli_desi
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.data = dict(name="digits", path="", seed=0, n_train=1400, n_query=200)
+    c.data = dict(name="digits", path="", seed=0, n_train=1400, n_query=200, query_split="query")
     # Base-model recipe, shared by every ground-truth retrain: full-batch AdamW, 150 steps,
     # weight decay; stops at train CE ~0.11 (query CE ~0.10), so it does not memorise.
     c.model = dict(hidden=(128,), steps=150, lr=3e-3, weight_decay=1e-2, seed=0)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import jaxopt
 import numpy as np
 
+from stride_jax import sharding
 from stride_jax.subsets import Design
 
 _POWER_ITERS = 100
@@ -270,7 +271,7 @@ def _validate(config: LassoConfig, members_TxS, y_QxT, key) -> None:
             raise ValueError(f"path_min_frac must be in (0, 1], got {config.path_min_frac}")
 
 
-def lasso_scores(design_or_arrays, y_QxT, config: LassoConfig, key=None) -> dict:
+def lasso_scores(design_or_arrays, y_QxT, config: LassoConfig, key=None, mesh=None) -> dict:
     """Per-example scores for each query by (optionally non-negative) Lasso.
 
     Args:
@@ -279,6 +280,8 @@ def lasso_scores(design_or_arrays, y_QxT, config: LassoConfig, key=None) -> dict
       y_QxT: responses, one row per query, one column per subset.
       config: :class:`LassoConfig`.
       key: PRNG key choosing the held-out rows (only for ``select="heldout"``).
+      mesh: optional ``sharding.make_mesh`` mesh: queries are split over its ``data`` axis
+        (padded to a multiple of it), the design is replicated.
 
     Returns:
       ``{"scores_QxN": float32 (Q, N), "lam_Q": chosen lambda (Q,), "lam_frac_Q": lambda /
@@ -289,13 +292,20 @@ def lasso_scores(design_or_arrays, y_QxT, config: LassoConfig, key=None) -> dict
     _validate(config, members_TxS, y_QxT, key)
     members_TxS = jnp.asarray(members_TxS, jnp.int32)
     subsets_NxD = jnp.asarray(subsets_NxD, jnp.int32)
+    num_queries = int(y_QxT.shape[0])
+    if mesh is not None:
+        y_QxT, _ = sharding.pad_to_multiple(y_QxT, mesh.shape[sharding.DATA])
+        y_QxT = jax.device_put(y_QxT, sharding.along(mesh, sharding.DATA, 2))
+        members_TxS, subsets_NxD = jax.device_put((members_TxS, subsets_NxD),
+                                                  sharding.replicated(mesh))
     static = {name: getattr(config, name) for name in _STATIC}
     num_subsets = int(members_TxS.shape[0])
     if config.select == "fixed":
         ones_T = jnp.ones(num_subsets, jnp.float32)
-        return lasso_scores_arrays(
+        out = lasso_scores_arrays(
             members_TxS, subsets_NxD, y_QxT, ones_T, jnp.float32(config.lam_frac), **static
         )
+        return {k: v[:num_queries] for k, v in out.items()}
     num_held = max(1, round(config.holdout_frac * num_subsets))
     if num_subsets - num_held < 2:
         raise ValueError(

@@ -138,9 +138,22 @@ def load_digits(seed: int = 0, n_train: int = 1400, n_query: int = 200) -> Split
 
 
 def load(config) -> Splits:
-    """Data from a config: ``config.path`` (a .npz) if set, else the embedded ``config.name``."""
+    """Data from a config: ``config.path`` (a .npz) if set, else the embedded ``config.name``.
+
+    ``config.query_split="val"`` swaps in the validation set as the queries: hyperparameters
+    are tuned there, never on the reported queries.
+    """
     if config.path:
-        return load_npz(config.path)
-    if config.name == "digits":
-        return load_digits(config.seed, config.n_train, config.n_query)
-    raise DataError(f"unknown embedded data set {config.name!r}; known: 'digits'")
+        splits = load_npz(config.path)
+    elif config.name == "digits":
+        splits = load_digits(config.seed, config.n_train, config.n_query)
+    else:
+        raise DataError(f"unknown embedded data set {config.name!r}; known: 'digits'")
+    split = config.get("query_split", "query")
+    if split == "query":
+        return splits
+    if split != "val":
+        raise DataError(f"data.query_split must be 'query' or 'val', got {split!r}")
+    if splits.val is None:
+        raise DataError(f"{splits.name} has no validation split to use as queries")
+    return dataclasses.replace(splits, query=splits.val, val=None)

@@ -1,0 +1,134 @@
+"""End-to-end job on a tiny config: results.json, caching, resume, bad input, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from stride_jax import benchmark, checkpoint
+from stride_jax.checkpoint import CheckpointError
+from stride_jax.config import ConfigError
+from stride_jax.data import DataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    from conftest import tiny_config
+
+    workdir = str(tmp_path_factory.mktemp("run"))
+    return tiny_config(), workdir, benchmark.run(tiny_config(), workdir)
+
+
+def test_results_json_schema(finished):
+    config, workdir, results = finished
+    with open(os.path.join(workdir, "results.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk == json.loads(json.dumps(results))
+    assert on_disk["dataset"] == {"name": "digits", "n_train": 120, "n_query": 16}
+    assert on_disk["ground_truth"] == {"num_models": 8, "alpha": 0.5}
+    for name in ("stride", "graddot"):
+        entry = on_disk["methods"][name]
+        lo, hi = entry["lds_ci95"]
+        assert -1 <= lo <= entry["lds"] <= hi <= 1
+        assert entry["seconds"] > 0
+        scores = np.load(os.path.join(workdir, f"scores_{name}.npy"))
+        assert scores.shape == (16, 120) and scores.dtype == np.float32
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["stride"]["design"]["num_subsets"] == 40
+
+
+def test_scores_match_a_direct_lds_of_saved_scores(finished):
+    """The LDS in results.json is recomputable from the saved scores and ground truth."""
+    from scipy.stats import spearmanr
+
+    _, workdir, results = finished
+    gt = checkpoint.load_arrays(os.path.join(workdir, "groundtruth.npz"))
+    scores = np.load(os.path.join(workdir, "scores_stride.npy"))
+    preds = gt["masks_MxN"].astype(np.float64) @ scores.T.astype(np.float64)
+    rho = [spearmanr(preds[:, q], -gt["losses_MxQ"][:, q])[0] for q in range(scores.shape[0])]
+    assert results["methods"]["stride"]["lds"] == pytest.approx(np.nanmean(rho), abs=1e-4)
+
+
+def test_rerun_reuses_cached_stages(finished, monkeypatch):
+    config, workdir, results = finished
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a cached stage was recomputed")
+
+    monkeypatch.setattr(benchmark, "attribute", forbidden)
+    monkeypatch.setattr(benchmark.groundtruth, "retrain_many", forbidden)
+    assert benchmark.run(config, workdir)["methods"] == results["methods"]
+
+
+def test_killed_run_restarts_to_identical_results(finished, tmp_path, monkeypatch):
+    config, _, results = finished
+    original = checkpoint.TrainCheckpoints.save
+
+    def save_then_die(self, step, state):
+        original(self, step, state)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(checkpoint.TrainCheckpoints, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.run(config, str(tmp_path))
+    assert not os.path.exists(tmp_path / "results.json")
+    monkeypatch.setattr(checkpoint.TrainCheckpoints, "save", original)
+    again = benchmark.run(config, str(tmp_path))
+    for name in ("stride", "graddot"):
+        assert again["methods"][name]["lds"] == results["methods"][name]["lds"]
+        np.testing.assert_array_equal(np.load(tmp_path / f"scores_{name}.npy"),
+                                      np.load(os.path.join(finished[1], f"scores_{name}.npy")))
+
+
+def test_other_config_in_same_workdir_is_refused(finished):
+    config, workdir, _ = finished
+    config.model.steps = 61
+    with pytest.raises(CheckpointError, match="different config"):
+        benchmark.run(config, workdir)
+
+
+def test_bad_npz_fails_before_any_work(tiny, tmp_path):
+    bad = tmp_path / "bad.npz"
+    x = np.zeros((10, 3), np.float32)
+    x[2, 1] = np.nan
+    np.savez(bad, x_train=x, y_train=np.arange(10) % 2, x_query=x[:3] * 0, y_query=[0, 1, 0])
+    tiny.data.path = str(bad)
+    with pytest.raises(DataError, match="x_train contains NaN"):
+        benchmark.run(tiny, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_unknown_method_is_a_config_error(tiny, tmp_path):
+    tiny.methods = ("stride", "magic")
+    with pytest.raises(ConfigError, match="magic"):
+        benchmark.run(tiny, str(tmp_path))
+
+
+def test_cli_bad_input_prints_one_line_and_writes_nothing(tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x_train=np.zeros((4, 2)), y_train=[0, 1, 0, 1], x_query=np.zeros((2, 3)),
+             y_query=[0, 1])
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.lds_benchmark", f"--workdir={out}",
+         f"--config.data.path={bad}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: x_query has 3 features but x_train has 2")
+    assert not (out / "results.json").exists()
+
+
+def test_cli_unknown_config_key_is_refused(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.lds_benchmark", f"--workdir={tmp_path}",
+         "--config.stride.stage1.nonexistent=3"], cwd=ROOT, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "nonexistent" in proc.stderr

@@ -21,7 +21,11 @@ _SWEEP = flags.DEFINE_multi_string("sweep", [], "stride.<key>=v1,v2,... (repeata
 
 
 def _parse(value: str):
-    return json.loads(value) if value[:1] in "0123456789-[{tfn" else value
+    """JSON values (numbers, true/false, lists) as such; anything else as a string."""
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
 
 
 def main(_):

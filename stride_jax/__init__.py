@@ -1,0 +1,17 @@
+"""stride-jax: STRIDE training-data attribution (steering operators + sparse recovery) in JAX.
+
+Typical use::
+
+    from stride_jax import LogitHook, attribute, base_config
+    scores = attribute(hook, train_set, query_set, base_config().stride)
+"""
+
+from stride_jax.pipeline import Scores, attribute
+from stride_jax.config import base_config
+from stride_jax.data import Dataset, Splits, load_digits, load_npz
+from stride_jax.operators import LogitHook, SteeringOperators
+
+__all__ = [
+    "Dataset", "LogitHook", "Scores", "Splits", "SteeringOperators", "attribute", "base_config",
+    "load_digits", "load_npz",
+]

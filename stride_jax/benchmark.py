@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from stride_jax import checkpoint, groundtruth, metrics, sharding
-from stride_jax.attribute import attribute
+from stride_jax.pipeline import attribute
 from stride_jax.baselines import graddot
 from stride_jax.config import validate
 from stride_jax.data import load

@@ -20,7 +20,7 @@ from absl import logging
 from flax import nnx
 
 from stride_jax import checkpoint, losses, sharding
-from stride_jax.operators import SteeringOperators
+from stride_jax.operators import SteeringOperators, layer_norm_noaffine
 from stride_jax.subsets import Design
 
 
@@ -40,11 +40,23 @@ class Stage1Inputs:
     sketch_TxM: jax.Array
 
 
-def make_inputs(cache, y_N, design: Design, sketch_dim: int, key: jax.Array) -> Stage1Inputs:
-    """Bundle activations and design; draws the fixed random sketch P (N x M)."""
-    n = design.num_examples
-    proj_NxM = jax.random.normal(key, (n, sketch_dim)) / np.sqrt(sketch_dim)
-    proj_pad = jnp.concatenate([proj_NxM, jnp.zeros((1, sketch_dim))])
+def make_inputs(cache, y_N, design: Design, config, key: jax.Array) -> Stage1Inputs:
+    """Bundle activations and design; draws the fixed sketch P (N x M) of ``config``.
+
+    ``config.sketch`` = "gaussian": P has i.i.d. N(0, 1/M) entries (the paper's sketch);
+    "features": P = LN(h) R with R a random D x M Gaussian, columns standardised, so the
+    sketched datamodel b = P c says "an example's influence is linear in its features".
+    """
+    n, m = design.num_examples, config.sketch_dim
+    if config.sketch == "gaussian":
+        proj_NxM = jax.random.normal(key, (n, m)) / np.sqrt(m)
+    elif config.sketch == "features":
+        h = layer_norm_noaffine(jnp.asarray(cache["h"]))
+        proj_NxM = h @ jax.random.normal(key, (h.shape[1], m))
+        proj_NxM = (proj_NxM - proj_NxM.mean(0)) / (proj_NxM.std(0) + 1e-6) / np.sqrt(m)
+    else:
+        raise ValueError(f"stage1.sketch must be 'gaussian' or 'features', got {config.sketch!r}")
+    proj_pad = jnp.concatenate([proj_NxM, jnp.zeros((1, m))])
     members = jnp.asarray(design.members_TxS)
     return Stage1Inputs(
         h_NxD=jnp.asarray(cache["h"]),
@@ -116,7 +128,10 @@ def loss_terms(ops: SteeringOperators, inputs: Stage1Inputs, batch, config):
     ce_base = optax.softmax_cross_entropy_with_integer_labels(z[probe_P], y[probe_P])
     y_KxP = jnp.broadcast_to(y[probe_P], probe_logits.shape[:2])
     ce_steer = optax.softmax_cross_entropy_with_integer_labels(probe_logits, y_KxP)
-    lin = losses.linearity(ce_base - ce_steer, inputs.sketch_TxM[ids_K], config.ridge)
+    sketch_KxM = inputs.sketch_TxM[ids_K]
+    if config.intercept:
+        sketch_KxM = jnp.concatenate([sketch_KxM, jnp.ones((sketch_KxM.shape[0], 1))], axis=1)
+    lin = losses.linearity(ce_base - ce_steer, sketch_KxM, config.ridge)
     return {"fidelity": fid, "stability": stab, "linearity": lin}
 
 

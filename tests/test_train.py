@@ -1,6 +1,7 @@
 """Stage 1: the optimizer split, learning progress, and exact resume after interruption."""
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ def _inputs(n=60, d=10, c=4, t=20, deg=3, sketch=4, seed=0):
     logits = rng.normal(size=(n, c)).astype(np.float32)
     y = rng.integers(0, c, n).astype(np.int32)
     design = subsets.expander(jax.random.key(seed), t, n, deg)
-    return train.make_inputs({"h": h, "logits": logits}, y, design, sketch, jax.random.key(1))
+    cfg = ml_collections.ConfigDict(dict(sketch="gaussian", sketch_dim=sketch))
+    return train.make_inputs({"h": h, "logits": logits}, y, design, cfg, jax.random.key(1))
 
 
 def _params_np(params):

@@ -63,8 +63,7 @@ def attribute(hook, train_set: Dataset, query_set: Dataset, config, *, mesh=None
     cache_query = jax.jit(hook.encode)(jnp.asarray(query_set.x_NxF))
     key = jax.random.key(config.seed)
     sketch_key, train_key, lasso_key = jax.random.split(key, 3)
-    inputs = train.make_inputs(cache_train, train_set.y_N, design, config.stage1.sketch_dim,
-                               sketch_key)
+    inputs = train.make_inputs(cache_train, train_set.y_N, design, config.stage1, sketch_key)
     graphdef, params, history = train.fit_operators(inputs, config.stage1, train_key, mesh,
                                                     workdir)
     seconds["stage1"] = time.time() - t0

@@ -113,7 +113,8 @@ def run_graddot(ctx: Context):
 def evaluate(scores_QxN, gt, n_boot: int) -> dict:
     """LDS (Spearman, with CI), Pearson and Kendall variants, score statistics."""
     res = metrics.lds(scores_QxN, gt["masks_MxN"], gt["losses_MxQ"], n_boot=n_boot)
-    out = {"lds": res["lds"], "lds_ci95": list(res["ci95"]), "num_valid_queries": res["num_valid"]}
+    out = {"lds": res["lds"], "lds_ci95": list(res["ci95"]), "num_valid_queries": res["num_valid"],
+           "per_query": res["per_query"]}
     for kind in ("pearson", "kendall"):
         out[f"lds_{kind}"] = metrics.lds(scores_QxN, gt["masks_MxN"], gt["losses_MxQ"],
                                          kind=kind, n_boot=n_boot)["lds"]
@@ -180,6 +181,12 @@ def run(config, workdir: str) -> dict:
         sub_dir = os.path.join(workdir, "ablations", name)
         ablations[name] = _method(ctx, f"ablation_{name}",
                                   lambda s=sub, d=sub_dir: run_stride(ctx, s, d), gt)
+        if "stride" in methods:  # paired over the same queries: is the full method better?
+            ablations[name]["delta_vs_stride"] = metrics.paired_difference(
+                ablations[name]["per_query"], methods["stride"]["per_query"],
+                n_boot=config.lds.n_boot)
+    for entry in [*methods.values(), *ablations.values()]:
+        entry.pop("per_query")
     results = {
         "dataset": {"name": splits.name, "n_train": len(splits.train),
                     "n_query": len(splits.query)},
@@ -199,14 +206,21 @@ def only_stride_jax_info(record) -> bool:
     return record.levelno > 20 or "stride_jax" in record.pathname
 
 
+def _delta(d) -> str:
+    if d is None:
+        return ""
+    return f"{d['mean']:+.4f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+
+
 def format_table(results: dict) -> str:
-    rows = [("method", "LDS", "95% CI", "Pearson", "Kendall", "seconds")]
+    rows = [("method", "LDS", "95% CI", "Pearson", "Kendall", "seconds", "vs stride (paired CI)")]
     entries = list(results["methods"].items())
     entries += [(f"stride w/o {k}" if k.startswith("no_") else f"stride {k}", v)
                 for k, v in results.get("ablations", {}).items()]
     for name, r in entries:
         rows.append((name.replace("w/o no_", "w/o "), f"{r['lds']:.4f}",
                      f"[{r['lds_ci95'][0]:.3f}, {r['lds_ci95'][1]:.3f}]",
-                     f"{r['lds_pearson']:.4f}", f"{r['lds_kendall']:.4f}", f"{r['seconds']:.1f}"))
+                     f"{r['lds_pearson']:.4f}", f"{r['lds_kendall']:.4f}", f"{r['seconds']:.1f}",
+                     _delta(r.get("delta_vs_stride"))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)

@@ -34,6 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
             lr=1e-2, lr_muon=0.02, lr_end_frac=0.1, weight_decay=0.0,
             subsets_per_step=64, fidelity_batch=16, stability_batch=32, probe_batch=64,
             top_k=5, sketch="gaussian", sketch_dim=32, ridge=1.0, intercept=False,
+            probe_mask_members=False,
             w_fidelity=1.0, w_stability=1.0, w_linearity=1.0,
         ),
         lasso=dict(lam_frac=0.05, nonneg=False, fit_intercept=True, maxiter=500, tol=1e-6,

@@ -40,23 +40,29 @@ def stability(base_logits_KxBxC, logits_KxBxC, w_KxB, top_k: int) -> jax.Array:
     return weighted_mean(truncated_kl(base_logits_KxBxC, logits_KxBxC, top_k), w_KxB)
 
 
-def ridge_residual(y_KxP: jax.Array, x_KxM: jax.Array, ridge: float) -> jax.Array:
-    """Mean over the P columns of ||y - X beta||^2 / K, beta the ridge fit of y on X.
+def ridge_residual(y_KxP: jax.Array, x_KxM: jax.Array, ridge: float, w_KxP=None) -> jax.Array:
+    """Mean over the P columns of the (row-weighted) ridge residual ||y - X beta||^2 / sum(w).
 
+    Each column p has its own fit on the rows with weight ``w_KxP[:, p]`` (all ones if None).
     Unnormalised on purpose: it is in squared loss-drop units, so it cannot dominate an
     adaptive optimizer by being scale-free (it shrinks with the responses themselves).
     """
-    k, m = x_KxM.shape
-    gram = x_KxM.T @ x_KxM + ridge * jnp.eye(m, dtype=x_KxM.dtype)
-    beta_MxP = jnp.linalg.solve(gram, x_KxM.T @ y_KxP)
-    resid = y_KxP - x_KxM @ beta_MxP
-    return (resid**2).sum(0).mean() / k
+    if w_KxP is None:
+        w_KxP = jnp.ones_like(y_KxP)
+    m = x_KxM.shape[1]
+    gram_PxMxM = jnp.einsum("kp,km,kn->pmn", w_KxP, x_KxM, x_KxM) + ridge * jnp.eye(m)
+    rhs_PxM = jnp.einsum("kp,km,kp->pm", w_KxP, x_KxM, y_KxP)
+    beta_PxM = jnp.linalg.solve(gram_PxMxM, rhs_PxM[..., None])[..., 0]
+    resid_KxP = y_KxP - jnp.einsum("km,pm->kp", x_KxM, beta_PxM)
+    per_col = (w_KxP * resid_KxP**2).sum(0) / jnp.maximum(w_KxP.sum(0), 1.0)
+    return per_col.mean()
 
 
-def linearity(drops_KxP: jax.Array, sketch_KxM: jax.Array, ridge: float) -> jax.Array:
+def linearity(drops_KxP: jax.Array, sketch_KxM: jax.Array, ridge: float, w_KxP=None):
     """Linearity loss: drops_KxP[k, p] = CE_base(p) - CE_k(p) on probe examples p.
 
     sketch_KxM = (A P)[subsets in the batch]: each subset's membership row times a fixed
-    random projection P (N x M, M < K), i.e. a low-dimensional additive datamodel.
+    projection P (N x M, M < K), i.e. a low-dimensional additive datamodel. ``w_KxP`` masks
+    rows out of probe p's fit (e.g. subsets that contain p, whose self-effect no sketch holds).
     """
-    return ridge_residual(drops_KxP, sketch_KxM, ridge)
+    return ridge_residual(drops_KxP, sketch_KxM, ridge, w_KxP)

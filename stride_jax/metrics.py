@@ -157,6 +157,24 @@ def lds(scores_QxN, masks_MxN, losses_MxQ, *, kind="spearman", key=None, n_boot=
     }
 
 
+def paired_difference(per_query_a, per_query_b, *, key=None, n_boot=1000) -> dict:
+    """Mean of (a - b) over queries valid in both, with a paired bootstrap 95% CI.
+
+    Both methods are scored on the same queries, so resampling the queries jointly removes the
+    between-query variance that makes two unpaired CIs overlap.
+    """
+    a, b = np.asarray(per_query_a, np.float64), np.asarray(per_query_b, np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"per-query arrays must be 1-D of one shape, got {a.shape}, {b.shape}")
+    diff_V = (a - b)[np.isfinite(a) & np.isfinite(b)]
+    if diff_V.size == 0:
+        return {"mean": float("nan"), "ci95": [float("nan"), float("nan")]}
+    key = jax.random.key(0) if key is None else key
+    means_B = np.asarray(_bootstrap_means(key, jnp.asarray(diff_V), int(n_boot)), np.float64)
+    lo, hi = np.percentile(means_B, [2.5, 97.5])
+    return {"mean": float(diff_V.mean()), "ci95": [float(lo), float(hi)]}
+
+
 @partial(jax.jit, static_argnames="k")
 def _row_stats(scores_QxN: jax.Array, k: int) -> tuple[jax.Array, ...]:
     n = scores_QxN.shape[1]

@@ -131,7 +131,11 @@ def loss_terms(ops: SteeringOperators, inputs: Stage1Inputs, batch, config):
     sketch_KxM = inputs.sketch_TxM[ids_K]
     if config.intercept:
         sketch_KxM = jnp.concatenate([sketch_KxM, jnp.ones((sketch_KxM.shape[0], 1))], axis=1)
-    lin = losses.linearity(ce_base - ce_steer, sketch_KxM, config.ridge)
+    w_KxP = None
+    if config.probe_mask_members:
+        w_KxP = (~(inputs.subsets_NxD[probe_P][None] == ids_K[:, None, None]).any(-1)).astype(
+            jnp.float32)
+    lin = losses.linearity(ce_base - ce_steer, sketch_KxM, config.ridge, w_KxP)
     return {"fidelity": fid, "stability": stab, "linearity": lin}
 
 

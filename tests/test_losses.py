@@ -199,3 +199,20 @@ def test_ridge_residual_invariant_to_column_basis():
     np.testing.assert_allclose(
         float(ridge_residual(jnp.asarray(y_shift), jnp.asarray(x), 1e-6)), base, rtol=1e-3
     )
+
+
+def test_weighted_ridge_residual_matches_per_column_numpy_fits():
+    """Row weights: each probe column is fitted on its own rows (plain numpy loop reference)."""
+    rng = np.random.default_rng(7)
+    k, m, p, ridge = 12, 3, 5, 0.3
+    x = rng.normal(size=(k, m)).astype(np.float32)
+    y = rng.normal(size=(k, p)).astype(np.float32)
+    w = (rng.random((k, p)) > 0.3).astype(np.float32)
+    expected = []
+    for col in range(p):
+        rows = w[:, col] > 0
+        xr, yr = x[rows].astype(np.float64), y[rows, col].astype(np.float64)
+        beta = np.linalg.solve(xr.T @ xr + ridge * np.eye(m), xr.T @ yr)
+        expected.append(((yr - xr @ beta) ** 2).sum() / rows.sum())
+    got = ridge_residual(jnp.asarray(y), jnp.asarray(x), ridge, jnp.asarray(w))
+    np.testing.assert_allclose(float(got), np.mean(expected), rtol=1e-4)

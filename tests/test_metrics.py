@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from stride_jax import metrics
 from stride_jax.metrics import lds, predicted_responses, score_stats
 
 M, Q, N = 30, 7, 40
@@ -182,3 +183,23 @@ def test_bad_inputs_raise():
         score_stats(scores_QxN[0])
     with pytest.raises(ValueError, match="n_boot must be >= 1"):
         lds(scores_QxN, masks_MxN, losses_MxQ, n_boot=0)
+
+
+def test_paired_difference_is_exact_for_a_constant_shift_and_skips_nan():
+    rng = np.random.default_rng(3)
+    b = rng.normal(size=50)
+    a = b + 0.125
+    a[3], b[7] = np.nan, np.nan
+    out = metrics.paired_difference(a, b, n_boot=200)
+    assert out["mean"] == pytest.approx(0.125)
+    assert out["ci95"] == pytest.approx([0.125, 0.125])
+
+
+def test_paired_ci_is_narrower_than_unpaired_for_correlated_methods():
+    rng = np.random.default_rng(4)
+    base = rng.normal(size=200)
+    a, b = base + 0.05 + 0.01 * rng.normal(size=200), base + 0.01 * rng.normal(size=200)
+    paired = metrics.paired_difference(a, b, n_boot=500)
+    assert 0.04 < paired["ci95"][0] < paired["mean"] < paired["ci95"][1] < 0.06
+    with pytest.raises(ValueError, match="1-D of one shape"):
+        metrics.paired_difference(a[:5], b)

@@ -1,22 +1,17 @@
-"""Throughput: fused / batched / vmapped hot paths vs plain Python loops, side by side.
+"""Throughput of the fused / batched / vmapped hot paths vs plain Python loops.
 
     python -m experiments.benchmarks.throughput --out=FILE.json [--quick]
 
-Three comparisons, each measured in one run with the variants interleaved (one repetition of
-every variant per round, so machine noise hits all of them alike); report the RATIOS:
+1. Stage-2a: ``responses.response_matrix`` (Q x T in one call) vs a jitted single-operator
+   function called once per operator. 2. Stage-2b: ``recover.lasso_scores`` on Q queries at
+   once vs one query per call, and vs scikit-learn's ``Lasso`` (coordinate descent) per query.
+3. Ground truth: ``groundtruth.retrain_many`` (M models, one call) vs M jitted ``mlp.fit`` calls.
 
-1. Stage-2a responses: ``responses.response_matrix`` (Q queries x T operators in one call) vs a
-   jitted single-operator function called once per operator in a Python loop.
-2. Stage-2b Lasso: ``recover.lasso_scores`` on Q queries at once vs one query per call, and vs
-   scikit-learn's ``Lasso`` (a different, coordinate-descent solver) at the same lambdas.
-3. Ground truth: ``groundtruth.retrain_many`` (M models, one vmapped call) vs M calls of one
-   jitted ``mlp.fit``.
-
-Every variant gets one warm-up call (its time is ``first_s``; ``compile_est_s = first_s -
-median_s`` estimates trace + compile), then ``reps`` timed calls ending in
-``jax.block_until_ready``; ``median_s`` is their median. ``response_matrix`` and
-``retrain_many`` build a fresh ``jax.jit`` on every call, so they recompile each time: they are
-timed as-is (``*_api``) and wrapped once in an outer ``jax.jit`` (steady state, the ratios).
+All variants run in one process, interleaved (one repetition of each per round), so report
+RATIOS. Each variant gets a warm-up call (``first_s``; ``compile_est_s = first_s - median_s``
+estimates trace + compile), then ``REPS`` timed calls ending in ``jax.block_until_ready``.
+``response_matrix`` and ``retrain_many`` build a new ``jax.jit`` per call and so recompile on
+every call: they are timed as-is (``*_api``) and wrapped once in ``jax.jit`` (the ratios).
 """
 
 from __future__ import annotations
@@ -24,6 +19,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import pathlib
 import platform
 import statistics
 import subprocess
@@ -47,29 +43,33 @@ from stride_jax.recover import LassoConfig, lasso_scores
 _OUT = flags.DEFINE_string("out", None, "Where to write the results JSON.", required=True)
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny sizes (whole run < 60 s), for smoke tests.")
 
-FULL = dict(reps=5, q_resp=200, t_resp=1000, d_feat=128, classes=10, rank=32, resp_batch=64,
-            q_lasso=64, n_lasso=1400, t_lasso=1000, degree=5, k_true=20, models=16,
-            n_train=1400, steps=None)
-QUICK = dict(reps=5, q_resp=16, t_resp=64, d_feat=32, classes=10, rank=8, resp_batch=8,
-             q_lasso=4, n_lasso=200, t_lasso=100, degree=5, k_true=5, models=4,
-             n_train=200, steps=20)
+FULL = {
+    "responses": dict(Q=200, T=1000, D=128, C=10, r=32, batch_size=64),
+    "lasso": dict(Q=64, N=1400, T=1000, d=5, k_true=20),
+    "groundtruth": dict(M=16, n_train=1400, steps=None),  # steps None: base_config's
+}
+QUICK = {
+    "responses": dict(Q=16, T=64, D=32, C=10, r=8, batch_size=8),
+    "lasso": dict(Q=4, N=200, T=100, d=5, k_true=5),
+    "groundtruth": dict(M=4, n_train=200, steps=20),
+}
+REPS = 5
+BENCHES = ("responses", "lasso", "groundtruth")
 
 
 def _compare(variants: dict, reps: int) -> dict:
-    """Warm up each variant, then time ``reps`` interleaved rounds; per-variant timings."""
-    out = {}
-    for name, fn in variants.items():
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        out[name] = {"first_s": time.perf_counter() - t0, "times_s": []}
-    for _ in range(reps):
+    """One warm-up round, then ``reps`` interleaved timed rounds; per-variant timings."""
+    times = {name: [] for name in variants}
+    for _ in range(reps + 1):  # round 0 is the warm-up (trace + compile)
         for name, fn in variants.items():
             t0 = time.perf_counter()
             jax.block_until_ready(fn())
-            out[name]["times_s"].append(time.perf_counter() - t0)
-    for r in out.values():
-        r["median_s"] = statistics.median(r["times_s"])
-        r["compile_est_s"] = max(r["first_s"] - r["median_s"], 0.0)
+            times[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, (first, *rest) in times.items():
+        med = statistics.median(rest)
+        out[name] = dict(median_s=med, first_s=first, compile_est_s=max(first - med, 0.0))
+        out[name]["times_s"] = rest
     return out
 
 
@@ -77,8 +77,13 @@ def _ratio(timings: dict, slow: str, fast: str) -> float:
     return timings[slow]["median_s"] / timings[fast]["median_s"]
 
 
-def bench_responses(s: dict, mesh) -> dict:
-    q, t, d, c, r = s["q_resp"], s["t_resp"], s["d_feat"], s["classes"], s["rank"]
+def _report(sizes: dict, tm: dict, slow: str, fast: list, **extra) -> dict:
+    ratios = {f"ratio_{slow}_over_{f}": _ratio(tm, slow, f) for f in fast if f in tm}
+    return {"sizes": sizes, "timings": tm, **ratios, **extra}
+
+
+def bench_responses(s: dict, mesh, with_api: bool) -> dict:
+    q, t, d, c, r, bs = (s[k] for k in ("Q", "T", "D", "C", "r", "batch_size"))
     ops = SteeringOperators(d, c, r, t, rngs=nnx.Rngs(0))
     ops.gates[...] = 0.1 * jax.random.normal(jax.random.key(1), (t, c, r))
     graphdef, params = nnx.split(ops, nnx.Param)
@@ -86,13 +91,11 @@ def bench_responses(s: dict, mesh) -> dict:
     h = jnp.asarray(rng.normal(size=(q, d)), jnp.float32)
     z = jnp.asarray(rng.normal(size=(q, c)), jnp.float32)
     y = jnp.asarray(rng.integers(0, c, q), jnp.int32)
-    bs = s["resp_batch"]
 
-    def api():
-        return responses.response_matrix(graphdef, params, {"h": h, "logits": z}, y, mesh, bs)
+    def api(p, h, z, y):
+        return responses.response_matrix(graphdef, p, {"h": h, "logits": z}, y, mesh, bs)
 
-    fused = jax.jit(lambda p, h, z, y: responses.response_matrix(
-        graphdef, p, {"h": h, "logits": z}, y, mesh, bs))
+    fused = jax.jit(api)
 
     @jax.jit
     def one_operator(p, k, h_QxD, z_QxC, y_Q):  # operator k on all queries
@@ -107,126 +110,135 @@ def bench_responses(s: dict, mesh) -> dict:
     def loop():
         return jnp.stack([one_operator(params, k, h, z, y) for k in ks], axis=1)
 
-    tm = _compare({"fused": lambda: fused(params, h, z, y), "fused_api": api,
-                   "loop_over_T": loop}, s["reps"])
+    variants = {"fused": lambda: fused(params, h, z, y), "loop_over_T": loop}
+    if with_api:
+        variants["fused_api"] = lambda: api(params, h, z, y)
+    tm = _compare(variants, REPS)
     diff = float(jnp.max(jnp.abs(fused(params, h, z, y) - loop())))
-    return {"sizes": dict(Q=q, T=t, D=d, C=c, r=r, batch_size=bs), "timings": tm,
-            "max_abs_diff_fused_vs_loop": diff,
-            "ratio_loop_over_fused": _ratio(tm, "loop_over_T", "fused"),
-            "ratio_loop_over_fused_api": _ratio(tm, "loop_over_T", "fused_api")}
+    return _report(s, tm, "loop_over_T", ["fused", "fused_api"], max_abs_diff_vs_loop=diff)
 
 
 def bench_lasso(s: dict, cfg: LassoConfig) -> dict:
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import Lasso
 
-    q, n, t, k = s["q_lasso"], s["n_lasso"], s["t_lasso"], s["k_true"]
-    design = subsets.expander(jax.random.key(2), t, n, s["degree"])
-    a_TxN = design.dense()
+    q, n, t, k = s["Q"], s["N"], s["T"], s["k_true"]
+    design = subsets.expander(jax.random.key(2), t, n, s["d"])
+    a_TxN = design.dense().astype(np.float64)
     rng = np.random.default_rng(1)
-    b_QxN = np.zeros((q, n), np.float32)
+    b_QxN = np.zeros((q, n))
     for i in range(q):
         b_QxN[i, rng.choice(n, k, replace=False)] = rng.normal(0.0, 1.0, k)
-    y_QxT = jnp.asarray(b_QxN @ a_TxN.T + 0.1 * rng.normal(size=(q, t)), jnp.float32)
-    lam_Q = np.asarray(lasso_scores(design, y_QxT, cfg)["lam_Q"], np.float64)
-    a64, y64 = a_TxN.astype(np.float64), np.asarray(y_QxT, np.float64)
+    y64 = (b_QxN @ a_TxN.T + 0.1 * rng.normal(size=(q, t))).astype(np.float32).astype(np.float64)
+    y_QxT = jnp.asarray(y64, jnp.float32)
+    # lambda = lam_frac * lambda_max per query (centred, sklearn scaling), as lasso_scores does.
+    corr_QxN = (y64 - y64.mean(1, keepdims=True)) @ (a_TxN - a_TxN.mean(0)) / t
+    lam_Q = cfg.lam_frac * np.abs(corr_QxN).max(1)
 
     def batched():
         return lasso_scores(design, y_QxT, cfg)["scores_QxN"]
 
     def loop():
-        return jnp.concatenate([lasso_scores(design, y_QxT[i : i + 1], cfg)["scores_QxN"]
-                                for i in range(q)])
+        outs = [lasso_scores(design, y_QxT[i : i + 1], cfg)["scores_QxN"] for i in range(q)]
+        return jnp.concatenate(outs)
 
     def sk():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            return np.stack([Lasso(alpha=lam_Q[i], fit_intercept=True, tol=1e-4)
-                             .fit(a64, y64[i]).coef_ for i in range(q)])
+            fits = [Lasso(alpha=lam_Q[i], tol=1e-4).fit(a_TxN, y64[i]) for i in range(q)]
+        return np.stack([f.coef_ for f in fits])
 
-    tm = _compare({"batched": batched, "loop_over_Q": loop, "sklearn_loop_over_Q": sk},
-                  s["reps"])
+    tm = _compare({"batched": batched, "loop_over_Q": loop, "sklearn_loop_over_Q": sk}, REPS)
     jx, ref = np.asarray(batched()), sk()
-    return {"sizes": dict(Q=q, N=n, T=t, d=s["degree"], k_true=k), "config": vars(cfg),
-            "timings": tm,
-            "max_abs_diff_batched_vs_loop": float(np.abs(jx - np.asarray(loop())).max()),
-            "max_rel_diff_vs_sklearn": float(np.abs(jx - ref).max() / np.abs(ref).max()),
-            "ratio_loop_over_batched": _ratio(tm, "loop_over_Q", "batched"),
-            "ratio_sklearn_over_batched": _ratio(tm, "sklearn_loop_over_Q", "batched")}
+    lam_jax = np.asarray(lasso_scores(design, y_QxT, cfg)["lam_Q"])
+    return {
+        **_report(s, tm, "loop_over_Q", ["batched"]),
+        "ratio_sklearn_over_batched": _ratio(tm, "sklearn_loop_over_Q", "batched"),
+        "lasso_config": vars(cfg),
+        "max_abs_diff_batched_vs_loop": float(np.abs(jx - np.asarray(loop())).max()),
+        "max_rel_diff_vs_sklearn": float(np.abs(jx - ref).max() / np.abs(ref).max()),
+        "max_rel_diff_lambda_vs_jax": float(np.abs(lam_Q / lam_jax - 1).max()),
+    }
 
 
-def bench_groundtruth(s: dict, mesh) -> dict:
+def bench_groundtruth(s: dict, mesh, with_api: bool) -> dict:
     mc = base_config().model
-    if s["steps"]:
-        mc.steps = s["steps"]
+    mc.steps = s["steps"] or mc.steps
     splits = load_digits(0, s["n_train"], 100)
     x, y = jnp.asarray(splits.train.x_NxF), jnp.asarray(splits.train.y_N)
-    m, c = s["models"], splits.num_classes
+    m, c = s["M"], splits.num_classes
     masks = jnp.asarray(subsets.retention_masks(jax.random.key(5), m, x.shape[0], 0.5))
     keys = jax.random.split(jax.random.key(6), m)
 
-    def api():
-        return groundtruth.retrain_many(mc, keys, x, y, masks, c, mesh, m)
+    def api(k, w):  # all M models in one lax.map batch: one vmapped call
+        return groundtruth.retrain_many(mc, k, x, y, w, c, mesh, m)
 
-    vmapped = jax.jit(lambda k, w: groundtruth.retrain_many(mc, k, x, y, w, c, mesh, m))
+    vmapped = jax.jit(api)
     fit_one = jax.jit(lambda k, xx, yy, w: mlp.fit(mc, k, xx, yy, w, c))
-    weights = [w for w in masks.astype(jnp.float32)]
+    weights = list(masks.astype(jnp.float32))
 
     def sequential():
         return [fit_one(keys[i], x, y, weights[i]) for i in range(m)]
 
-    tm = _compare({"vmapped": lambda: vmapped(keys, masks), "vmapped_api": api,
-                   "sequential": sequential}, s["reps"])
+    variants = {"vmapped": lambda: vmapped(keys, masks), "sequential": sequential}
+    if with_api:
+        variants["vmapped_api"] = lambda: api(keys, masks)
+    tm = _compare(variants, REPS)
     stacked = jax.tree.map(lambda *ps: jnp.stack(ps), *sequential())
     diffs = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), vmapped(keys, masks), stacked)
-    return {"sizes": dict(M=m, N=int(x.shape[0]), F=int(x.shape[1]), C=c,
-                          hidden=list(mc.hidden), steps=mc.steps), "timings": tm,
-            "max_abs_param_diff_vmapped_vs_sequential": float(max(jax.tree.leaves(diffs))),
-            "ratio_sequential_over_vmapped": _ratio(tm, "sequential", "vmapped"),
-            "ratio_sequential_over_vmapped_api": _ratio(tm, "sequential", "vmapped_api")}
+    sizes = dict(s, N=int(x.shape[0]), F=int(x.shape[1]), C=c, steps=mc.steps)
+    diff = float(max(jax.tree.leaves(diffs)))
+    return _report(sizes, tm, "sequential", ["vmapped", "vmapped_api"], max_abs_param_diff=diff)
 
 
 def machine() -> dict:
-    model = ""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                         "")
-    dev = jax.devices()[0]
-    return {"jax": jax.__version__, "backend": jax.default_backend(),
-            "device_kind": dev.device_kind, "num_devices": jax.device_count(),
-            "os_cpu_count": os.cpu_count(), "sched_affinity": len(os.sched_getaffinity(0)),
-            "uname": subprocess.run(["uname", "-a"], capture_output=True, text=True).stdout.strip()
-            or " ".join(platform.uname()),
-            "cpu_model": model, "date": datetime.datetime.now(datetime.UTC).isoformat()}
+    info = pathlib.Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
+    uname = subprocess.run(["uname", "-a"], capture_output=True, text=True).stdout.strip()
+    return dict(
+        jax=jax.__version__,
+        backend=jax.default_backend(),
+        num_devices=jax.device_count(),
+        device_kind=jax.devices()[0].device_kind,
+        os_cpu_count=os.cpu_count(),
+        sched_affinity=len(os.sched_getaffinity(0)),
+        uname=uname or " ".join(platform.uname()),
+        cpu_model=model,
+        date=datetime.datetime.now(datetime.UTC).isoformat(),
+    )
 
 
 def run(quick: bool = False) -> dict:
-    """Run all three benchmarks; returns the results dict (also what ``--out`` gets)."""
-    s = QUICK if quick else FULL
+    """Run all three benchmarks; returns the results dict (what ``--out`` gets).
+
+    ``quick`` shrinks every size and skips the recompiling ``*_api`` variants (< 60 s).
+    """
+    sizes = QUICK if quick else FULL
     t0 = time.perf_counter()
     mesh = sharding.make_mesh()
     lc = base_config().stride.lasso
-    cfg = LassoConfig(lam_frac=lc.lam_frac, maxiter=100 if quick else lc.maxiter, tol=lc.tol,
-                      path_len=lc.path_len, fit_intercept=True)
-    results = {"quick": quick, "reps": s["reps"], "machine": machine(),
-               "responses": bench_responses(s, mesh), "lasso": bench_lasso(s, cfg),
-               "groundtruth": bench_groundtruth(s, mesh)}
+    if quick:
+        lc.maxiter = 100
+    cfg = LassoConfig(**lc.to_dict())  # base_config's Lasso settings (fixed lambda fraction)
+    results = {"quick": quick, "reps": REPS, "machine": machine()}
+    results["responses"] = bench_responses(sizes["responses"], mesh, with_api=not quick)
+    results["lasso"] = bench_lasso(sizes["lasso"], cfg)
+    results["groundtruth"] = bench_groundtruth(sizes["groundtruth"], mesh, with_api=not quick)
     results["total_s"] = time.perf_counter() - t0
     return results
 
 
 def format_table(res: dict) -> str:
-    rows = ["| benchmark | variant | median (s) | first call (s) | compile est. (s) |",
-            "|---|---|---|---|---|"]
-    for bench in ("responses", "lasso", "groundtruth"):
-        for name, t in res[bench]["timings"].items():
-            rows.append(f"| {bench} | {name} | {t['median_s']:.4f} | {t['first_s']:.3f} "
-                        f"| {t['compile_est_s']:.3f} |")
+    rows = ["| benchmark | variant | median (s) | first call (s) | compile est. (s) |"]
+    rows.append("|---|---|---|---|---|")
+    for b in BENCHES:
+        for name, t in res[b]["timings"].items():
+            times = (t["median_s"], t["first_s"], t["compile_est_s"])
+            rows.append(f"| {b} | {name} | " + " | ".join(f"{v:.4f}" for v in times) + " |")
     rows += ["", "| ratio | value |", "|---|---|"]
-    for bench in ("responses", "lasso", "groundtruth"):
-        rows += [f"| {bench}.{k[6:]} | {v:.2f}x |" for k, v in res[bench].items()
-                 if k.startswith("ratio_")]
+    for b in BENCHES:
+        rows += [f"| {b}.{k[6:]} | {v:.2f}x |" for k, v in res[b].items() if k[:6] == "ratio_"]
     return "\n".join(rows)
 
 

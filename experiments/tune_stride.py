@@ -36,22 +36,31 @@ def main(_):
     config.methods = ()
     benchmark.run(config, _WORKDIR.value)  # base model + ground truth on validation queries
     ctx, gt = benchmark.context(config, _WORKDIR.value)
-    axes = [(k, [_parse(v) for v in vals.split(",")])
-            for k, vals in (s.split("=", 1) for s in _SWEEP.value)]
+    axes = [
+        (k, [_parse(v) for v in vals.split(",")])
+        for k, vals in (s.split("=", 1) for s in _SWEEP.value)
+    ]
     rows = []
     for values in itertools.product(*(v for _, v in axes)):
         sub = config.stride.copy_and_resolve_references()
-        for (key, _), value in zip(axes, values):
+        for (key, _), value in zip(axes, values, strict=True):
             block, leaf = key.rsplit(".", 1) if "." in key else ("", key)
             target = sub if not block else eval("sub." + block)  # noqa: S307 - config path
             target[leaf] = value
-        name = "_".join(f"{k}={v}" for (k, _), v in zip(axes, values)) or "default"
+        name = "_".join(f"{k}={v}" for (k, _), v in zip(axes, values, strict=True)) or "default"
         scores, _ = benchmark.run_stride(ctx, sub, os.path.join(_WORKDIR.value, "sweep", name))
         res = benchmark.evaluate(scores, gt, config.lds.n_boot)
-        rows.append({"point": dict(zip((k for k, _ in axes), values)), "lds": res["lds"],
-                     "lds_ci95": res["lds_ci95"]})
-        print(f"{name}: LDS {res['lds']:.4f} [{res['lds_ci95'][0]:.3f}, {res['lds_ci95'][1]:.3f}]",
-              flush=True)
+        rows.append(
+            {
+                "point": dict(zip((k for k, _ in axes), values, strict=True)),
+                "lds": res["lds"],
+                "lds_ci95": res["lds_ci95"],
+            }
+        )
+        print(
+            f"{name}: LDS {res['lds']:.4f} [{res['lds_ci95'][0]:.3f}, {res['lds_ci95'][1]:.3f}]",
+            flush=True,
+        )
     checkpoint.save_json(os.path.join(_WORKDIR.value, "tuning.json"), rows)
 
 

@@ -6,12 +6,19 @@ Typical use::
     scores = attribute(hook, train_set, query_set, base_config().stride)
 """
 
-from stride_jax.pipeline import Scores, attribute
 from stride_jax.config import base_config
 from stride_jax.data import Dataset, Splits, load_digits, load_npz
 from stride_jax.operators import LogitHook, SteeringOperators
+from stride_jax.pipeline import Scores, attribute
 
 __all__ = [
-    "Dataset", "LogitHook", "Scores", "Splits", "SteeringOperators", "attribute", "base_config",
-    "load_digits", "load_npz",
+    "Dataset",
+    "LogitHook",
+    "Scores",
+    "Splits",
+    "SteeringOperators",
+    "attribute",
+    "base_config",
+    "load_digits",
+    "load_npz",
 ]

@@ -19,12 +19,12 @@ import numpy as np
 from absl import logging
 
 from stride_jax import checkpoint, groundtruth, metrics, sharding
-from stride_jax.pipeline import attribute
 from stride_jax.baselines import graddot
 from stride_jax.config import validate
 from stride_jax.data import load
 from stride_jax.models import mlp
 from stride_jax.operators import LogitHook
+from stride_jax.pipeline import attribute
 
 ABLATIONS = {
     "no_fidelity": lambda c: c.stage1.update(w_fidelity=0.0),
@@ -66,8 +66,9 @@ def base_model(ctx: Context):
     c, s = ctx.config, ctx.splits
     in_dim = s.train.x_NxF.shape[1]
     graphdef, abstract = mlp.abstract(c.model, in_dim, s.num_classes)
-    path = _guarded(ctx.workdir, "base_model.npz",
-                    {"data": c.data.to_dict(), "model": c.model.to_dict()})
+    path = _guarded(
+        ctx.workdir, "base_model.npz", {"data": c.data.to_dict(), "model": c.model.to_dict()}
+    )
     if os.path.exists(path):
         params = checkpoint.load_params(path, abstract)
         logging.info("base model: reusing %s", path)
@@ -83,9 +84,13 @@ def base_model(ctx: Context):
         logits = mlp.apply(graphdef, params, jnp.asarray(ds.x_NxF))
         stats[f"{split}_loss"] = float(mlp.cross_entropy(logits, ds.y_N).mean())
         stats[f"{split}_accuracy"] = float((logits.argmax(-1) == ds.y_N).mean())
-    logging.info("base model: train loss %.4f acc %.4f | query loss %.4f acc %.4f",
-                 stats["train_loss"], stats["train_accuracy"], stats["query_loss"],
-                 stats["query_accuracy"])
+    logging.info(
+        "base model: train loss %.4f acc %.4f | query loss %.4f acc %.4f",
+        stats["train_loss"],
+        stats["train_accuracy"],
+        stats["query_loss"],
+        stats["query_accuracy"],
+    )
     ctx.graphdef, ctx.params = graphdef, params
     return stats
 
@@ -98,8 +103,9 @@ def hook(ctx: Context) -> LogitHook:
 def run_stride(ctx: Context, stride_config, workdir: str):
     os.makedirs(workdir, exist_ok=True)
     _guarded(workdir, "stride", stride_config.to_dict())
-    out = attribute(hook(ctx), ctx.splits.train, ctx.splits.query, stride_config,
-                    mesh=ctx.mesh, workdir=workdir)
+    out = attribute(
+        hook(ctx), ctx.splits.train, ctx.splits.query, stride_config, mesh=ctx.mesh, workdir=workdir
+    )
     return out.scores_QxN, {"seconds_split": out.seconds, "lam_frac": stride_config.lasso.lam_frac}
 
 
@@ -113,11 +119,16 @@ def run_graddot(ctx: Context):
 def evaluate(scores_QxN, gt, n_boot: int) -> dict:
     """LDS (Spearman, with CI), Pearson and Kendall variants, score statistics."""
     res = metrics.lds(scores_QxN, gt["masks_MxN"], gt["losses_MxQ"], n_boot=n_boot)
-    out = {"lds": res["lds"], "lds_ci95": list(res["ci95"]), "num_valid_queries": res["num_valid"],
-           "per_query": res["per_query"]}
+    out = {
+        "lds": res["lds"],
+        "lds_ci95": list(res["ci95"]),
+        "num_valid_queries": res["num_valid"],
+        "per_query": res["per_query"],
+    }
     for kind in ("pearson", "kendall"):
-        out[f"lds_{kind}"] = metrics.lds(scores_QxN, gt["masks_MxN"], gt["losses_MxQ"],
-                                         kind=kind, n_boot=n_boot)["lds"]
+        out[f"lds_{kind}"] = metrics.lds(
+            scores_QxN, gt["masks_MxN"], gt["losses_MxQ"], kind=kind, n_boot=n_boot
+        )["lds"]
     out["score_stats"] = metrics.score_stats(scores_QxN)
     return out
 
@@ -132,16 +143,25 @@ def _method(ctx, name, fn, gt):
             meta = json.load(f)
         logging.info("%s: reusing %s", name, path)
     else:
-        logging.info("%s: scoring %d queries x %d training examples", name,
-                     len(ctx.splits.query), len(ctx.splits.train))
+        logging.info(
+            "%s: scoring %d queries x %d training examples",
+            name,
+            len(ctx.splits.query),
+            len(ctx.splits.train),
+        )
         t0 = time.time()
         scores, meta = fn()
         meta["seconds"] = time.time() - t0
         checkpoint.save_npy(path, scores)
         checkpoint.save_json(meta_path, meta)
     result = {**evaluate(scores, gt, ctx.config.lds.n_boot), **meta}
-    logging.info("%s: LDS %.4f [%.4f, %.4f] in %.1fs", name, result["lds"],
-                 *result["lds_ci95"], result["seconds"])
+    logging.info(
+        "%s: LDS %.4f [%.4f, %.4f] in %.1fs",
+        name,
+        result["lds"],
+        *result["lds_ci95"],
+        result["seconds"],
+    )
     return result
 
 
@@ -150,13 +170,25 @@ def context(config, workdir: str):
     validate(config)
     splits = load(config.data)  # fails on bad data before any work or any file is written
     os.makedirs(workdir, exist_ok=True)
-    logging.info("data: %s, %d train, %d query, %d classes", splits.name, len(splits.train),
-                 len(splits.query), splits.num_classes)
+    logging.info(
+        "data: %s, %d train, %d query, %d classes",
+        splits.name,
+        len(splits.train),
+        len(splits.query),
+        splits.num_classes,
+    )
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.ops)
     ctx = Context(config, workdir, splits, mesh)
     ctx.base_stats = base_model(ctx)
-    _guarded(workdir, "groundtruth.npz", {"data": config.data.to_dict(),
-             "model": config.model.to_dict(), "groundtruth": config.groundtruth.to_dict()})
+    _guarded(
+        workdir,
+        "groundtruth.npz",
+        {
+            "data": config.data.to_dict(),
+            "model": config.model.to_dict(),
+            "groundtruth": config.groundtruth.to_dict(),
+        },
+    )
     gt = groundtruth.build(config.groundtruth, config.model, splits, mesh, workdir)
     return ctx, gt
 
@@ -179,19 +211,27 @@ def run(config, workdir: str) -> dict:
         with sub.unlocked():
             ABLATIONS[name](sub)
         sub_dir = os.path.join(workdir, "ablations", name)
-        ablations[name] = _method(ctx, f"ablation_{name}",
-                                  lambda s=sub, d=sub_dir: run_stride(ctx, s, d), gt)
+        ablations[name] = _method(
+            ctx, f"ablation_{name}", lambda s=sub, d=sub_dir: run_stride(ctx, s, d), gt
+        )
         if "stride" in methods:  # paired over the same queries: is the full method better?
             ablations[name]["delta_vs_stride"] = metrics.paired_difference(
-                ablations[name]["per_query"], methods["stride"]["per_query"],
-                n_boot=config.lds.n_boot)
+                ablations[name]["per_query"],
+                methods["stride"]["per_query"],
+                n_boot=config.lds.n_boot,
+            )
     for entry in [*methods.values(), *ablations.values()]:
         entry.pop("per_query")
     results = {
-        "dataset": {"name": splits.name, "n_train": len(splits.train),
-                    "n_query": len(splits.query)},
-        "ground_truth": {"num_models": config.groundtruth.num_models,
-                         "alpha": config.groundtruth.alpha},
+        "dataset": {
+            "name": splits.name,
+            "n_train": len(splits.train),
+            "n_query": len(splits.query),
+        },
+        "ground_truth": {
+            "num_models": config.groundtruth.num_models,
+            "alpha": config.groundtruth.alpha,
+        },
         "base_model": ctx.base_stats,
         "methods": methods,
     }
@@ -215,12 +255,21 @@ def _delta(d) -> str:
 def format_table(results: dict) -> str:
     rows = [("method", "LDS", "95% CI", "Pearson", "Kendall", "seconds", "vs stride (paired CI)")]
     entries = list(results["methods"].items())
-    entries += [(f"stride w/o {k}" if k.startswith("no_") else f"stride {k}", v)
-                for k, v in results.get("ablations", {}).items()]
+    entries += [
+        (f"stride w/o {k}" if k.startswith("no_") else f"stride {k}", v)
+        for k, v in results.get("ablations", {}).items()
+    ]
     for name, r in entries:
-        rows.append((name.replace("w/o no_", "w/o "), f"{r['lds']:.4f}",
-                     f"[{r['lds_ci95'][0]:.3f}, {r['lds_ci95'][1]:.3f}]",
-                     f"{r['lds_pearson']:.4f}", f"{r['lds_kendall']:.4f}", f"{r['seconds']:.1f}",
-                     _delta(r.get("delta_vs_stride"))))
+        rows.append(
+            (
+                name.replace("w/o no_", "w/o "),
+                f"{r['lds']:.4f}",
+                f"[{r['lds_ci95'][0]:.3f}, {r['lds_ci95'][1]:.3f}]",
+                f"{r['lds_pearson']:.4f}",
+                f"{r['lds_kendall']:.4f}",
+                f"{r['seconds']:.1f}",
+                _delta(r.get("delta_vs_stride")),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)

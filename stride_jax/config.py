@@ -30,15 +30,40 @@ def base_config() -> ml_collections.ConfigDict:
         response_batch=64,
         design=dict(kind="expander", num_subsets=1000, degree=5, seed=2),
         stage1=dict(
-            rank=32, steps=1000, log_every=100, ckpt_every=500, warmup_steps=50,
-            lr=1e-2, lr_muon=0.02, lr_end_frac=0.1, weight_decay=0.0,
-            subsets_per_step=64, fidelity_batch=16, stability_batch=32, probe_batch=64,
-            top_k=5, sketch="gaussian", sketch_dim=32, ridge=1.0, intercept=False,
+            rank=32,
+            steps=1000,
+            log_every=100,
+            ckpt_every=500,
+            warmup_steps=50,
+            lr=1e-2,
+            lr_muon=0.02,
+            lr_end_frac=0.1,
+            weight_decay=0.0,
+            subsets_per_step=64,
+            fidelity_batch=16,
+            stability_batch=32,
+            probe_batch=64,
+            top_k=5,
+            sketch="gaussian",
+            sketch_dim=32,
+            ridge=1.0,
+            intercept=False,
             probe_mask_members=False,
-            w_fidelity=1.0, w_stability=1.0, w_linearity=1.0,
+            w_fidelity=1.0,
+            w_stability=1.0,
+            w_linearity=1.0,
         ),
-        lasso=dict(lam_frac=0.05, nonneg=False, fit_intercept=True, maxiter=500, tol=1e-6,
-                   path_len=8, select="fixed", holdout_frac=0.1, path_min_frac=0.005),
+        lasso=dict(
+            lam_frac=0.05,
+            nonneg=False,
+            fit_intercept=True,
+            maxiter=500,
+            tol=1e-6,
+            path_len=8,
+            select="fixed",
+            holdout_frac=0.1,
+            path_min_frac=0.005,
+        ),
     )
     c.methods = METHODS
     c.ablations = ()
@@ -63,16 +88,32 @@ def validate(config) -> None:
             raise ConfigError(f"config.methods has unknown method {name!r}; known: {METHODS}")
     for name in config.ablations:
         if name not in ABLATION_NAMES:
-            raise ConfigError(f"config.ablations has unknown ablation {name!r}; "
-                              f"known: {ABLATION_NAMES}")
-    _positive(config, "model.steps", "model.lr", "groundtruth.num_models",
-              "groundtruth.models_per_batch", "stride.design.num_subsets",
-              "stride.design.degree", "stride.stage1.rank", "stride.stage1.steps",
-              "stride.stage1.log_every", "stride.stage1.ckpt_every", "stride.lasso.lam_frac",
-              "stride.lasso.maxiter", "stride.response_batch", "lds.n_boot")
+            raise ConfigError(
+                f"config.ablations has unknown ablation {name!r}; known: {ABLATION_NAMES}"
+            )
+    _positive(
+        config,
+        "model.steps",
+        "model.lr",
+        "groundtruth.num_models",
+        "groundtruth.models_per_batch",
+        "stride.design.num_subsets",
+        "stride.design.degree",
+        "stride.stage1.rank",
+        "stride.stage1.steps",
+        "stride.stage1.log_every",
+        "stride.stage1.ckpt_every",
+        "stride.lasso.lam_frac",
+        "stride.lasso.maxiter",
+        "stride.response_batch",
+        "lds.n_boot",
+    )
     if not 0.0 < config.groundtruth.alpha <= 1.0:
-        raise ConfigError(f"config.groundtruth.alpha must be in (0, 1], got "
-                          f"{config.groundtruth.alpha}")
+        raise ConfigError(
+            f"config.groundtruth.alpha must be in (0, 1], got {config.groundtruth.alpha}"
+        )
     if config.stride.design.kind not in ("expander", "bernoulli"):
-        raise ConfigError(f"config.stride.design.kind must be 'expander' or 'bernoulli', got "
-                          f"{config.stride.design.kind!r}")
+        raise ConfigError(
+            f"config.stride.design.kind must be 'expander' or 'bernoulli', got "
+            f"{config.stride.design.kind!r}"
+        )

@@ -8,11 +8,14 @@ seed. The masks and the per-model query losses are cached in the workdir.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from absl import logging
 
 from stride_jax import checkpoint, sharding, subsets
@@ -22,16 +25,29 @@ from stride_jax.models import mlp
 
 def retrain_many(model_config, keys_M, x_NxF, y_N, masks_MxN, num_classes, mesh, batch: int):
     """Params of M models (stacked on a leading axis), model m trained on masks_MxN[m]."""
-    sharding.check_divisible("number of retrained models M", masks_MxN.shape[0], mesh,
-                             sharding.DATA)
+    sharding.check_divisible(
+        "number of retrained models M", masks_MxN.shape[0], mesh, sharding.DATA
+    )
+    fn = _retrain_fn(model_config.to_json(), num_classes, mesh, batch)
+    return fn(keys_M, jnp.asarray(x_NxF), jnp.asarray(y_N), jnp.asarray(masks_MxN, jnp.float32))
 
-    def train_all(keys, masks):
-        one = lambda args: mlp.fit(model_config, args[0], x_NxF, y_N, args[1], num_classes)  # noqa: E731
+
+@functools.lru_cache(maxsize=8)
+def _retrain_fn(model_config_json: str, num_classes: int, mesh, batch: int):
+    """The jitted vmapped trainer, cached per (recipe, classes, mesh, micro-batch)."""
+    model_config = ml_collections.ConfigDict(json.loads(model_config_json))
+
+    def train_all(keys, x, y, masks):
+        def one(args):
+            return mlp.fit(model_config, args[0], x, y, args[1], num_classes)
+
         return jax.lax.map(one, (keys, masks), batch_size=batch)
 
     models = sharding.along(mesh, sharding.DATA, 1)
-    fn = jax.jit(train_all, in_shardings=(models, sharding.along(mesh, sharding.DATA, 2)))
-    return fn(keys_M, jnp.asarray(masks_MxN, jnp.float32))
+    rep = sharding.replicated(mesh)
+    return jax.jit(
+        train_all, in_shardings=(models, rep, rep, sharding.along(mesh, sharding.DATA, 2))
+    )
 
 
 def query_losses(model_config, params_M, x_QxF, y_Q, num_classes) -> jax.Array:
@@ -51,7 +67,10 @@ def build(config, model_config, splits: Splits, mesh, workdir: str | None = None
     if path and os.path.exists(path):
         cached = checkpoint.load_arrays(path)
         n, q = len(splits.train), len(splits.query)
-        if cached["masks_MxN"].shape != (config.num_models, n) or cached["losses_MxQ"].shape[1] != q:
+        if (
+            cached["masks_MxN"].shape != (config.num_models, n)
+            or cached["losses_MxQ"].shape[1] != q
+        ):
             raise checkpoint.CheckpointError(
                 f"{path} was built for other data or settings (masks {cached['masks_MxN'].shape},"
                 f" expected ({config.num_models}, {n})); use a new --workdir"
@@ -61,18 +80,34 @@ def build(config, model_config, splits: Splits, mesh, workdir: str | None = None
     key = jax.random.key(config.seed)
     mask_key, init_key = jax.random.split(key)
     masks = subsets.retention_masks(mask_key, config.num_models, len(splits.train), config.alpha)
-    logging.info("ground truth: retraining %d models on %.0f%% subsets (vmapped, %d at a time)",
-                 config.num_models, 100 * config.alpha, config.models_per_batch)
+    logging.info(
+        "ground truth: retraining %d models on %.0f%% subsets (vmapped, %d at a time)",
+        config.num_models,
+        100 * config.alpha,
+        config.models_per_batch,
+    )
     t0 = time.time()
     params = retrain_many(
-        model_config, jax.random.split(init_key, config.num_models), jnp.asarray(splits.train.x_NxF),
-        jnp.asarray(splits.train.y_N), masks, splits.num_classes, mesh, config.models_per_batch,
+        model_config,
+        jax.random.split(init_key, config.num_models),
+        jnp.asarray(splits.train.x_NxF),
+        jnp.asarray(splits.train.y_N),
+        masks,
+        splits.num_classes,
+        mesh,
+        config.models_per_batch,
     )
-    losses = query_losses(model_config, params, jnp.asarray(splits.query.x_NxF),
-                          jnp.asarray(splits.query.y_N), splits.num_classes)
+    losses = query_losses(
+        model_config,
+        params,
+        jnp.asarray(splits.query.x_NxF),
+        jnp.asarray(splits.query.y_N),
+        splits.num_classes,
+    )
     out = {"masks_MxN": masks, "losses_MxQ": jax.device_get(losses)}
-    logging.info("ground truth: done in %.1fs; mean query loss %.4f",
-                 time.time() - t0, float(losses.mean()))
+    logging.info(
+        "ground truth: done in %.1fs; mean query loss %.4f", time.time() - t0, float(losses.mean())
+    )
     if path:
         checkpoint.save_arrays(path, **out)
     return out

@@ -36,8 +36,9 @@ def lasso_config(config) -> recover.LassoConfig:
     return recover.LassoConfig(**config.to_dict())
 
 
-def attribute(hook, train_set: Dataset, query_set: Dataset, config, *, mesh=None,
-              workdir: str | None = None) -> Scores:
+def attribute(
+    hook, train_set: Dataset, query_set: Dataset, config, *, mesh=None, workdir: str | None = None
+) -> Scores:
     """Run STRIDE with ``config`` (the ``stride`` block of a run config).
 
     ``workdir`` (optional) holds the stage-1 checkpoints, so an interrupted call resumes.
@@ -45,8 +46,9 @@ def attribute(hook, train_set: Dataset, query_set: Dataset, config, *, mesh=None
     mesh = mesh if mesh is not None else sharding.make_mesh()
     n = len(train_set)
     if n < 1 or len(query_set) < 1:
-        raise ValueError(f"need at least one training example and one query, got {n} and "
-                         f"{len(query_set)}")
+        raise ValueError(
+            f"need at least one training example and one query, got {n} and {len(query_set)}"
+        )
     dc = config.design
     design = subsets.make_design(jax.random.key(dc.seed), dc.kind, dc.num_subsets, n, dc.degree)
     sizes = design.sizes_T
@@ -55,8 +57,14 @@ def attribute(hook, train_set: Dataset, query_set: Dataset, config, *, mesh=None
             f"{int((sizes == 0).sum())} of the {design.num_subsets} subsets are empty "
             f"(N*d = {n * dc.degree} < T?); lower stride.design.num_subsets or raise degree"
         )
-    logging.info("stride: %s design, T=%d subsets, d=%d, subset sizes %d..%d", dc.kind,
-                 design.num_subsets, dc.degree, sizes.min(), sizes.max())
+    logging.info(
+        "stride: %s design, T=%d subsets, d=%d, subset sizes %d..%d",
+        dc.kind,
+        design.num_subsets,
+        dc.degree,
+        sizes.min(),
+        sizes.max(),
+    )
     seconds = {}
     t0 = time.time()
     cache_train = jax.jit(hook.encode)(jnp.asarray(train_set.x_NxF))
@@ -64,22 +72,27 @@ def attribute(hook, train_set: Dataset, query_set: Dataset, config, *, mesh=None
     key = jax.random.key(config.seed)
     sketch_key, train_key, lasso_key = jax.random.split(key, 3)
     inputs = train.make_inputs(cache_train, train_set.y_N, design, config.stage1, sketch_key)
-    graphdef, params, history = train.fit_operators(inputs, config.stage1, train_key, mesh,
-                                                    workdir)
+    graphdef, params, history = train.fit_operators(inputs, config.stage1, train_key, mesh, workdir)
     seconds["stage1"] = time.time() - t0
     t0 = time.time()
-    y_QxT = responses.response_matrix(graphdef, params, cache_query, query_set.y_N, mesh,
-                                      config.response_batch)
+    y_QxT = responses.response_matrix(
+        graphdef, params, cache_query, query_set.y_N, mesh, config.response_batch
+    )
     y_QxT = np.asarray(jax.device_get(y_QxT))
     seconds["responses"] = time.time() - t0
-    logging.info("stride: responses %s in %.2fs (mean %.4g, std %.4g)", y_QxT.shape,
-                 seconds["responses"], y_QxT.mean(), y_QxT.std())
+    logging.info(
+        "stride: responses %s in %.2fs (mean %.4g, std %.4g)",
+        y_QxT.shape,
+        seconds["responses"],
+        y_QxT.mean(),
+        y_QxT.std(),
+    )
     t0 = time.time()
-    out = recover.lasso_scores(design, y_QxT, lasso_config(config.lasso), key=lasso_key,
-                               mesh=mesh)
+    out = recover.lasso_scores(design, y_QxT, lasso_config(config.lasso), key=lasso_key, mesh=mesh)
     scores = np.asarray(jax.device_get(out["scores_QxN"]), np.float32)
     seconds["lasso"] = time.time() - t0
     nnz = np.asarray(out["nnz_Q"])
-    logging.info("stride: Lasso in %.2fs; active set p50 %d of %d", seconds["lasso"],
-                 np.median(nnz), n)
+    logging.info(
+        "stride: Lasso in %.2fs; active set p50 %d of %d", seconds["lasso"], np.median(nnz), n
+    )
     return Scores(scores, y_QxT, np.asarray(out["lam_Q"]), nnz, design, history, seconds)

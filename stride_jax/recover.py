@@ -296,8 +296,9 @@ def lasso_scores(design_or_arrays, y_QxT, config: LassoConfig, key=None, mesh=No
     if mesh is not None:
         y_QxT, _ = sharding.pad_to_multiple(y_QxT, mesh.shape[sharding.DATA])
         y_QxT = jax.device_put(y_QxT, sharding.along(mesh, sharding.DATA, 2))
-        members_TxS, subsets_NxD = jax.device_put((members_TxS, subsets_NxD),
-                                                  sharding.replicated(mesh))
+        members_TxS, subsets_NxD = jax.device_put(
+            (members_TxS, subsets_NxD), sharding.replicated(mesh)
+        )
     static = {name: getattr(config, name) for name in _STATIC}
     num_subsets = int(members_TxS.shape[0])
     if config.select == "fixed":

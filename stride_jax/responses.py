@@ -8,6 +8,8 @@ memory stays at (batch x T x C) however many queries there are.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -31,8 +33,11 @@ def _responses_one(ops, cache_row, y):
     return ce_base - ce_T
 
 
+@functools.lru_cache(maxsize=16)
 def make_response_fn(graphdef, mesh, batch_size: int = 64):
     """Jitted ``(params, h_QxD, logits_QxC, y_Q) -> y_QxT`` with queries sharded on ``data``.
+
+    Cached per (graphdef, mesh, batch size), so repeated calls do not recompile.
 
     Q must be a multiple of the mesh's data axis (``response_matrix`` pads for you).
     """
@@ -49,7 +54,12 @@ def make_response_fn(graphdef, mesh, batch_size: int = 64):
     rows = sharding.along(mesh, sharding.DATA, 2)
     return jax.jit(
         fn,
-        in_shardings=(sharding.replicated(mesh), rows, rows, sharding.along(mesh, sharding.DATA, 1)),
+        in_shardings=(
+            sharding.replicated(mesh),
+            rows,
+            rows,
+            sharding.along(mesh, sharding.DATA, 1),
+        ),
         out_shardings=rows,
     )
 

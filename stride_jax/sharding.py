@@ -55,5 +55,6 @@ def pad_to_multiple(x: jax.Array, multiple: int, axis: int = 0):
 
 def check_divisible(name: str, size: int, mesh: Mesh, axis: str) -> None:
     if size % mesh.shape[axis]:
-        raise ValueError(f"{name}={size} must be a multiple of the mesh's {axis!r} axis size "
-                         f"{mesh.shape[axis]}")
+        raise ValueError(
+            f"{name}={size} must be a multiple of the mesh's {axis!r} axis size {mesh.shape[axis]}"
+        )

@@ -79,9 +79,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
         return optax.join_schedules(
             [
                 optax.linear_schedule(0.0, peak, warm),
-                optax.linear_schedule(
-                    peak, peak * config.lr_end_frac, max(config.steps - warm, 1)
-                ),
+                optax.linear_schedule(peak, peak * config.lr_end_frac, max(config.steps - warm, 1)),
             ],
             [warm],
         )
@@ -134,7 +132,8 @@ def loss_terms(ops: SteeringOperators, inputs: Stage1Inputs, batch, config):
     w_KxP = None
     if config.probe_mask_members:
         w_KxP = (~(inputs.subsets_NxD[probe_P][None] == ids_K[:, None, None]).any(-1)).astype(
-            jnp.float32)
+            jnp.float32
+        )
     lin = losses.linearity(ce_base - ce_steer, sketch_KxM, config.ridge, w_KxP)
     return {"fidelity": fid, "stability": stab, "linearity": lin}
 
@@ -239,9 +238,13 @@ def _train_loop(chunk, state, run_key, config, ckpts):
         rate = (step - start) / max(time.time() - t0, 1e-9)
         logging.info(
             "stage 1 step %d/%d  fidelity %.4f  stability %.5f  linearity %.3g  (%.1f steps/s)",
-            step, config.steps, terms["fidelity"], terms["stability"], terms["linearity"], rate,
+            step,
+            config.steps,
+            terms["fidelity"],
+            terms["stability"],
+            terms["linearity"],
+            rate,
         )
         if ckpts is not None and (step % config.ckpt_every == 0 or step == config.steps):
             ckpts.save(step, state)
     return state, history
-    return graphdef, state["params"], history

@@ -17,9 +17,18 @@ def tiny_config():
     c.model.update(hidden=(32,), steps=60)
     c.groundtruth.update(num_models=8, models_per_batch=4)
     c.stride.design.update(num_subsets=40, degree=3)
-    c.stride.stage1.update(rank=8, steps=40, log_every=10, ckpt_every=20, warmup_steps=5,
-                           subsets_per_step=16, fidelity_batch=4, stability_batch=8,
-                           probe_batch=8, sketch_dim=8)
+    c.stride.stage1.update(
+        rank=8,
+        steps=40,
+        log_every=10,
+        ckpt_every=20,
+        warmup_steps=5,
+        subsets_per_step=16,
+        fidelity_batch=4,
+        stability_batch=8,
+        probe_batch=8,
+        sketch_dim=8,
+    )
     c.stride.lasso.update(maxiter=200, path_len=4)
     c.lds.n_boot = 50
     return c

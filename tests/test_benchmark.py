@@ -81,8 +81,10 @@ def test_killed_run_restarts_to_identical_results(finished, tmp_path, monkeypatc
     again = benchmark.run(config, str(tmp_path))
     for name in ("stride", "graddot"):
         assert again["methods"][name]["lds"] == results["methods"][name]["lds"]
-        np.testing.assert_array_equal(np.load(tmp_path / f"scores_{name}.npy"),
-                                      np.load(os.path.join(finished[1], f"scores_{name}.npy")))
+        np.testing.assert_array_equal(
+            np.load(tmp_path / f"scores_{name}.npy"),
+            np.load(os.path.join(finished[1], f"scores_{name}.npy")),
+        )
 
 
 def test_other_config_in_same_workdir_is_refused(finished):
@@ -111,23 +113,46 @@ def test_unknown_method_is_a_config_error(tiny, tmp_path):
 
 def test_cli_bad_input_prints_one_line_and_writes_nothing(tmp_path):
     bad = tmp_path / "bad.npz"
-    np.savez(bad, x_train=np.zeros((4, 2)), y_train=[0, 1, 0, 1], x_query=np.zeros((2, 3)),
-             y_query=[0, 1])
+    np.savez(
+        bad,
+        x_train=np.zeros((4, 2)),
+        y_train=[0, 1, 0, 1],
+        x_query=np.zeros((2, 3)),
+        y_query=[0, 1],
+    )
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.lds_benchmark", f"--workdir={out}",
-         f"--config.data.path={bad}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "experiments.lds_benchmark",
+            f"--workdir={out}",
+            f"--config.data.path={bad}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
-        "error: x_query has 3 features but x_train has 2")
+        "error: x_query has 3 features but x_train has 2"
+    )
     assert not (out / "results.json").exists()
 
 
 def test_cli_unknown_config_key_is_refused(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.lds_benchmark", f"--workdir={tmp_path}",
-         "--config.stride.stage1.nonexistent=3"], cwd=ROOT, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "experiments.lds_benchmark",
+            f"--workdir={tmp_path}",
+            "--config.stride.stage1.nonexistent=3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert proc.returncode != 0

@@ -22,8 +22,11 @@ def test_fused_responses_equal_python_loop():
     h = rng.normal(size=(q, d)).astype(np.float32)
     z = rng.normal(size=(q, c)).astype(np.float32)
     y = rng.integers(0, c, size=q).astype(np.int32)
-    fused = np.asarray(responses.response_matrix(graphdef, params, {"h": h, "logits": z}, y,
-                                                 sharding.make_mesh(), batch_size=4))
+    fused = np.asarray(
+        responses.response_matrix(
+            graphdef, params, {"h": h, "logits": z}, y, sharding.make_mesh(), batch_size=4
+        )
+    )
     w_down = np.asarray(params["w_down"][...])
     gates = np.asarray(params["gates"][...])
     ln = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-5)
@@ -42,6 +45,11 @@ def test_fused_responses_equal_python_loop():
 def test_zero_gates_give_zero_responses():
     graphdef, params = nnx.split(SteeringOperators(5, 3, 2, 7, rngs=nnx.Rngs(0)), nnx.Param)
     h = np.ones((4, 5), np.float32) * np.arange(5)
-    out = responses.response_matrix(graphdef, params, {"h": h, "logits": np.zeros((4, 3))},
-                                    np.zeros(4, np.int32), sharding.make_mesh())
+    out = responses.response_matrix(
+        graphdef,
+        params,
+        {"h": h, "logits": np.zeros((4, 3))},
+        np.zeros(4, np.int32),
+        sharding.make_mesh(),
+    )
     np.testing.assert_array_equal(np.asarray(out), 0.0)

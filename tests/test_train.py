@@ -1,8 +1,8 @@
 """Stage 1: the optimizer split, learning progress, and exact resume after interruption."""
 
 import jax
-import ml_collections
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -31,8 +31,9 @@ def test_sketch_is_design_times_projection(tiny):
     proj = jax.random.normal(jax.random.key(1), (n, 4)) / np.sqrt(4)
     dense = np.zeros((inputs.members_TxS.shape[0], n + 1))
     np.put_along_axis(dense, np.asarray(inputs.members_TxS), 1.0, axis=1)
-    np.testing.assert_allclose(np.asarray(inputs.sketch_TxM), dense[:, :n] @ np.asarray(proj),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(inputs.sketch_TxM), dense[:, :n] @ np.asarray(proj), atol=1e-5
+    )
 
 
 def test_muon_on_basis_adamw_on_gates(tiny):
@@ -43,7 +44,8 @@ def test_muon_on_basis_adamw_on_gates(tiny):
     params = nnx.split(ops, nnx.Param)[1]
     state = tx.init(params)
     grads = jax.tree_util.tree_map(
-        lambda x: jax.random.normal(jax.random.key(x.size), x.shape), params)
+        lambda x: jax.random.normal(jax.random.key(x.size), x.shape), params
+    )
     for _ in range(cfg.warmup_steps + 1):  # step past the warmup's zero learning rate
         updates, state = tx.update(grads, state, params)
     sv = np.linalg.svd(np.asarray(updates["w_down"][...]), compute_uv=False)
@@ -80,7 +82,7 @@ def test_resume_after_interruption_is_exact(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint.TrainCheckpoints, "save", original)
     _, resumed, hist = train.fit_operators(inputs, cfg, key, mesh, str(tmp_path / "b"))
     assert hist[0]["step"] == 30  # picked up after the step-20 checkpoint
-    for a, b in zip(_params_np(straight), _params_np(resumed)):
+    for a, b in zip(_params_np(straight), _params_np(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -94,8 +96,11 @@ def test_mismatched_checkpoint_is_refused(tiny, tmp_path):
 
 @pytest.mark.parametrize(
     "change, match",
-    [({"subsets_per_step": 50}, "exceeds T"), ({"sketch_dim": 16}, "sketch_dim"),
-     ({"steps": 35}, "multiple of log_every")],
+    [
+        ({"subsets_per_step": 50}, "exceeds T"),
+        ({"sketch_dim": 16}, "sketch_dim"),
+        ({"steps": 35}, "multiple of log_every"),
+    ],
 )
 def test_bad_stage1_config(tiny, change, match):
     cfg = tiny.stride.stage1

@@ -187,6 +187,7 @@ def bench_groundtruth(s: dict, mesh, with_api: bool) -> dict:
     stacked = jax.tree.map(lambda *ps: jnp.stack(ps), *sequential())
     diffs = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), vmapped(keys, masks), stacked)
     sizes = dict(s, N=int(x.shape[0]), F=int(x.shape[1]), C=c, steps=mc.steps)
+    sizes["hidden"] = list(mc.hidden)
     diff = float(max(jax.tree.leaves(diffs)))
     return _report(sizes, tm, "sequential", ["vmapped", "vmapped_api"], max_abs_param_diff=diff)
 

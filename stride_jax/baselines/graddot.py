@@ -43,5 +43,9 @@ def scores(graphdef, params, train, query, chunk: int = 256, normalize: bool = F
 
         return jax.lax.map(one, (x_tr, y_tr), batch_size=chunk).T
 
-    return fn(jnp.asarray(train.x_NxF), jnp.asarray(train.y_N),
-              jnp.asarray(query.x_NxF), jnp.asarray(query.y_N))
+    return fn(
+        jnp.asarray(train.x_NxF),
+        jnp.asarray(train.y_N),
+        jnp.asarray(query.x_NxF),
+        jnp.asarray(query.y_N),
+    )

@@ -86,7 +86,8 @@ def make_splits(name, x_train, y_train, x_query, y_query, ids_train=None, val=No
         raise DataError("y_train has a single class; attribution needs at least 2 classes")
     if y_query.max() >= num_classes:
         raise DataError(
-            f"y_query has label {int(y_query.max())} but y_train only has labels 0..{num_classes - 1}"
+            f"y_query has label {int(y_query.max())} but y_train only has labels "
+            f"0..{num_classes - 1}"
         )
     if ids_train is None:
         ids_train = np.arange(x_train.shape[0])

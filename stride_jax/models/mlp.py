@@ -8,6 +8,7 @@ of (init key, kept mask), so ``jax.vmap`` over models equals training them one b
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import jax
@@ -24,7 +25,7 @@ class MLP(nnx.Module):
 
     def __init__(self, in_dim: int, hidden: Sequence[int], num_classes: int, *, rngs: nnx.Rngs):
         dims = [in_dim, *hidden]
-        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(dims, dims[1:])])
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(dims)])
         self.head = nnx.Linear(dims[-1], num_classes, rngs=rngs)
 
     def features(self, x_BxF: jax.Array) -> jax.Array:

@@ -16,6 +16,7 @@ import numpy as np
 from absl import logging
 
 from stride_jax import recover, responses, sharding, subsets, train
+from stride_jax.config import ConfigError
 from stride_jax.data import Dataset
 
 
@@ -53,7 +54,7 @@ def attribute(
     design = subsets.make_design(jax.random.key(dc.seed), dc.kind, dc.num_subsets, n, dc.degree)
     sizes = design.sizes_T
     if sizes.min() == 0:
-        raise ValueError(
+        raise ConfigError(
             f"{int((sizes == 0).sum())} of the {design.num_subsets} subsets are empty "
             f"(N*d = {n * dc.degree} < T?); lower stride.design.num_subsets or raise degree"
         )

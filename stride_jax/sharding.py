@@ -13,6 +13,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from stride_jax.config import ConfigError
+
 DATA, OPS = "data", "ops"
 
 
@@ -21,13 +23,13 @@ def make_mesh(data: int = 1, ops: int = 1, devices=None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     n = len(devices)
     if data == -1 and ops == -1:
-        raise ValueError("at most one mesh axis may be -1")
+        raise ConfigError("at most one mesh axis may be -1")
     if data == -1:
         data = n // ops
     if ops == -1:
         ops = n // data
     if data < 1 or ops < 1 or data * ops > n:
-        raise ValueError(f"mesh data={data} x ops={ops} needs more than the {n} devices present")
+        raise ConfigError(f"mesh data={data} x ops={ops} needs more than the {n} devices present")
     grid = np.array(devices[: data * ops]).reshape(data, ops)
     return Mesh(grid, (DATA, OPS))
 
@@ -55,6 +57,6 @@ def pad_to_multiple(x: jax.Array, multiple: int, axis: int = 0):
 
 def check_divisible(name: str, size: int, mesh: Mesh, axis: str) -> None:
     if size % mesh.shape[axis]:
-        raise ValueError(
+        raise ConfigError(
             f"{name}={size} must be a multiple of the mesh's {axis!r} axis size {mesh.shape[axis]}"
         )

@@ -115,9 +115,17 @@ def expander(key: jax.Array, num_subsets: int, num_examples: int, degree: int) -
 
 
 def bernoulli(key: jax.Array, num_subsets: int, num_examples: int, degree: int) -> Design:
-    """Ablation design: each entry of A is Bernoulli(degree / T), so degrees vary."""
+    """Ablation design: each entry of A is Bernoulli(degree / T), so degrees vary.
+
+    Conditioned on no subset being empty: an empty row gets one uniformly random example
+    (an operator with no members has nothing to learn).
+    """
     _check(num_subsets, num_examples, degree)
-    a = np.asarray(jax.random.bernoulli(key, degree / num_subsets, (num_subsets, num_examples)))
+    k_bern, k_fill = jax.random.split(key)
+    a = np.array(jax.random.bernoulli(k_bern, degree / num_subsets, (num_subsets, num_examples)))
+    fill = np.asarray(jax.random.randint(k_fill, (num_subsets,), 0, num_examples))
+    empty = ~a.any(1)
+    a[np.flatnonzero(empty), fill[empty]] = True
     subset_ids, example_ids = np.nonzero(a)
     return _from_pairs(subset_ids, example_ids, num_subsets, num_examples, "bernoulli")
 

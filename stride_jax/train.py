@@ -20,6 +20,7 @@ from absl import logging
 from flax import nnx
 
 from stride_jax import checkpoint, losses, sharding
+from stride_jax.config import ConfigError
 from stride_jax.operators import SteeringOperators, layer_norm_noaffine
 from stride_jax.subsets import Design
 
@@ -55,7 +56,7 @@ def make_inputs(cache, y_N, design: Design, config, key: jax.Array) -> Stage1Inp
         proj_NxM = h @ jax.random.normal(key, (h.shape[1], m))
         proj_NxM = (proj_NxM - proj_NxM.mean(0)) / (proj_NxM.std(0) + 1e-6) / np.sqrt(m)
     else:
-        raise ValueError(f"stage1.sketch must be 'gaussian' or 'features', got {config.sketch!r}")
+        raise ConfigError(f"stage1.sketch must be 'gaussian' or 'features', got {config.sketch!r}")
     proj_pad = jnp.concatenate([proj_NxM, jnp.zeros((1, m))])
     members = jnp.asarray(design.members_TxS)
     return Stage1Inputs(
@@ -122,16 +123,20 @@ def loss_terms(ops: SteeringOperators, inputs: Stage1Inputs, batch, config):
     fid = losses.fidelity(fid_logits, y[mem_KxB], w_fid).mean()
     stab_logits = z[non_KxB] + ops.shifts_per_row(ops.basis(h[non_KxB]), ids_K)
     stab = losses.stability(z[non_KxB], stab_logits, w_stab, config.top_k).mean()
-    probe_logits = z[probe_P] + ops.shifts(ops.basis(h[probe_P]), ids_K)
+    # Linearity over the batch's K subsets, or over all T operators (a far stronger test of
+    # additivity: T rows against the M sketch columns, instead of K).
+    lin_ids = None if config.linearity_over_all else ids_K
+    probe_logits = z[probe_P] + ops.shifts(ops.basis(h[probe_P]), lin_ids)
     ce_base = optax.softmax_cross_entropy_with_integer_labels(z[probe_P], y[probe_P])
     y_KxP = jnp.broadcast_to(y[probe_P], probe_logits.shape[:2])
     ce_steer = optax.softmax_cross_entropy_with_integer_labels(probe_logits, y_KxP)
-    sketch_KxM = inputs.sketch_TxM[ids_K]
+    sketch_KxM = inputs.sketch_TxM if lin_ids is None else inputs.sketch_TxM[lin_ids]
     if config.intercept:
         sketch_KxM = jnp.concatenate([sketch_KxM, jnp.ones((sketch_KxM.shape[0], 1))], axis=1)
     w_KxP = None
     if config.probe_mask_members:
-        w_KxP = (~(inputs.subsets_NxD[probe_P][None] == ids_K[:, None, None]).any(-1)).astype(
+        rows_K = jnp.arange(sketch_KxM.shape[0]) if lin_ids is None else lin_ids
+        w_KxP = (~(inputs.subsets_NxD[probe_P][None] == rows_K[:, None, None]).any(-1)).astype(
             jnp.float32
         )
     lin = losses.linearity(ce_base - ce_steer, sketch_KxM, config.ridge, w_KxP)
@@ -194,14 +199,14 @@ def fit_operators(inputs: Stage1Inputs, config, key, mesh, workdir: str | None =
     Returns (graphdef, params, history) where history lists per-chunk mean losses.
     """
     if config.steps % config.log_every:
-        raise ValueError(f"stage1.steps={config.steps} must be a multiple of log_every")
+        raise ConfigError(f"stage1.steps={config.steps} must be a multiple of log_every")
     num_subsets = inputs.members_TxS.shape[0]
     if config.subsets_per_step > num_subsets:
-        raise ValueError(
+        raise ConfigError(
             f"stage1.subsets_per_step={config.subsets_per_step} exceeds T={num_subsets}"
         )
     if config.sketch_dim >= config.subsets_per_step:
-        raise ValueError("stage1.sketch_dim must be smaller than stage1.subsets_per_step")
+        raise ConfigError("stage1.sketch_dim must be smaller than stage1.subsets_per_step")
     sharding.check_divisible("number of subsets T", num_subsets, mesh, sharding.OPS)
     tx = make_optimizer(config)
     init_key, run_key = jax.random.split(key)

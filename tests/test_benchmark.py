@@ -157,3 +157,25 @@ def test_cli_unknown_config_key_is_refused(tmp_path):
     )
     assert proc.returncode != 0
     assert "nonexistent" in proc.stderr
+
+
+def test_user_npz_runs_through_the_same_job(tiny, tmp_path):
+    from sklearn.datasets import load_iris
+
+    x, y = load_iris(return_X_y=True)
+    perm = np.random.default_rng(0).permutation(len(y))
+    x, y = x[perm].astype(np.float32), y[perm]
+    path = tmp_path / "iris.npz"
+    np.savez(
+        path,
+        x_train=x[:120],
+        y_train=y[:120],
+        x_query=x[120:],
+        y_query=y[120:],
+        ids_train=np.arange(1000, 1120),
+    )
+    tiny.data.path = str(path)
+    results = benchmark.run(tiny, str(tmp_path / "out"))
+    assert results["dataset"] == {"name": "iris", "n_train": 120, "n_query": 30}
+    assert np.load(tmp_path / "out" / "scores_stride.npy").shape == (30, 120)
+    assert np.isfinite(results["methods"]["stride"]["lds"])

@@ -221,3 +221,10 @@ def test_dense_refuses_huge(monkeypatch):
         des.dense()
     monkeypatch.setattr(subsets, "_MAX_DENSE", 500)
     assert des.dense().shape == (10, 50)
+
+
+def test_bernoulli_design_has_no_empty_subset_even_when_sparse():
+    design = subsets.bernoulli(jax.random.key(5), 2000, 1400, 5)  # ~3% of rows would be empty
+    dense = design.dense()
+    assert dense.sum(1).min() >= 1
+    assert (design.sizes_T == dense.sum(1)).all()

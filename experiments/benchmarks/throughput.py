@@ -2,16 +2,12 @@
 
     python -m experiments.benchmarks.throughput --out=FILE.json [--quick]
 
-1. Stage-2a: ``responses.response_matrix`` (Q x T in one call) vs a jitted single-operator
-   function called once per operator. 2. Stage-2b: ``recover.lasso_scores`` on Q queries at
-   once vs one query per call, and vs scikit-learn's ``Lasso`` (coordinate descent) per query.
-3. Ground truth: ``groundtruth.retrain_many`` (M models, one call) vs M jitted ``mlp.fit`` calls.
-
-All variants run in one process, interleaved (one repetition of each per round), so report
-RATIOS. Each variant gets a warm-up call (``first_s``; ``compile_est_s = first_s - median_s``
-estimates trace + compile), then ``REPS`` timed calls ending in ``jax.block_until_ready``.
-``response_matrix`` and ``retrain_many`` build a new ``jax.jit`` per call and so recompile on
-every call: they are timed as-is (``*_api``) and wrapped once in ``jax.jit`` (the ratios).
+Stage 2a: ``responses.response_matrix`` vs one jitted single-operator call per operator. Stage 2b:
+``recover.lasso_scores`` on Q queries at once vs one query per call, and vs scikit-learn's
+``Lasso`` per query. Ground truth: ``groundtruth.retrain_many`` vs M jitted ``mlp.fit`` calls.
+Library functions are called exactly as a user calls them (their jits are cached). Variants are
+interleaved (one call of each per round), so read the RATIOS. Each gets one warm-up call
+(``first_s``; ``compile_est_s = first_s - median_s``), then REPS calls ending in block_until_ready.
 """
 
 from __future__ import annotations
@@ -33,12 +29,11 @@ import optax
 from absl import app, flags
 from flax import nnx
 
-from stride_jax import groundtruth, responses, sharding, subsets
+from stride_jax import groundtruth, recover, responses, sharding, subsets
 from stride_jax.config import base_config
 from stride_jax.data import load_digits
 from stride_jax.models import mlp
 from stride_jax.operators import LogitHook, SteeringOperators
-from stride_jax.recover import LassoConfig, lasso_scores
 
 _OUT = flags.DEFINE_string("out", None, "Where to write the results JSON.", required=True)
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny sizes (whole run < 60 s), for smoke tests.")
@@ -77,12 +72,12 @@ def _ratio(timings: dict, slow: str, fast: str) -> float:
     return timings[slow]["median_s"] / timings[fast]["median_s"]
 
 
-def _report(sizes: dict, tm: dict, slow: str, fast: list, **extra) -> dict:
-    ratios = {f"ratio_{slow}_over_{f}": _ratio(tm, slow, f) for f in fast if f in tm}
-    return {"sizes": sizes, "timings": tm, **ratios, **extra}
+def _report(sizes: dict, tm: dict, slow: str, fast: str, **extra) -> dict:
+    out = {"sizes": sizes, "timings": tm, f"ratio_{slow}_over_{fast}": _ratio(tm, slow, fast)}
+    return out | extra
 
 
-def bench_responses(s: dict, mesh, with_api: bool) -> dict:
+def bench_responses(s: dict, mesh) -> dict:
     q, t, d, c, r, bs = (s[k] for k in ("Q", "T", "D", "C", "r", "batch_size"))
     ops = SteeringOperators(d, c, r, t, rngs=nnx.Rngs(0))
     ops.gates[...] = 0.1 * jax.random.normal(jax.random.key(1), (t, c, r))
@@ -92,10 +87,8 @@ def bench_responses(s: dict, mesh, with_api: bool) -> dict:
     z = jnp.asarray(rng.normal(size=(q, c)), jnp.float32)
     y = jnp.asarray(rng.integers(0, c, q), jnp.int32)
 
-    def api(p, h, z, y):
-        return responses.response_matrix(graphdef, p, {"h": h, "logits": z}, y, mesh, bs)
-
-    fused = jax.jit(api)
+    def fused():  # the library call, as the pipeline makes it
+        return responses.response_matrix(graphdef, params, {"h": h, "logits": z}, y, mesh, bs)
 
     @jax.jit
     def one_operator(p, k, h_QxD, z_QxC, y_Q):  # operator k on all queries
@@ -110,15 +103,13 @@ def bench_responses(s: dict, mesh, with_api: bool) -> dict:
     def loop():
         return jnp.stack([one_operator(params, k, h, z, y) for k in ks], axis=1)
 
-    variants = {"fused": lambda: fused(params, h, z, y), "loop_over_T": loop}
-    if with_api:
-        variants["fused_api"] = lambda: api(params, h, z, y)
-    tm = _compare(variants, REPS)
-    diff = float(jnp.max(jnp.abs(fused(params, h, z, y) - loop())))
-    return _report(s, tm, "loop_over_T", ["fused", "fused_api"], max_abs_diff_vs_loop=diff)
+    tm = _compare({"fused": fused, "loop_over_T": loop}, REPS)
+    diff = float(jnp.max(jnp.abs(fused() - loop())))
+    return _report(s, tm, "loop_over_T", "fused", max_abs_diff_vs_loop=diff)
 
 
-def bench_lasso(s: dict, cfg: LassoConfig) -> dict:
+def bench_lasso(s: dict, cfg: recover.LassoConfig) -> dict:
+    """Lasso section. ``cfg`` is the default: ``stride_jax.config.base_config().stride.lasso``."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import Lasso
 
@@ -136,11 +127,11 @@ def bench_lasso(s: dict, cfg: LassoConfig) -> dict:
     lam_Q = cfg.lam_frac * np.abs(corr_QxN).max(1)
 
     def batched():
-        return lasso_scores(design, y_QxT, cfg)["scores_QxN"]
+        return recover.lasso_scores(design, y_QxT, cfg)["scores_QxN"]
 
     def loop():
-        outs = [lasso_scores(design, y_QxT[i : i + 1], cfg)["scores_QxN"] for i in range(q)]
-        return jnp.concatenate(outs)
+        rows = [recover.lasso_scores(design, y_QxT[i : i + 1], cfg) for i in range(q)]
+        return jnp.concatenate([r["scores_QxN"] for r in rows])
 
     def sk():
         with warnings.catch_warnings():
@@ -150,9 +141,9 @@ def bench_lasso(s: dict, cfg: LassoConfig) -> dict:
 
     tm = _compare({"batched": batched, "loop_over_Q": loop, "sklearn_loop_over_Q": sk}, REPS)
     jx, ref = np.asarray(batched()), sk()
-    lam_jax = np.asarray(lasso_scores(design, y_QxT, cfg)["lam_Q"])
+    lam_jax = np.asarray(recover.lasso_scores(design, y_QxT, cfg)["lam_Q"])
     return {
-        **_report(s, tm, "loop_over_Q", ["batched"]),
+        **_report(s, tm, "loop_over_Q", "batched"),
         "ratio_sklearn_over_batched": _ratio(tm, "sklearn_loop_over_Q", "batched"),
         "lasso_config": vars(cfg),
         "max_abs_diff_batched_vs_loop": float(np.abs(jx - np.asarray(loop())).max()),
@@ -161,7 +152,7 @@ def bench_lasso(s: dict, cfg: LassoConfig) -> dict:
     }
 
 
-def bench_groundtruth(s: dict, mesh, with_api: bool) -> dict:
+def bench_groundtruth(s: dict, mesh) -> dict:
     mc = base_config().model
     mc.steps = s["steps"] or mc.steps
     splits = load_digits(0, s["n_train"], 100)
@@ -170,33 +161,32 @@ def bench_groundtruth(s: dict, mesh, with_api: bool) -> dict:
     masks = jnp.asarray(subsets.retention_masks(jax.random.key(5), m, x.shape[0], 0.5))
     keys = jax.random.split(jax.random.key(6), m)
 
-    def api(k, w):  # all M models in one lax.map batch: one vmapped call
-        return groundtruth.retrain_many(mc, k, x, y, w, c, mesh, m)
+    def vmapped():  # the library call: all M models in one lax.map batch of M (a vmap)
+        return groundtruth.retrain_many(mc, keys, x, y, masks, c, mesh, m)
 
-    vmapped = jax.jit(api)
     fit_one = jax.jit(lambda k, xx, yy, w: mlp.fit(mc, k, xx, yy, w, c))
     weights = list(masks.astype(jnp.float32))
 
     def sequential():
         return [fit_one(keys[i], x, y, weights[i]) for i in range(m)]
 
-    variants = {"vmapped": lambda: vmapped(keys, masks), "sequential": sequential}
-    if with_api:
-        variants["vmapped_api"] = lambda: api(keys, masks)
-    tm = _compare(variants, REPS)
+    tm = _compare({"vmapped": vmapped, "sequential": sequential}, REPS)
     stacked = jax.tree.map(lambda *ps: jnp.stack(ps), *sequential())
-    diffs = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), vmapped(keys, masks), stacked)
-    sizes = dict(s, N=int(x.shape[0]), F=int(x.shape[1]), C=c, steps=mc.steps)
-    sizes["hidden"] = list(mc.hidden)
+    diffs = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), vmapped(), stacked)
+    sizes = dict(s, N=x.shape[0], F=x.shape[1], C=c, steps=mc.steps, hidden=list(mc.hidden))
     diff = float(max(jax.tree.leaves(diffs)))
-    return _report(sizes, tm, "sequential", ["vmapped", "vmapped_api"], max_abs_param_diff=diff)
+    return _report(sizes, tm, "sequential", "vmapped", max_abs_param_diff=diff)
+
+
+def _sh(*cmd: str) -> str:
+    root = pathlib.Path(__file__).resolve().parents[2]
+    return subprocess.run(cmd, cwd=root, capture_output=True, text=True).stdout.strip()
 
 
 def machine() -> dict:
     info = pathlib.Path("/proc/cpuinfo")
     lines = info.read_text().splitlines() if info.exists() else []
     model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
-    uname = subprocess.run(["uname", "-a"], capture_output=True, text=True).stdout.strip()
     return dict(
         jax=jax.__version__,
         backend=jax.default_backend(),
@@ -204,29 +194,29 @@ def machine() -> dict:
         device_kind=jax.devices()[0].device_kind,
         os_cpu_count=os.cpu_count(),
         sched_affinity=len(os.sched_getaffinity(0)),
-        uname=uname or " ".join(platform.uname()),
+        uname=_sh("uname", "-a") or " ".join(platform.uname()),
         cpu_model=model,
+        loadavg_1_5_15=list(os.getloadavg()),  # well above 0 at start: other jobs are running
+        git_head=_sh("git", "rev-parse", "--short", "HEAD"),
+        stride_jax_uncommitted=_sh("git", "status", "--porcelain", "stride_jax").splitlines(),
         date=datetime.datetime.now(datetime.UTC).isoformat(),
     )
 
 
 def run(quick: bool = False) -> dict:
-    """Run all three benchmarks; returns the results dict (what ``--out`` gets).
-
-    ``quick`` shrinks every size and skips the recompiling ``*_api`` variants (< 60 s).
-    """
+    """All three benchmarks; the dict ``--out`` gets. ``quick``: tiny sizes, Lasso maxiter 100."""
     sizes = QUICK if quick else FULL
     t0 = time.perf_counter()
     mesh = sharding.make_mesh()
-    lc = base_config().stride.lasso
-    if quick:
-        lc.maxiter = 100
-    cfg = LassoConfig(**lc.to_dict())  # base_config's Lasso settings (fixed lambda fraction)
+    lc = base_config().stride.lasso  # the default Lasso config (fixed lambda fraction)
+    lc.maxiter = 100 if quick else lc.maxiter
+    cfg = recover.LassoConfig(**lc.to_dict())
     results = {"quick": quick, "reps": REPS, "machine": machine()}
-    results["responses"] = bench_responses(sizes["responses"], mesh, with_api=not quick)
+    results["responses"] = bench_responses(sizes["responses"], mesh)
     results["lasso"] = bench_lasso(sizes["lasso"], cfg)
-    results["groundtruth"] = bench_groundtruth(sizes["groundtruth"], mesh, with_api=not quick)
+    results["groundtruth"] = bench_groundtruth(sizes["groundtruth"], mesh)
     results["total_s"] = time.perf_counter() - t0
+    results["loadavg_1_5_15_end"] = list(os.getloadavg())
     return results
 
 

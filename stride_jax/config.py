@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
             ridge=1.0,
             intercept=True,
             probe_mask_members=False,
-            linearity_over_all=False,
+            linearity_over_all=True,
             w_fidelity=1.0,
             w_stability=1.0,
             w_linearity=1.0,

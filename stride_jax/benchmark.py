@@ -48,16 +48,7 @@ class Context:
 def _guarded(workdir: str, name: str, config_slice: dict) -> str:
     """Path of a cached stage output; refuses a cache built from another config."""
     path = os.path.join(workdir, name)
-    meta = path + ".config.json"
-    if os.path.exists(path):
-        with open(meta) as f:
-            made_by = json.load(f)
-        if made_by != json.loads(json.dumps(config_slice)):
-            raise checkpoint.CheckpointError(
-                f"{path} was made with a different config; use a new --workdir or delete it"
-            )
-    else:
-        checkpoint.save_json(meta, config_slice)
+    checkpoint.guard_config(path, config_slice)
     return path
 
 
@@ -101,8 +92,6 @@ def hook(ctx: Context) -> LogitHook:
 
 
 def run_stride(ctx: Context, stride_config, workdir: str):
-    os.makedirs(workdir, exist_ok=True)
-    _guarded(workdir, "stride", stride_config.to_dict())
     out = attribute(
         hook(ctx), ctx.splits.train, ctx.splits.query, stride_config, mesh=ctx.mesh, workdir=workdir
     )

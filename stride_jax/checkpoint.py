@@ -52,6 +52,24 @@ class TrainCheckpoints:
         self._manager.close()
 
 
+def guard_config(path: str, config_slice: dict) -> None:
+    """Tie the cached output at ``path`` to the config that makes it.
+
+    The first call records ``config_slice`` in ``path.config.json``; later calls with another
+    config raise ``CheckpointError`` instead of silently reusing a stale result.
+    """
+    meta = path + ".config.json"
+    wanted = json.loads(json.dumps(config_slice))
+    if os.path.exists(meta):
+        with open(meta) as f:
+            if json.load(f) != wanted:
+                raise CheckpointError(
+                    f"{path} was made with a different config; use a new --workdir or delete it"
+                )
+    else:
+        save_json(meta, wanted)
+
+
 def _atomic_write(path: str, write) -> None:
     directory = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(directory, exist_ok=True)

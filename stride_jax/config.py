@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
             fit_intercept=True,
             maxiter=500,
             tol=1e-6,
-            path_len=8,
+            path_len=4,
             select="fixed",
             holdout_frac=0.1,
             path_min_frac=0.005,

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import jax
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from stride_jax import recover, responses, sharding, subsets, train
+from stride_jax import checkpoint, recover, responses, sharding, subsets, train
 from stride_jax.config import ConfigError
 from stride_jax.data import Dataset
 
@@ -45,6 +46,8 @@ def attribute(
     ``workdir`` (optional) holds the stage-1 checkpoints, so an interrupted call resumes.
     """
     mesh = mesh if mesh is not None else sharding.make_mesh()
+    if workdir:
+        checkpoint.guard_config(os.path.join(workdir, "stride"), config.to_dict())
     n = len(train_set)
     if n < 1 or len(query_set) < 1:
         raise ValueError(

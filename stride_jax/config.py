@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import ml_collections
 
+from stride_jax.errors import ConfigError
 
-class ConfigError(ValueError):
-    """An invalid run config; the message names the key."""
+__all__ = ["ConfigError", "base_config", "validate"]
 
 
 METHODS = ("stride", "graddot")

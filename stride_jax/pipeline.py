@@ -17,8 +17,8 @@ import numpy as np
 from absl import logging
 
 from stride_jax import checkpoint, recover, responses, sharding, subsets, train
-from stride_jax.config import ConfigError
 from stride_jax.data import Dataset
+from stride_jax.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -38,21 +38,29 @@ def lasso_config(config) -> recover.LassoConfig:
     return recover.LassoConfig(**config.to_dict())
 
 
-def attribute(
-    hook, train_set: Dataset, query_set: Dataset, config, *, mesh=None, workdir: str | None = None
-) -> Scores:
-    """Run STRIDE with ``config`` (the ``stride`` block of a run config).
+@dataclasses.dataclass
+class Fitted:
+    """Stage-1 output: the design and the trained operators (query-independent)."""
 
-    ``workdir`` (optional) holds the stage-1 checkpoints, so an interrupted call resumes.
-    """
+    design: subsets.Design
+    graphdef: object
+    params: object
+    history: list
+    seconds: dict
+
+
+def _keys(config):
+    return jax.random.split(jax.random.key(config.seed), 3)  # sketch, stage 1, Lasso
+
+
+def fit(hook, train_set: Dataset, config, *, mesh=None, workdir: str | None = None) -> Fitted:
+    """Design + stage 1 (operators) on the training set; resumes from ``workdir``."""
     mesh = mesh if mesh is not None else sharding.make_mesh()
     if workdir:
         checkpoint.guard_config(os.path.join(workdir, "stride"), config.to_dict())
     n = len(train_set)
-    if n < 1 or len(query_set) < 1:
-        raise ValueError(
-            f"need at least one training example and one query, got {n} and {len(query_set)}"
-        )
+    if n < 1:
+        raise ValueError("need at least one training example")
     dc = config.design
     design = subsets.make_design(jax.random.key(dc.seed), dc.kind, dc.num_subsets, n, dc.degree)
     sizes = design.sizes_T
@@ -69,18 +77,24 @@ def attribute(
         sizes.min(),
         sizes.max(),
     )
-    seconds = {}
     t0 = time.time()
     cache_train = jax.jit(hook.encode)(jnp.asarray(train_set.x_NxF))
-    cache_query = jax.jit(hook.encode)(jnp.asarray(query_set.x_NxF))
-    key = jax.random.key(config.seed)
-    sketch_key, train_key, lasso_key = jax.random.split(key, 3)
+    sketch_key, train_key, _ = _keys(config)
     inputs = train.make_inputs(cache_train, train_set.y_N, design, config.stage1, sketch_key)
     graphdef, params, history = train.fit_operators(inputs, config.stage1, train_key, mesh, workdir)
-    seconds["stage1"] = time.time() - t0
+    return Fitted(design, graphdef, params, history, {"stage1": time.time() - t0})
+
+
+def score(hook, fitted: Fitted, query_set: Dataset, config, *, mesh=None) -> Scores:
+    """Stage 2: responses of all T operators (one fused call), then the batched Lasso."""
+    mesh = mesh if mesh is not None else sharding.make_mesh()
+    if len(query_set) < 1:
+        raise ValueError("need at least one query")
+    seconds = dict(fitted.seconds)
     t0 = time.time()
+    cache_query = jax.jit(hook.encode)(jnp.asarray(query_set.x_NxF))
     y_QxT = responses.response_matrix(
-        graphdef, params, cache_query, query_set.y_N, mesh, config.response_batch
+        fitted.graphdef, fitted.params, cache_query, query_set.y_N, mesh, config.response_batch
     )
     y_QxT = np.asarray(jax.device_get(y_QxT))
     seconds["responses"] = time.time() - t0
@@ -92,11 +106,30 @@ def attribute(
         y_QxT.std(),
     )
     t0 = time.time()
-    out = recover.lasso_scores(design, y_QxT, lasso_config(config.lasso), key=lasso_key, mesh=mesh)
+    lasso_key = _keys(config)[2]
+    out = recover.lasso_scores(
+        fitted.design, y_QxT, lasso_config(config.lasso), key=lasso_key, mesh=mesh
+    )
     scores = np.asarray(jax.device_get(out["scores_QxN"]), np.float32)
     seconds["lasso"] = time.time() - t0
     nnz = np.asarray(out["nnz_Q"])
     logging.info(
-        "stride: Lasso in %.2fs; active set p50 %d of %d", seconds["lasso"], np.median(nnz), n
+        "stride: Lasso in %.2fs; active set p50 %d of %d",
+        seconds["lasso"],
+        np.median(nnz),
+        fitted.design.num_examples,
     )
-    return Scores(scores, y_QxT, np.asarray(out["lam_Q"]), nnz, design, history, seconds)
+    return Scores(
+        scores, y_QxT, np.asarray(out["lam_Q"]), nnz, fitted.design, fitted.history, seconds
+    )
+
+
+def attribute(
+    hook, train_set: Dataset, query_set: Dataset, config, *, mesh=None, workdir: str | None = None
+) -> Scores:
+    """Run STRIDE with ``config`` (the ``stride`` block of a run config): ``fit`` + ``score``.
+
+    ``workdir`` (optional) holds the stage-1 checkpoints, so an interrupted call resumes.
+    """
+    fitted = fit(hook, train_set, config, mesh=mesh, workdir=workdir)
+    return score(hook, fitted, query_set, config, mesh=mesh)

@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from stride_jax.config import ConfigError
+from stride_jax.errors import ConfigError
 
 DATA, OPS = "data", "ops"
 

@@ -20,7 +20,7 @@ from absl import logging
 from flax import nnx
 
 from stride_jax import checkpoint, losses, sharding
-from stride_jax.config import ConfigError
+from stride_jax.errors import ConfigError
 from stride_jax.operators import SteeringOperators, layer_norm_noaffine
 from stride_jax.subsets import Design
 

@@ -48,7 +48,9 @@ def main(_):
             target = sub if not block else eval("sub." + block)  # noqa: S307 - config path
             target[leaf] = value
         name = "_".join(f"{k}={v}" for (k, _), v in zip(axes, values, strict=True)) or "default"
-        scores, _ = benchmark.run_stride(ctx, sub, os.path.join(_WORKDIR.value, "sweep", name))
+        scores, _ = benchmark.run_method(
+            ctx, "stride", sub, os.path.join(_WORKDIR.value, "sweep", name)
+        )
         res = benchmark.evaluate(scores, gt, config.lds.n_boot)
         rows.append(
             {

@@ -18,13 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from stride_jax import checkpoint, groundtruth, metrics, sharding
-from stride_jax.baselines import graddot
+from stride_jax import baselines, checkpoint, groundtruth, metrics, profiling, sharding
 from stride_jax.config import validate
 from stride_jax.data import load
 from stride_jax.models import mlp
 from stride_jax.operators import LogitHook
-from stride_jax.pipeline import attribute
 
 ABLATIONS = {
     "no_fidelity": lambda c: c.stage1.update(w_fidelity=0.0),
@@ -91,18 +89,31 @@ def hook(ctx: Context) -> LogitHook:
     return LogitHook(lambda x: mlp.apply_features(g, p, x), lambda x: mlp.apply(g, p, x))
 
 
-def run_stride(ctx: Context, stride_config, workdir: str):
-    out = attribute(
-        hook(ctx), ctx.splits.train, ctx.splits.query, stride_config, mesh=ctx.mesh, workdir=workdir
+def method_config(config, name: str):
+    """A method's own config block: ``config.stride`` or ``config.baselines.<name>``."""
+    return config.stride if name == "stride" else config.baselines[name]
+
+
+def run_method(ctx: Context, name: str, cfg, workdir: str | None = None):
+    """Fit and score one registered method; returns (scores_QxN, timing/memory metadata)."""
+    task = baselines.Task(
+        model_config=ctx.config.model,
+        graphdef=ctx.graphdef,
+        params=ctx.params,
+        train=ctx.splits.train,
+        num_classes=ctx.splits.num_classes,
+        mesh=ctx.mesh,
+        workdir=workdir,
+        seed=ctx.config.model.seed,
     )
-    return out.scores_QxN, {"seconds_split": out.seconds, "lam_frac": stride_config.lasso.lam_frac}
-
-
-def run_graddot(ctx: Context):
-    t0 = time.time()
-    scores = graddot.scores(ctx.graphdef, ctx.params, ctx.splits.train, ctx.splits.query)
-    scores = np.asarray(jax.device_get(scores), np.float32)
-    return scores, {"seconds_split": {"score": time.time() - t0}}
+    method = baselines.get(name)
+    with profiling.PeakMemory() as mem:
+        t0 = time.time()
+        state = method.fit(task, cfg)
+        t1 = time.time()
+        scores = baselines.as_scores(method.score(task, state, ctx.splits.query, cfg))
+        t2 = time.time()
+    return scores, {"seconds_split": {"fit": t1 - t0, "score": t2 - t1}, "peak_mb": mem.peak_mb}
 
 
 def evaluate(scores_QxN, gt, n_boot: int) -> dict:
@@ -187,13 +198,12 @@ def run(config, workdir: str) -> dict:
     ctx, gt = context(config, workdir)
     splits = ctx.splits
     checkpoint.save_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
-    runners = {
-        "stride": lambda: run_stride(ctx, config.stride, os.path.join(workdir, "stride")),
-        "graddot": lambda: run_graddot(ctx),
-    }
     methods = {}
     for name in config.methods:
-        methods[name] = _method(ctx, name, runners[name], gt)
+        cfg, sub_dir = method_config(config, name), os.path.join(workdir, name)
+        methods[name] = _method(
+            ctx, name, lambda n=name, c=cfg, d=sub_dir: run_method(ctx, n, c, d), gt
+        )
     ablations = {}
     for name in config.ablations:
         sub = config.stride.copy_and_resolve_references()
@@ -201,7 +211,7 @@ def run(config, workdir: str) -> dict:
             ABLATIONS[name](sub)
         sub_dir = os.path.join(workdir, "ablations", name)
         ablations[name] = _method(
-            ctx, f"ablation_{name}", lambda s=sub, d=sub_dir: run_stride(ctx, s, d), gt
+            ctx, f"ablation_{name}", lambda s=sub, d=sub_dir: run_method(ctx, "stride", s, d), gt
         )
         if "stride" in methods:  # paired over the same queries: is the full method better?
             ablations[name]["delta_vs_stride"] = metrics.paired_difference(

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import ml_collections
 
+from stride_jax import baselines
 from stride_jax.errors import ConfigError
 
 __all__ = ["ConfigError", "base_config", "validate"]
 
 
-METHODS = ("stride", "graddot")
+DEFAULT_METHODS = ("stride", "graddot")
 ABLATION_NAMES = ("no_fidelity", "no_stability", "no_linearity", "bernoulli_design")
 
 
@@ -66,7 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
             path_min_frac=0.005,
         ),
     )
-    c.methods = METHODS
+    c.baselines = baselines.default_configs()
+    c.methods = DEFAULT_METHODS
     c.ablations = ()
     c.mesh = dict(data=1, ops=1)
     c.lds = dict(n_boot=1000)
@@ -85,8 +87,10 @@ def _positive(config, *paths):
 def validate(config) -> None:
     """Raise ``ConfigError`` naming the first bad key."""
     for name in config.methods:
-        if name not in METHODS:
-            raise ConfigError(f"config.methods has unknown method {name!r}; known: {METHODS}")
+        if name not in baselines.REGISTRY:
+            raise ConfigError(
+                f"config.methods has unknown method {name!r}; known: {sorted(baselines.REGISTRY)}"
+            )
     for name in config.ablations:
         if name not in ABLATION_NAMES:
             raise ConfigError(

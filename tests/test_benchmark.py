@@ -60,7 +60,7 @@ def test_rerun_reuses_cached_stages(finished, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a cached stage was recomputed")
 
-    monkeypatch.setattr(benchmark, "attribute", forbidden)
+    monkeypatch.setattr(benchmark, "run_method", forbidden)
     monkeypatch.setattr(benchmark.groundtruth, "retrain_many", forbidden)
     assert benchmark.run(config, workdir)["methods"] == results["methods"]
 

@@ -1,0 +1,49 @@
+"""Peak memory of a block of work: host RSS sampled in a thread, plus device peak if known.
+
+On CPU the number is the peak increase of the process's resident set over its value at
+entry (XLA's CPU buffers live there); on GPU, the device allocator's peak bytes in use.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import jax
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+class PeakMemory:
+    """``with PeakMemory() as pm: ...`` then ``pm.peak_mb`` (MB above the level at entry)."""
+
+    def __init__(self, interval_s: float = 0.01):
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self.peak_mb = 0.0
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, _rss_bytes())
+            self._stop.wait(self._interval)
+
+    def __enter__(self):
+        self._start = self._peak = _rss_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, _rss_bytes())
+        self.peak_mb = (self._peak - self._start) / 2**20
+        stats = jax.devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            self.peak_mb = stats["peak_bytes_in_use"] / 2**20
+        return False

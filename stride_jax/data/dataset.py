@@ -148,8 +148,14 @@ def load(config) -> Splits:
         splits = load_npz(config.path)
     elif config.name == "digits":
         splits = load_digits(config.seed, config.n_train, config.n_query)
+    elif config.name == "mnist5k":
+        from stride_jax.data.mnist5k import load_mnist5k  # imports this module: load lazily
+
+        splits = load_mnist5k(config.seed, config.n_train, config.n_query, n_val=None)
     else:
-        raise DataError(f"unknown embedded data set {config.name!r}; known: 'digits'")
+        raise DataError(
+            f"unknown embedded data set {config.name!r}; known: 'digits', 'mnist5k'"
+        )
     split = config.get("query_split", "query")
     if split == "query":
         return splits

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -62,12 +63,19 @@ def cross_entropy(logits_BxC: jax.Array, y_B: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxC, y_B)
 
 
-def fit(config, key: jax.Array, x_NxF, y_N, weight_N, num_classes: int):
-    """Train one MLP with the recipe in ``config``; returns its params (an ``nnx.State``).
+def checkpoint_steps(steps: int, num_checkpoints: int) -> np.ndarray:
+    """Evenly spaced update counts ``ends_C`` (the last is ``steps``): checkpoint c holds the
+    params after ``ends_C[c]`` updates."""
+    if not 1 <= num_checkpoints <= steps:
+        raise ValueError(
+            f"num_checkpoints must be in 1..{steps} (model steps), got {num_checkpoints}"
+        )
+    return np.round(np.arange(1, num_checkpoints + 1) * steps / num_checkpoints).astype(int)
 
-    Pure and jittable; vmap it over ``key`` and ``weight_N`` to train many models at once.
-    Loss: weighted mean cross-entropy over examples with weight_N (0/1 masks in practice).
-    """
+
+def _train(config, key, x_NxF, y_N, weight_N, num_classes: int, num_checkpoints: int = 0):
+    """The one recipe behind ``fit`` and ``fit_trajectory``: (final params, stacked checkpoints
+    or None, learning rates lr_C or None)."""
     graphdef, params = nnx.split(build(config, x_NxF.shape[1], num_classes, key), nnx.Param)
     schedule = optax.cosine_decay_schedule(config.lr, config.steps)
     tx = optax.adamw(schedule, weight_decay=config.weight_decay)
@@ -78,11 +86,57 @@ def fit(config, key: jax.Array, x_NxF, y_N, weight_N, num_classes: int):
         ce = cross_entropy(apply(graphdef, p, x_NxF), y_N)
         return (ce * weight_N).sum() / denom
 
-    def step(carry, _):
-        p, s = carry
+    def update(p, s):
         grads = jax.grad(loss_fn)(p)
         updates, s = tx.update(grads, s, p)
-        return (optax.apply_updates(p, updates), s), None
+        return optax.apply_updates(p, updates), s
 
-    (params, _), _ = jax.lax.scan(step, (params, opt_state), None, length=config.steps)
-    return params
+    if not num_checkpoints:
+
+        def step(carry, _):
+            return update(*carry), None
+
+        (params, _), _ = jax.lax.scan(step, (params, opt_state), None, length=config.steps)
+        return params, None, None
+
+    ends_C = checkpoint_steps(config.steps, num_checkpoints)
+    slot_T = np.full(config.steps, -1, np.int32)
+    slot_T[ends_C - 1] = np.arange(num_checkpoints)
+    buf = jax.tree.map(lambda a: jnp.zeros((num_checkpoints, *a.shape), a.dtype), params)
+
+    def store(b, p, slot):
+        return jax.tree.map(lambda bb, pp: bb.at[slot].set(pp), b, p)
+
+    def step_ckpt(carry, slot):
+        p, s, b = carry
+        p, s = update(p, s)
+        b = jax.lax.cond(slot >= 0, store, lambda b, p, slot: b, b, p, slot)
+        return (p, s, b), None
+
+    (params, _, buf), _ = jax.lax.scan(step_ckpt, (params, opt_state, buf), jnp.asarray(slot_T))
+    # Update t (0-based) uses schedule(t); checkpoint c stands for updates [ends[c-1], ends[c]).
+    starts_C = np.concatenate([[0], ends_C[:-1]])
+    lr_C = jnp.stack(
+        [jnp.mean(schedule(jnp.arange(a, b))) for a, b in zip(starts_C, ends_C, strict=True)]
+    )
+    return params, buf, lr_C
+
+
+def fit(config, key: jax.Array, x_NxF, y_N, weight_N, num_classes: int):
+    """Train one MLP with the recipe in ``config``; returns its params (an ``nnx.State``).
+
+    Pure and jittable; vmap it over ``key`` and ``weight_N`` to train many models at once.
+    Loss: weighted mean cross-entropy over examples with weight_N (0/1 masks in practice).
+    """
+    return _train(config, key, x_NxF, y_N, weight_N, num_classes)[0]
+
+
+def fit_trajectory(config, key, x_NxF, y_N, weight_N, num_classes: int, num_checkpoints: int):
+    """``fit`` (same recipe, same final params) plus its trajectory, for TracIn.
+
+    Returns ``(params, ckpts, lr_C)``: ``ckpts`` stacks on a leading axis of size C the params
+    after ``checkpoint_steps(config.steps, C)`` updates (the last equals ``params``);
+    ``lr_C[c]`` is the mean scheduled learning rate over the updates checkpoint c stands for
+    (the segment ending at it: the cosine schedule is 0 at the final step itself).
+    """
+    return _train(config, key, x_NxF, y_N, weight_N, num_classes, num_checkpoints)

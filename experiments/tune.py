@@ -1,9 +1,12 @@
-"""Sweep STRIDE settings on validation queries: python -m experiments.tune_stride --workdir=DIR.
+"""Tune any method on validation queries: python -m experiments.tune --workdir=DIR --method=M.
 
-Uses ``--config.data.query_split=val`` semantics (set here) so tuning never sees the reported
-queries. Each sweep point is ``key=v1,v2,...`` under ``stride`` (e.g.
-``--sweep=stage1.w_linearity=0,1,10 --sweep=lasso.lam_frac=0.02,0.05``); the grid is the
-product. Prints one LDS line per point and writes DIR/tuning.json.
+The validation split replaces the queries (``data.query_split=val``), so tuning never sees the
+reported queries, and every method gets the same protocol: a grid over keys of its own config
+block (``config.stride`` or ``config.baselines.<method>``), e.g.
+``--method=stride --sweep=stage1.w_linearity=0,1,10 --sweep=lasso.lam_frac=0.02,0.05`` or
+``--method=trak --sweep=proj_dim=512,2048 --sweep=damping=1e-4,1e-2``; the grid is the
+product. Prints one LDS line per point and writes DIR/tuning_<method>.json; put the chosen
+values into the config file.
 """
 
 import itertools
@@ -17,7 +20,8 @@ from stride_jax import benchmark, checkpoint
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/digits.py", "Config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
-_SWEEP = flags.DEFINE_multi_string("sweep", [], "stride.<key>=v1,v2,... (repeatable).")
+_METHOD = flags.DEFINE_string("method", "stride", "Registered method to tune.")
+_SWEEP = flags.DEFINE_multi_string("sweep", [], "<key>=v1,v2,... in the method's config.")
 
 
 def _parse(value: str):
@@ -42,15 +46,16 @@ def main(_):
     ]
     rows = []
     for values in itertools.product(*(v for _, v in axes)):
-        sub = config.stride.copy_and_resolve_references()
+        sub = benchmark.method_config(config, _METHOD.value).copy_and_resolve_references()
         for (key, _), value in zip(axes, values, strict=True):
-            block, leaf = key.rsplit(".", 1) if "." in key else ("", key)
-            target = sub if not block else eval("sub." + block)  # noqa: S307 - config path
+            *blocks, leaf = key.split(".")
+            target = sub
+            for block in blocks:
+                target = target[block]
             target[leaf] = value
         name = "_".join(f"{k}={v}" for (k, _), v in zip(axes, values, strict=True)) or "default"
-        scores, _ = benchmark.run_method(
-            ctx, "stride", sub, os.path.join(_WORKDIR.value, "sweep", name)
-        )
+        sweep_dir = os.path.join(_WORKDIR.value, "sweep", _METHOD.value, name)
+        scores, _ = benchmark.run_method(ctx, _METHOD.value, sub, sweep_dir)
         res = benchmark.evaluate(scores, gt, config.lds.n_boot)
         rows.append(
             {
@@ -63,7 +68,7 @@ def main(_):
             f"{name}: LDS {res['lds']:.4f} [{res['lds_ci95'][0]:.3f}, {res['lds_ci95'][1]:.3f}]",
             flush=True,
         )
-    checkpoint.save_json(os.path.join(_WORKDIR.value, "tuning.json"), rows)
+    checkpoint.save_json(os.path.join(_WORKDIR.value, f"tuning_{_METHOD.value}.json"), rows)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import numpy as np
 from absl import logging
 
 from stride_jax import baselines, checkpoint, groundtruth, metrics, profiling, sharding
+from stride_jax.apps import report
+from stride_jax.baselines import datamodel
 from stride_jax.config import validate
 from stride_jax.data import load
 from stride_jax.models import mlp
@@ -193,6 +195,39 @@ def context(config, workdir: str):
     return ctx, gt
 
 
+def noise_ceiling(ctx: Context, gt) -> dict:
+    """LDS of a second set of retrains (same subsets, other seeds) used as the prediction."""
+    config = ctx.config
+    path = _guarded(
+        ctx.workdir,
+        "noise_ceiling.npz",
+        {
+            "data": config.data.to_dict(),
+            "model": config.model.to_dict(),
+            "groundtruth": config.groundtruth.to_dict(),
+        },
+    )
+    if os.path.exists(path):
+        losses = checkpoint.load_arrays(path)["losses_MxQ"]
+    else:
+        logging.info(
+            "noise ceiling: retraining the %d ground-truth subsets with other seeds",
+            config.groundtruth.num_models,
+        )
+        losses = datamodel.noise_ceiling(
+            config.model,
+            ctx.splits,
+            gt["masks_MxN"],
+            jax.random.key(config.groundtruth.ceiling_seed),
+            ctx.mesh,
+            config.groundtruth.models_per_batch,
+        )
+        checkpoint.save_arrays(path, losses_MxQ=losses)
+    res = datamodel.retrain_agreement(losses, gt["losses_MxQ"], n_boot=config.lds.n_boot)
+    logging.info("noise ceiling: LDS %.4f [%.4f, %.4f]", res["lds"], *res["ci95"])
+    return {"lds": res["lds"], "lds_ci95": list(res["ci95"])}
+
+
 def run(config, workdir: str) -> dict:
     """The whole job; returns and writes ``workdir/results.json``."""
     ctx, gt = context(config, workdir)
@@ -236,7 +271,10 @@ def run(config, workdir: str) -> dict:
     }
     if ablations:
         results["ablations"] = ablations
+    if config.groundtruth.noise_ceiling:
+        results["noise_ceiling"] = noise_ceiling(ctx, gt)
     checkpoint.save_json(os.path.join(workdir, "results.json"), results)
+    report.write_report(results, workdir)
     return results
 
 

@@ -25,7 +25,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Base-model recipe, shared by every ground-truth retrain: full-batch AdamW, 150 steps,
     # weight decay; stops at train CE ~0.11 (query CE ~0.10), so it does not memorise.
     c.model = dict(hidden=(128,), steps=150, lr=3e-3, weight_decay=1e-2, seed=0)
-    c.groundtruth = dict(num_models=100, alpha=0.5, seed=1, models_per_batch=50)
+    # The noise ceiling retrains the same subsets with seeds from ``ceiling_seed``.
+    c.groundtruth = dict(
+        num_models=100, alpha=0.5, seed=1, models_per_batch=50, noise_ceiling=True, ceiling_seed=7
+    )
     c.stride = dict(
         seed=3,
         response_batch=64,

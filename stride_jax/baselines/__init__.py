@@ -10,7 +10,14 @@ import sys
 
 import ml_collections
 
-from stride_jax.baselines import simple, stride_method  # noqa: F401  (register methods)
+from stride_jax.baselines import (  # noqa: F401  (importing registers the methods)
+    datamodel,
+    influence,
+    simple,
+    stride_method,
+    tracin,
+    trak,
+)
 from stride_jax.baselines.base import REGISTRY, Method, Task, as_scores, get, register
 
 __all__ = ["REGISTRY", "Method", "Task", "as_scores", "default_configs", "get", "register"]

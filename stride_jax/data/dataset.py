@@ -153,9 +153,7 @@ def load(config) -> Splits:
 
         splits = load_mnist5k(config.seed, config.n_train, config.n_query, n_val=None)
     else:
-        raise DataError(
-            f"unknown embedded data set {config.name!r}; known: 'digits', 'mnist5k'"
-        )
+        raise DataError(f"unknown embedded data set {config.name!r}; known: 'digits', 'mnist5k'")
     split = config.get("query_split", "query")
     if split == "query":
         return splits

@@ -1,0 +1,1 @@
+"""Command-line apps and report writers built on stride_jax."""

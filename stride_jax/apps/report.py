@@ -1,0 +1,142 @@
+"""Benchmark report: ``lds.png`` (LDS per method with 95% CIs) and ``table.md``.
+
+``results`` is the benchmark's results dict: ``results["methods"][name]`` (and optionally
+``results["ablations"][name]``) hold ``lds``, ``lds_ci95``, ``lds_pearson``, ``lds_kendall``,
+``seconds``, ``seconds_split`` (``fit`` / ``score`` keys), ``score_stats`` (``nnz_p50``,
+``gini``) and optionally ``peak_mb``; an optional ``results["noise_ceiling"]`` holds ``lds``
+and ``lds_ci95``. Missing optional keys are shown as "-".
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+_DASH = "-"
+
+
+def _num(x) -> float:
+    """``x`` as a float, NaN when missing or not a number."""
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _fmt(x, spec: str) -> str:
+    v = _num(x)
+    return _DASH if math.isnan(v) else format(v, spec)
+
+
+def _ci(entry) -> tuple[float, float]:
+    ci = entry.get("lds_ci95") or (None, None)
+    if len(ci) != 2:
+        return math.nan, math.nan
+    return _num(ci[0]), _num(ci[1])
+
+
+def _label(name: str, ablation: bool) -> str:
+    if not ablation:
+        return name
+    return f"stride w/o {name[3:]}" if name.startswith("no_") else f"stride {name}"
+
+
+def entries(results: dict) -> list[tuple[str, dict, bool]]:
+    """(label, entry, is_ablation) for every method, then every ablation."""
+    out = [(_label(k, False), v, False) for k, v in (results.get("methods") or {}).items()]
+    out += [(_label(k, True), v, True) for k, v in (results.get("ablations") or {}).items()]
+    return out
+
+
+def format_markdown(results: dict) -> str:
+    """The markdown table: one row per method / ablation, then the noise ceiling if present."""
+    rows = entries(results)
+    with_peak = any("peak_mb" in e for _, e, _ in rows)
+    header = ["method", "LDS", "95% CI", "Pearson", "Kendall", "fit s", "score s", "total s"]
+    header += ["peak MB"] if with_peak else []
+    header += ["nnz p50", "gini"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for label, e, _ in rows:
+        lo, hi = _ci(e)
+        split = e.get("seconds_split") or {}
+        stats = e.get("score_stats") or {}
+        cells = [
+            label,
+            _fmt(e.get("lds"), ".4f"),
+            _DASH if math.isnan(lo) or math.isnan(hi) else f"[{lo:.3f}, {hi:.3f}]",
+            _fmt(e.get("lds_pearson"), ".4f"),
+            _fmt(e.get("lds_kendall"), ".4f"),
+            _fmt(split.get("fit"), ".1f"),
+            _fmt(split.get("score"), ".1f"),
+            _fmt(e.get("seconds"), ".1f"),
+        ]
+        cells += [_fmt(e.get("peak_mb"), ".0f")] if with_peak else []
+        cells += [_fmt(stats.get("nnz_p50"), ".0f"), _fmt(stats.get("gini"), ".3f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    ceiling = results.get("noise_ceiling")
+    if ceiling:
+        lo, hi = _ci(ceiling)
+        cells = [
+            "noise ceiling (retrain vs retrain)",
+            _fmt(ceiling.get("lds"), ".4f"),
+            _DASH if math.isnan(lo) or math.isnan(hi) else f"[{lo:.3f}, {hi:.3f}]",
+        ]
+        cells += [_DASH] * (len(header) - len(cells))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_lds(results: dict, path: str) -> None:
+    """Horizontal bars of LDS (95% CI error bars); noise ceiling as a dashed vertical line."""
+    rows = entries(results)
+    labels = [label for label, _, _ in rows]
+    values = [_num(e.get("lds")) for _, e, _ in rows]
+    err_lo, err_hi = [], []
+    for (_, e, _), v in zip(rows, values, strict=True):
+        lo, hi = _ci(e)
+        ok = not (math.isnan(v) or math.isnan(lo) or math.isnan(hi))
+        err_lo.append(max(v - lo, 0.0) if ok else 0.0)
+        err_hi.append(max(hi - v, 0.0) if ok else 0.0)
+    bars = [0.0 if math.isnan(v) else v for v in values]
+    colors = ["tab:orange" if abl else "tab:blue" for _, _, abl in rows]
+    fig, ax = plt.subplots(figsize=(7.0, 1.2 + 0.45 * max(len(rows), 1)))
+    ypos = list(range(len(rows)))
+    if rows:
+        ax.barh(ypos, bars, xerr=[err_lo, err_hi], color=colors, capsize=3, height=0.6)
+        for y, v in zip(ypos, values, strict=True):
+            if math.isnan(v):
+                ax.text(0.0, y, " n/a", va="center")
+    ceiling = results.get("noise_ceiling")
+    if ceiling and not math.isnan(_num(ceiling.get("lds"))):
+        c = _num(ceiling["lds"])
+        ax.axvline(c, color="black", linestyle="--", linewidth=1.2, label=f"noise ceiling {c:.3f}")
+        lo, hi = _ci(ceiling)
+        if not (math.isnan(lo) or math.isnan(hi)):
+            ax.axvspan(lo, hi, color="gray", alpha=0.15, linewidth=0)
+        ax.legend(loc="lower right", fontsize=8)
+    ax.axvline(0.0, color="gray", linewidth=0.8)
+    ax.set_yticks(ypos)
+    ax.set_yticklabels(labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("LDS (Spearman), 95% bootstrap CI")
+    name = (results.get("dataset") or {}).get("name")
+    ax.set_title(f"Linear datamodeling score{f' on {name}' if name else ''}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(results: dict, out_dir) -> dict:
+    """Write ``lds.png`` and ``table.md`` into ``out_dir`` (created); returns their paths."""
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"png": os.path.join(out_dir, "lds.png"), "table": os.path.join(out_dir, "table.md")}
+    plot_lds(results, paths["png"])
+    with open(paths["table"], "w") as f:
+        f.write(format_markdown(results))
+    return paths

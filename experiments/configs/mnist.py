@@ -14,6 +14,15 @@ def get_config():
     c.data.update(name="mnist5k", n_train=4500, n_query=500)
     c.model.update(hidden=(128,), steps=100)
     c.groundtruth.models_per_batch = 20
-    c.methods = ("stride", "graddot", "gradcos", "featsim", "random", "tracin", "trak", "kfac",
-                 "ekfac")
+    c.methods = (
+        "stride",
+        "graddot",
+        "gradcos",
+        "featsim",
+        "random",
+        "tracin",
+        "trak",
+        "kfac",
+        "ekfac",
+    )
     return c

@@ -188,11 +188,17 @@ def context(config, workdir: str):
         {
             "data": config.data.to_dict(),
             "model": config.model.to_dict(),
-            "groundtruth": config.groundtruth.to_dict(),
+            "groundtruth": _gt_slice(config),
         },
     )
     gt = groundtruth.build(config.groundtruth, config.model, splits, mesh, workdir)
     return ctx, gt
+
+
+def _gt_slice(config) -> dict:
+    """The ground-truth settings that change its numbers (not batching or the ceiling)."""
+    gt = config.groundtruth
+    return {"num_models": gt.num_models, "alpha": gt.alpha, "seed": gt.seed}
 
 
 def noise_ceiling(ctx: Context, gt) -> dict:
@@ -204,7 +210,8 @@ def noise_ceiling(ctx: Context, gt) -> dict:
         {
             "data": config.data.to_dict(),
             "model": config.model.to_dict(),
-            "groundtruth": config.groundtruth.to_dict(),
+            "groundtruth": _gt_slice(config),
+            "ceiling_seed": config.groundtruth.ceiling_seed,
         },
     )
     if os.path.exists(path):

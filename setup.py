@@ -19,5 +19,9 @@ setup(
     packages=find_packages(include=["stride_jax", "stride_jax.*", "experiments", "experiments.*"]),
     python_requires=">=3.11",
     install_requires=_REQS,
-    extras_require={"test": ["pytest==9.0.3", "ruff==0.17.6"]},
+    extras_require={
+        "test": ["pytest==9.0.3", "ruff==0.17.6"],
+        # Optional cross-check of TRAK against MadryLab's traker (tests/test_trak_crosscheck.py).
+        "crosscheck": ["torch==2.13.0", "traker==0.3.2", "tqdm==4.70.1"],
+    },
 )

@@ -31,6 +31,12 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     print(benchmark.format_table(results))
+    if "noise_ceiling" in results:
+        nc = results["noise_ceiling"]
+        print(
+            f"noise ceiling (retrains vs retrains): LDS {nc['lds']:.4f} "
+            f"[{nc['lds_ci95'][0]:.3f}, {nc['lds_ci95'][1]:.3f}]"
+        )
     print(f"results: {_WORKDIR.value}/results.json")
 
 

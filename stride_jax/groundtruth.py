@@ -50,15 +50,27 @@ def _retrain_fn(model_config_json: str, num_classes: int, mesh, batch: int):
     )
 
 
-def query_losses(model_config, params_M, x_QxF, y_Q, num_classes) -> jax.Array:
-    """losses_MxQ: cross-entropy of every stacked model on every query."""
-    graphdef, _ = mlp.abstract(model_config, x_QxF.shape[1], num_classes)
+def query_losses(model_config, params_M, x_QxF, y_Q, num_classes, batch: int = 50) -> jax.Array:
+    """losses_MxQ: cross-entropy of every stacked model on every query, ``batch`` at a time."""
+    x_QxF = jnp.asarray(x_QxF, jnp.float32)
+    fn = _losses_fn(model_config.to_json(), int(x_QxF.shape[1]), int(num_classes), int(batch))
+    return fn(params_M, x_QxF, jnp.asarray(y_Q))
+
+
+@functools.lru_cache(maxsize=8)
+def _losses_fn(model_config_json: str, in_dim: int, num_classes: int, batch: int):
+    """The jitted loss evaluator, cached per (recipe, shapes, micro-batch)."""
+    model_config = ml_collections.ConfigDict(json.loads(model_config_json))
+    graphdef, _ = mlp.abstract(model_config, in_dim, num_classes)
 
     @jax.jit
-    def fn(p):
-        return jax.vmap(lambda pm: mlp.cross_entropy(mlp.apply(graphdef, pm, x_QxF), y_Q))(p)
+    def fn(params_M, x_QxF, y_Q):
+        def one(p):
+            return mlp.cross_entropy(mlp.apply(graphdef, p, x_QxF), y_Q)
 
-    return fn(params_M)
+        return jax.lax.map(one, params_M, batch_size=batch)
+
+    return fn
 
 
 def build(config, model_config, splits: Splits, mesh, workdir: str | None = None) -> dict:
@@ -103,6 +115,7 @@ def build(config, model_config, splits: Splits, mesh, workdir: str | None = None
         jnp.asarray(splits.query.x_NxF),
         jnp.asarray(splits.query.y_N),
         splits.num_classes,
+        config.models_per_batch,
     )
     out = {"masks_MxN": masks, "losses_MxQ": jax.device_get(losses)}
     logging.info(

@@ -33,9 +33,6 @@ beat the agreement of retraining with itself.
 
 from __future__ import annotations
 
-import functools
-import json
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -44,7 +41,6 @@ from absl import logging
 
 from stride_jax import groundtruth, metrics, sharding, subsets
 from stride_jax.baselines import base
-from stride_jax.models import mlp
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -62,27 +58,9 @@ def _keys(seed: int, num_models: int, num_examples: int, alpha: float):
     return masks, jax.random.split(init_key, num_models)
 
 
-@functools.lru_cache(maxsize=8)
-def _losses_fn(model_config_json: str, in_dim: int, num_classes: int, batch: int):
-    """Jitted losses_MxQ of stacked models, ``batch`` models at a time (bounded memory)."""
-    model_config = ml_collections.ConfigDict(json.loads(model_config_json))
-    graphdef, _ = mlp.abstract(model_config, in_dim, num_classes)
-
-    @jax.jit
-    def fn(params_M, x_QxF, y_Q):
-        def one(p):
-            return mlp.cross_entropy(mlp.apply(graphdef, p, x_QxF), y_Q)
-
-        return jax.lax.map(one, params_M, batch_size=batch)
-
-    return fn
-
-
 def model_losses(model_config, params_M, x_QxF, y_Q, num_classes: int, batch: int) -> jax.Array:
-    """losses_MxQ: every stacked model's cross-entropy on every query."""
-    x_QxF = jnp.asarray(x_QxF, jnp.float32)
-    fn = _losses_fn(model_config.to_json(), int(x_QxF.shape[1]), int(num_classes), int(batch))
-    return fn(params_M, x_QxF, jnp.asarray(y_Q))
+    """losses_MxQ: every stacked model's cross-entropy on every query (see groundtruth)."""
+    return groundtruth.query_losses(model_config, params_M, x_QxF, y_Q, num_classes, batch)
 
 
 @jax.jit

@@ -46,7 +46,6 @@ from jax.flatten_util import ravel_pytree
 from stride_jax.baselines import base, graddot
 from stride_jax.models import mlp
 
-
 # Damping chosen on digits' validation queries with experiments/tune.py (K-FAC LDS: 1e-5 0.645,
 # 1e-4 0.661, 1e-3 0.642, 0.1 0.392, 10 0.287); exact IF keeps 1e-3 (tiny models only).
 _DAMPING = {"kfac": 1e-4, "ekfac": 1e-4, "exact_if": 1e-3}

@@ -24,7 +24,6 @@ from stride_jax.baselines import datamodel
 from stride_jax.config import validate
 from stride_jax.data import load
 from stride_jax.models import mlp
-from stride_jax.operators import LogitHook
 
 ABLATIONS = {
     "no_fidelity": lambda c: c.stage1.update(w_fidelity=0.0),
@@ -66,8 +65,8 @@ def base_model(ctx: Context):
     else:
         t0 = time.time()
         x, y = jnp.asarray(s.train.x_NxF), jnp.asarray(s.train.y_N)
-        fit = jax.jit(lambda k, w: mlp.fit(c.model, k, x, y, w, s.num_classes))
-        params = fit(jax.random.key(c.model.seed), jnp.ones(len(s.train)))
+        fit = mlp.jitted_fit(c.model, s.num_classes)
+        params = fit(jax.random.key(c.model.seed), x, y, jnp.ones(len(s.train)))
         checkpoint.save_params(path, params)
         logging.info("base model: trained in %.1fs", time.time() - t0)
     stats = {}
@@ -86,19 +85,14 @@ def base_model(ctx: Context):
     return stats
 
 
-def hook(ctx: Context) -> LogitHook:
-    g, p = ctx.graphdef, ctx.params
-    return LogitHook(lambda x: mlp.apply_features(g, p, x), lambda x: mlp.apply(g, p, x))
-
-
 def method_config(config, name: str):
     """A method's own config block: ``config.stride`` or ``config.baselines.<name>``."""
     return config.stride if name == "stride" else config.baselines[name]
 
 
-def run_method(ctx: Context, name: str, cfg, workdir: str | None = None):
-    """Fit and score one registered method; returns (scores_QxN, timing/memory metadata)."""
-    task = baselines.Task(
+def task(ctx: Context, workdir: str | None = None) -> baselines.Task:
+    """The frozen base model and training data, as every method's ``fit``/``score`` sees them."""
+    return baselines.Task(
         model_config=ctx.config.model,
         graphdef=ctx.graphdef,
         params=ctx.params,
@@ -108,12 +102,16 @@ def run_method(ctx: Context, name: str, cfg, workdir: str | None = None):
         workdir=workdir,
         seed=ctx.config.model.seed,
     )
-    method = baselines.get(name)
+
+
+def run_method(ctx: Context, name: str, cfg, workdir: str | None = None):
+    """Fit and score one registered method; returns (scores_QxN, timing/memory metadata)."""
+    method, tk = baselines.get(name), task(ctx, workdir)
     with profiling.PeakMemory() as mem:
         t0 = time.time()
-        state = jax.block_until_ready(method.fit(task, cfg))  # async dispatch: time the work
+        state = jax.block_until_ready(method.fit(tk, cfg))  # async dispatch: time the work
         t1 = time.time()
-        scores = baselines.as_scores(method.score(task, state, ctx.splits.query, cfg))
+        scores = baselines.as_scores(method.score(tk, state, ctx.splits.query, cfg))
         t2 = time.time()
     return scores, {"seconds_split": {"fit": t1 - t0, "score": t2 - t1}, "peak_mb": mem.peak_mb}
 

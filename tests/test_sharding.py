@@ -21,8 +21,9 @@ import jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, "tests")
 from conftest import tiny_config
 from stride_jax import groundtruth, sharding
+from stride_jax.baselines import stride_method
+from stride_jax.benchmark import Context, base_model, task
 from stride_jax.pipeline import attribute
-from stride_jax.benchmark import Context, base_model, hook
 from stride_jax.data import load
 
 assert len(jax.devices()) == 4, jax.devices()
@@ -34,7 +35,8 @@ for shape in [(1, 1), (2, 2), (4, 1), (1, 4)]:
     with tempfile.TemporaryDirectory() as d:
         ctx = Context(config, d, splits, mesh)
         base_model(ctx)
-        out = attribute(hook(ctx), splits.train, splits.query, config.stride, mesh=mesh)
+        hook = stride_method.hook(task(ctx))
+        out = attribute(hook, splits.train, splits.query, config.stride, mesh=mesh)
         gt = groundtruth.retrain_many(
             config.model, jax.random.split(jax.random.key(0), 4), jnp.asarray(splits.train.x_NxF),
             jnp.asarray(splits.train.y_N), np.ones((4, len(splits.train)), bool),

@@ -15,13 +15,10 @@ applies) so memory stays bounded however large N is.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from stride_jax.data import Dataset
@@ -51,14 +48,7 @@ class Task:
         """Params of a model trained with the base recipe (own init key; optional 0/1 mask)."""
         x, y = jnp.asarray(self.train.x_NxF), jnp.asarray(self.train.y_N)
         w = jnp.ones(len(self.train)) if weight_N is None else jnp.asarray(weight_N, jnp.float32)
-        return _fit_fn(self.model_config.to_json(), self.num_classes)(key, x, y, w)
-
-
-@functools.lru_cache(maxsize=8)
-def _fit_fn(model_config_json: str, num_classes: int):
-    """``mlp.fit`` jitted once per recipe, so repeated retrains do not recompile."""
-    model_config = ml_collections.ConfigDict(json.loads(model_config_json))
-    return jax.jit(lambda k, x, y, w: mlp.fit(model_config, k, x, y, w, num_classes))
+        return mlp.jitted_fit(self.model_config, self.num_classes)(key, x, y, w)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,11 +8,14 @@ of (init key, kept mask), so ``jax.vmap`` over models equals training them one b
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -140,3 +143,14 @@ def fit_trajectory(config, key, x_NxF, y_N, weight_N, num_classes: int, num_chec
     (the segment ending at it: the cosine schedule is 0 at the final step itself).
     """
     return _train(config, key, x_NxF, y_N, weight_N, num_classes, num_checkpoints)
+
+
+def jitted_fit(config, num_classes: int):
+    """``fit`` jitted once per (recipe, classes): ``(key, x_NxF, y_N, weight_N) -> params``."""
+    return _jitted_fit(config.to_json(), num_classes)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_fit(config_json: str, num_classes: int):
+    config = ml_collections.ConfigDict(json.loads(config_json))
+    return jax.jit(lambda k, x, y, w: fit(config, k, x, y, w, num_classes))

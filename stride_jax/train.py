@@ -96,6 +96,11 @@ def make_optimizer(config) -> optax.GradientTransformation:
     return optax.multi_transform({"muon": muon, "adamw": adamw}, labels)
 
 
+def membership(inputs: Stage1Inputs, rows_KxB: jax.Array, subset_ids_K: jax.Array) -> jax.Array:
+    """float32 K x B: 1 where example rows_KxB[k, b] is a member of subset subset_ids_K[k]."""
+    return (inputs.subsets_NxD[rows_KxB] == subset_ids_K[:, None, None]).any(-1).astype(jnp.float32)
+
+
 def sample_batch(key, inputs: Stage1Inputs, config):
     """Subset ids (K,), member rows (K, Bf), non-member rows (K, Bs), probe rows (P,)."""
     t = inputs.members_TxS.shape[0]
@@ -109,8 +114,7 @@ def sample_batch(key, inputs: Stage1Inputs, config):
     mem_KxB = jnp.take_along_axis(members, pos, axis=1)
     w_fid = (mem_KxB < n).astype(jnp.float32)
     non_KxB = jax.random.randint(k_non, (config.subsets_per_step, config.stability_batch), 0, n)
-    is_member = (inputs.subsets_NxD[non_KxB] == ids_K[:, None, None]).any(-1)
-    w_stab = (~is_member).astype(jnp.float32)
+    w_stab = 1.0 - membership(inputs, non_KxB, ids_K)
     probe_P = jax.random.randint(k_probe, (config.probe_batch,), 0, n)
     return ids_K, jnp.minimum(mem_KxB, n - 1), w_fid, non_KxB, w_stab, probe_P
 
@@ -136,8 +140,8 @@ def loss_terms(ops: SteeringOperators, inputs: Stage1Inputs, batch, config):
     w_KxP = None
     if config.probe_mask_members:
         rows_K = jnp.arange(sketch_KxM.shape[0]) if lin_ids is None else lin_ids
-        w_KxP = (~(inputs.subsets_NxD[probe_P][None] == rows_K[:, None, None]).any(-1)).astype(
-            jnp.float32
+        w_KxP = 1.0 - membership(
+            inputs, jnp.broadcast_to(probe_P, (rows_K.shape[0], probe_P.shape[0])), rows_K
         )
     lin = losses.linearity(ce_base - ce_steer, sketch_KxM, config.ridge, w_KxP)
     return {"fidelity": fid, "stability": stab, "linearity": lin}

@@ -20,8 +20,9 @@ setup(
     python_requires=">=3.11",
     install_requires=_REQS,
     extras_require={
-        "test": ["pytest==9.0.3", "ruff==0.17.6"],
+        # torch (CPU wheel) only for parity tests against transformers' PyTorch models.
+        "test": ["pytest==9.0.3", "ruff==0.17.6", "torch==2.13.0"],
         # Optional cross-check of TRAK against MadryLab's traker (tests/test_trak_crosscheck.py).
-        "crosscheck": ["torch==2.13.0", "traker==0.3.2", "tqdm==4.70.1"],
+        "crosscheck": ["torch==2.13.0", "traker==0.3.2"],
     },
 )

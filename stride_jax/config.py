@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from stride_jax import baselines
+from stride_jax import baselines, pipeline
 from stride_jax.errors import ConfigError
 
 __all__ = ["ConfigError", "base_config", "validate"]
@@ -58,17 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
             w_stability=1.0,
             w_linearity=1.0,
         ),
-        lasso=dict(
-            lam_frac=0.05,
-            nonneg=False,
-            fit_intercept=True,
-            maxiter=500,
-            tol=1e-6,
-            path_len=4,
-            select="fixed",
-            holdout_frac=0.1,
-            path_min_frac=0.005,
-        ),
+        lasso=pipeline.lasso_defaults(),
     )
     c.baselines = baselines.default_configs()
     c.methods = DEFAULT_METHODS

@@ -5,7 +5,9 @@
   and renormalised over that set
 - linearity: ridge residual of the per-subset loss drops against the sketched design A P
 
-All are plain jnp functions; the step in train.py weights and sums them.
+plus the memory-efficient token cross-entropy for language models (``chunked_token_ce``),
+which never materialises (tokens x vocab) logits at once. All are plain jnp functions; the
+steps in train.py / lm_stride.py weight and sum them.
 """
 
 from __future__ import annotations
@@ -66,3 +68,31 @@ def linearity(drops_KxP: jax.Array, sketch_KxM: jax.Array, ridge: float, w_KxP=N
     rows out of probe p's fit (e.g. subsets that contain p, whose self-effect no sketch holds).
     """
     return ridge_residual(drops_KxP, sketch_KxM, ridge, w_KxP)
+
+
+def chunked_token_ce(hn_NxD: jax.Array, w_DxV: jax.Array, targets_N: jax.Array, chunk: int):
+    """Per-token cross-entropy ``logsumexp(hn W) - (hn W)[target]``: (N,) float32.
+
+    The logsumexp runs over vocabulary chunks of ``chunk`` columns (a streaming max/sum), so
+    at most N x chunk logits exist at once; the target logit is one gathered dot product.
+    """
+    d, v = w_DxV.shape
+    n_chunks = -(-v // chunk)
+    pad = n_chunks * chunk - v
+    w_pad = jnp.pad(w_DxV, ((0, 0), (0, pad)))
+    valid_CxK = (jnp.arange(n_chunks * chunk) < v).reshape(n_chunks, chunk)
+    w_CxDxK = w_pad.reshape(d, n_chunks, chunk).transpose(1, 0, 2)
+
+    def step(carry, xs):
+        m, s = carry
+        w, ok = xs
+        z = jnp.where(ok, hn_NxD @ w, -jnp.inf)
+        m_new = jnp.maximum(m, z.max(-1))
+        s = s * jnp.exp(m - m_new) + jnp.exp(z - m_new[:, None]).sum(-1)
+        return (m_new, s), None
+
+    n = hn_NxD.shape[0]
+    init = (jnp.full((n,), -jnp.inf, hn_NxD.dtype), jnp.zeros((n,), hn_NxD.dtype))
+    (m, s), _ = jax.lax.scan(step, init, (w_CxDxK, valid_CxK))
+    target_logit = jnp.einsum("nd,dn->n", hn_NxD, w_DxV[:, targets_N])
+    return m + jnp.log(s) - target_logit

@@ -41,15 +41,18 @@ class SteeringOperators(nnx.Module):
         return jax.nn.silu(layer_norm_noaffine(h_BxD) @ self.w_down[...])
 
     def shifts(self, phi_BxR: jax.Array, subset_ids_K: jax.Array | None = None) -> jax.Array:
-        """delta_KxBxO for the operators ``subset_ids_K`` (all T when None)."""
+        """delta_KxBxO for the operators ``subset_ids_K`` (all T when None).
+
+        Any leading batch shape works (e.g. phi_BxLxR for tokens gives delta_KxBxLxO).
+        """
         gates = self.gates[...]
         if subset_ids_K is not None:
             gates = gates[subset_ids_K]
-        return jnp.einsum("kor,br->kbo", gates, phi_BxR)
+        return jnp.einsum("kor,...r->k...o", gates, phi_BxR)
 
     def shifts_per_row(self, phi_KxBxR: jax.Array, subset_ids_K: jax.Array) -> jax.Array:
-        """delta_KxBxO where operator k sees its own batch phi_KxBxR[k]."""
-        return jnp.einsum("kor,kbr->kbo", self.gates[...][subset_ids_K], phi_KxBxR)
+        """delta_KxBxO where operator k sees its own batch phi_KxBxR[k] (any batch shape)."""
+        return jnp.einsum("kor,k...r->k...o", self.gates[...][subset_ids_K], phi_KxBxR)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,6 +38,12 @@ def lasso_config(config) -> recover.LassoConfig:
     return recover.LassoConfig(**config.to_dict())
 
 
+def lasso_defaults() -> dict:
+    """The ``lasso`` block of a STRIDE config: ``recover.LassoConfig`` with a 4-point path
+    (validation LDS equal to 8 points on digits, at half the time)."""
+    return dataclasses.asdict(recover.LassoConfig(path_len=4))
+
+
 @dataclasses.dataclass
 class Fitted:
     """Stage-1 output: the design and the trained operators (query-independent)."""
@@ -53,15 +59,10 @@ def _keys(config):
     return jax.random.split(jax.random.key(config.seed), 3)  # sketch, stage 1, Lasso
 
 
-def fit(hook, train_set: Dataset, config, *, mesh=None, workdir: str | None = None) -> Fitted:
-    """Design + stage 1 (operators) on the training set; resumes from ``workdir``."""
-    mesh = mesh if mesh is not None else sharding.make_mesh()
-    if workdir:
-        checkpoint.guard_config(os.path.join(workdir, "stride"), config.to_dict())
-    n = len(train_set)
+def make_design(dc, n: int) -> subsets.Design:
+    """The design of ``stride.design`` over n training examples; refuses empty subsets."""
     if n < 1:
         raise ValueError("need at least one training example")
-    dc = config.design
     design = subsets.make_design(jax.random.key(dc.seed), dc.kind, dc.num_subsets, n, dc.degree)
     sizes = design.sizes_T
     if sizes.min() == 0:
@@ -77,6 +78,15 @@ def fit(hook, train_set: Dataset, config, *, mesh=None, workdir: str | None = No
         sizes.min(),
         sizes.max(),
     )
+    return design
+
+
+def fit(hook, train_set: Dataset, config, *, mesh=None, workdir: str | None = None) -> Fitted:
+    """Design + stage 1 (operators) on the training set; resumes from ``workdir``."""
+    mesh = mesh if mesh is not None else sharding.make_mesh()
+    if workdir:
+        checkpoint.guard_config(os.path.join(workdir, "stride"), config.to_dict())
+    design = make_design(config.design, len(train_set))
     t0 = time.time()
     cache_train = jax.jit(hook.encode)(jnp.asarray(train_set.x_NxF))
     sketch_key, train_key, _ = _keys(config)

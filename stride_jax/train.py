@@ -42,31 +42,35 @@ class Stage1Inputs:
 
 
 def make_inputs(cache, y_N, design: Design, config, key: jax.Array) -> Stage1Inputs:
-    """Bundle activations and design; draws the fixed sketch P (N x M) of ``config``.
+    """Bundle the classifier's cached activations and the design with its sketch."""
+    return Stage1Inputs(
+        h_NxD=jnp.asarray(cache["h"]),
+        logits_NxC=jnp.asarray(cache["logits"]),
+        y_N=jnp.asarray(y_N),
+        members_TxS=jnp.asarray(design.members_TxS),
+        subsets_NxD=jnp.asarray(design.subsets_NxD),
+        sketch_TxM=sketched_design(design, config, key, cache["h"]),
+    )
+
+
+def sketched_design(design: Design, config, key: jax.Array, feats_NxD) -> jax.Array:
+    """The sketched design A P (T x M), with a fixed random P (N x M) drawn from ``key``.
 
     ``config.sketch`` = "gaussian": P has i.i.d. N(0, 1/M) entries (the paper's sketch);
-    "features": P = LN(h) R with R a random D x M Gaussian, columns standardised, so the
+    "features": P = LN(feats) R with R a random D x M Gaussian, columns standardised, so the
     sketched datamodel b = P c says "an example's influence is linear in its features".
     """
     n, m = design.num_examples, config.sketch_dim
     if config.sketch == "gaussian":
         proj_NxM = jax.random.normal(key, (n, m)) / np.sqrt(m)
     elif config.sketch == "features":
-        h = layer_norm_noaffine(jnp.asarray(cache["h"]))
+        h = layer_norm_noaffine(jnp.asarray(feats_NxD))
         proj_NxM = h @ jax.random.normal(key, (h.shape[1], m))
         proj_NxM = (proj_NxM - proj_NxM.mean(0)) / (proj_NxM.std(0) + 1e-6) / np.sqrt(m)
     else:
         raise ConfigError(f"stage1.sketch must be 'gaussian' or 'features', got {config.sketch!r}")
     proj_pad = jnp.concatenate([proj_NxM, jnp.zeros((1, m))])
-    members = jnp.asarray(design.members_TxS)
-    return Stage1Inputs(
-        h_NxD=jnp.asarray(cache["h"]),
-        logits_NxC=jnp.asarray(cache["logits"]),
-        y_N=jnp.asarray(y_N),
-        members_TxS=members,
-        subsets_NxD=jnp.asarray(design.subsets_NxD),
-        sketch_TxM=proj_pad[members].sum(1),
-    )
+    return proj_pad[jnp.asarray(design.members_TxS)].sum(1)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -104,7 +108,7 @@ def membership(inputs: Stage1Inputs, rows_KxB: jax.Array, subset_ids_K: jax.Arra
 def sample_batch(key, inputs: Stage1Inputs, config):
     """Subset ids (K,), member rows (K, Bf), non-member rows (K, Bs), probe rows (P,)."""
     t = inputs.members_TxS.shape[0]
-    n = inputs.h_NxD.shape[0]
+    n = inputs.subsets_NxD.shape[0]
     k_sub, k_mem, k_non, k_probe = jax.random.split(key, 4)
     ids_K = jax.random.choice(k_sub, t, (config.subsets_per_step,), replace=False)
     members = inputs.members_TxS[ids_K]
@@ -197,9 +201,14 @@ def state_shardings(state, mesh):
     return jax.tree_util.tree_map(rule, state)
 
 
-def fit_operators(inputs: Stage1Inputs, config, key, mesh, workdir: str | None = None):
+def fit_operators(
+    inputs, config, key, mesh, workdir: str | None = None, *, dims=None, build_chunk=None
+):
     """Train the operators (resuming from ``workdir/stage1_ckpt`` if present).
 
+    ``dims`` = (feature dim, output dim) of the operators (default: the classifier's, from
+    ``inputs``); ``build_chunk`` makes the jitted multi-step function (default: the
+    classifier's ``build_train_chunk``; lm_stride passes the residual-stream one).
     Returns (graphdef, params, history) where history lists per-chunk mean losses.
     """
     if config.steps % config.log_every:
@@ -214,7 +223,8 @@ def fit_operators(inputs: Stage1Inputs, config, key, mesh, workdir: str | None =
     sharding.check_divisible("number of subsets T", num_subsets, mesh, sharding.OPS)
     tx = make_optimizer(config)
     init_key, run_key = jax.random.split(key)
-    feat_dim, out_dim = inputs.h_NxD.shape[1], inputs.logits_NxC.shape[1]
+    feat_dim, out_dim = dims or (inputs.h_NxD.shape[1], inputs.logits_NxC.shape[1])
+    build_chunk = build_chunk or build_train_chunk
     graphdef, state = init_state(init_key, feat_dim, out_dim, num_subsets, config, tx)
     shardings = state_shardings(state, mesh)
     state = jax.device_put(state, shardings)
@@ -226,7 +236,7 @@ def fit_operators(inputs: Stage1Inputs, config, key, mesh, workdir: str | None =
             )
             state = ckpts.restore(abstract)
             logging.info("stage 1: resumed from step %d", int(state["step"]))
-        chunk = build_train_chunk(graphdef, tx, inputs, config, mesh, shardings)
+        chunk = build_chunk(graphdef, tx, inputs, config, mesh, shardings)
         state, history = _train_loop(chunk, state, run_key, config, ckpts)
     finally:
         if ckpts is not None:

@@ -77,3 +77,60 @@ def as_scores(scores_QxN) -> np.ndarray:
     if not np.isfinite(out).all():
         raise FloatingPointError("attribution scores contain NaN or inf")
     return out
+
+
+@dataclasses.dataclass
+class LMTask:
+    """A frozen decoder (``transformer.Decoder`` graphdef + params), its recipe and the data.
+
+    ``train`` is a ``TokenBlocks`` (rows = blocks / chunks); ``recipe`` is the
+    ``lm_train`` config that made ``params`` from ``params0`` (random init for pre-training,
+    the pre-trained model for SFT), so ``retrain`` reproduces it on a weighted subset.
+    """
+
+    model_config: object
+    graphdef: object
+    params: object
+    train: object
+    recipe: object
+    params0: object
+    mesh: object = None
+    workdir: str | None = None
+    seed: int = 0
+
+    def data(self, blocks=None) -> dict:
+        from stride_jax.models import lm_train
+
+        return lm_train.data_arrays(self.train if blocks is None else blocks)
+
+    def row_losses(self, blocks, params=None, batch: int = 64) -> jax.Array:
+        """Mean target-token CE of every row of ``blocks`` under ``params`` (default: base)."""
+        from stride_jax.models import lm_train
+
+        data = self.data(blocks)
+        fn = jax.jit(
+            lambda p, d: jax.lax.map(
+                lambda r: lm_train.example_losses(
+                    self.graphdef, p, r["tokens"][None], r["attn"][None], r["loss_mask"][None]
+                )[0],
+                d,
+                batch_size=batch,
+            )
+        )
+        return fn(self.params if params is None else params, data)
+
+
+LM_REGISTRY: dict[str, Method] = {}
+
+
+def register_lm(name: str, fit: Callable, score: Callable) -> None:
+    """Register a language-model method: ``fit(task, cfg)``, ``score(task, state, blocks, cfg)``."""
+    LM_REGISTRY[name] = Method(name, fit, score)
+
+
+def get_lm(name: str) -> Method:
+    if name not in LM_REGISTRY:
+        raise ValueError(
+            f"unknown language-model attribution method {name!r}; known: {sorted(LM_REGISTRY)}"
+        )
+    return LM_REGISTRY[name]

@@ -1,0 +1,152 @@
+"""STRIDE on a language model behind the common method interface (residual-stream hook).
+
+``fit``: the design over training rows, the base model's residual stream at ``layer`` cached
+once, stage 1 (resumable). ``score``: all-T responses per query block in one jitted call, then
+the batched Lasso; scores are per training row (chunks sum back to examples elsewhere).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from stride_jax import checkpoint, lm_stride, pipeline, recover, sharding, train
+from stride_jax.baselines.base import LMTask, as_scores, register_lm
+from stride_jax.errors import ConfigError
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Defaults for a small decoder on CPU; ``layer=-1`` means round(2/3 of the depth)."""
+    return ml_collections.ConfigDict(
+        dict(
+            seed=3,
+            layer=-1,
+            vocab_chunk=8192,
+            encode_batch=16,
+            op_chunk=64,
+            query_batch=1,
+            design=dict(kind="expander", num_subsets=1000, degree=5, seed=2),
+            stage1=dict(
+                rank=16,
+                steps=300,
+                log_every=50,
+                ckpt_every=150,
+                warmup_steps=30,
+                lr=1e-2,
+                lr_muon=0.02,
+                lr_end_frac=0.1,
+                weight_decay=0.0,
+                subsets_per_step=32,
+                fidelity_batch=4,
+                stability_batch=4,
+                probe_batch=4,
+                top_k=16,
+                sketch="features",
+                sketch_dim=16,
+                ridge=1.0,
+                intercept=True,
+                probe_mask_members=False,
+                linearity_over_all=False,
+                w_fidelity=1.0,
+                w_stability=1.0,
+                w_linearity=1.0,
+            ),
+            lasso=pipeline.lasso_defaults(),
+        )
+    )
+
+
+def hook_layer(cfg, n_layers: int) -> int:
+    layer = round(2 * n_layers / 3) if cfg.layer < 0 else int(cfg.layer)
+    if not 0 <= layer < n_layers:
+        raise ConfigError(f"stride layer must be in 0..{n_layers - 1} (the model has {n_layers})")
+    return layer
+
+
+@dataclasses.dataclass
+class LMFitted:
+    design: object
+    upper: lm_stride.Upper
+    graphdef: object
+    params: object
+    history: list
+    seconds: dict
+
+
+def _keys(cfg):
+    return jax.random.split(jax.random.key(cfg.seed), 3)  # sketch, stage 1, Lasso
+
+
+def _encode(task: LMTask, upper: lm_stride.Upper, blocks, cfg):
+    return lm_stride.encode(
+        task.graphdef,
+        task.params,
+        task.data(blocks),
+        upper.layer,
+        cfg.stage1.top_k,
+        cfg.vocab_chunk,
+        cfg.encode_batch,
+    )
+
+
+def fit(task: LMTask, cfg) -> LMFitted:
+    if cfg.stage1.probe_mask_members:
+        raise ConfigError("stage1.probe_mask_members is not supported for language models")
+    mesh = task.mesh if task.mesh is not None else sharding.make_mesh()
+    workdir = os.path.join(task.workdir, "stride") if task.workdir else None
+    if workdir:
+        checkpoint.guard_config(workdir, cfg.to_dict())
+    design = pipeline.make_design(cfg.design, len(task.train))
+    upper = lm_stride.Upper(
+        task.graphdef, hook_layer(cfg, task.model_config.n_layers), cfg.vocab_chunk
+    )
+    t0 = time.time()
+    cache = _encode(task, upper, task.train, cfg)
+    logging.info("stride-lm: hook after layer %d, cached %s", upper.layer, cache["h"].shape)
+    sketch_key, train_key, _ = _keys(cfg)
+    inputs = lm_stride.make_inputs(
+        upper, task.params, cache, task.data(), design, cfg.stage1, sketch_key
+    )
+    d = task.model_config.d_model
+    graphdef, params, history = train.fit_operators(
+        inputs,
+        cfg.stage1,
+        train_key,
+        mesh,
+        workdir,
+        dims=(d, d),
+        build_chunk=lm_stride.build_train_chunk,
+    )
+    return LMFitted(design, upper, graphdef, params, history, {"stage1": time.time() - t0})
+
+
+def responses(task: LMTask, fitted: LMFitted, query, cfg) -> np.ndarray:
+    """y_QxT (float32 numpy) for the query blocks."""
+    cache = _encode(task, fitted.upper, query, cfg)
+    y = lm_stride.response_matrix(
+        fitted.upper, task.params, fitted.graphdef, fitted.params, cache, task.data(query), cfg
+    )
+    return np.asarray(jax.device_get(y), np.float32)
+
+
+def score(task: LMTask, fitted: LMFitted, query, cfg):
+    mesh = task.mesh if task.mesh is not None else sharding.make_mesh()
+    t0 = time.time()
+    y_QxT = responses(task, fitted, query, cfg)
+    fitted.seconds["responses"] = time.time() - t0
+    logging.info("stride-lm: responses %s in %.2fs", y_QxT.shape, fitted.seconds["responses"])
+    t0 = time.time()
+    out = recover.lasso_scores(
+        fitted.design, y_QxT, pipeline.lasso_config(cfg.lasso), key=_keys(cfg)[2], mesh=mesh
+    )
+    fitted.seconds["lasso"] = time.time() - t0
+    return as_scores(out["scores_QxN"])
+
+
+register_lm("stride", fit, score)

@@ -1,0 +1,272 @@
+"""STRIDE on language models: steering operators on the residual stream after layer l.
+
+The decoder is frozen. Its residual stream after ``layer`` blocks is cached once for every
+training block (``encode``); operator k adds ``delta_k(h) = B_k SiLU(W_down LN(h))`` to it at
+every token, and the layers above l, the final norm and the head turn the steered stream
+into next-token predictions. Cross-entropy over the vocabulary runs in chunks
+(``losses.chunked_token_ce``) so (operators x tokens x vocab) logits never exist at once, and
+the stability KL needs only the base model's top-K logits (cached) and the steered logits at
+those K token ids (one gathered dot product each).
+
+Stage 1 reuses ``train.fit_operators`` (optimizer, sharding, orbax resume) with the residual
+loss below; stage 2 evaluates all T operators per query in one jitted call (operators in
+chunks of ``op_chunk`` vmapped rows, queries with ``lax.map``), then the shared Lasso.
+Fidelity, stability and query losses all count only target tokens (``loss_mask``: for SFT the
+response tokens), and a row's loss is the mean over its target tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from stride_jax import losses, sharding, train
+from stride_jax.models import transformer
+from stride_jax.operators import SteeringOperators
+
+
+@dataclasses.dataclass(frozen=True)
+class Upper:
+    """The frozen decoder above the hook: static parts (hashable) for jit."""
+
+    graphdef: object
+    layer: int
+    vocab_chunk: int
+
+    def row_losses(self, params, h_BxLxD, attn_BxL, tokens_BxL, loss_mask_BxL) -> jax.Array:
+        """Mean target-token CE of each row continued from residual h at ``layer``: (B,)."""
+        hn = transformer.normed_from(self.graphdef, params, h_BxLxD, attn_BxL, self.layer)
+        w_dv = transformer.head_matrix(self.graphdef, params)
+        b, length, d = hn.shape
+        ce = losses.chunked_token_ce(
+            hn[:, :-1].reshape(-1, d), w_dv, tokens_BxL[:, 1:].reshape(-1), self.vocab_chunk
+        ).reshape(b, length - 1)
+        w = loss_mask_BxL[:, 1:].astype(ce.dtype)
+        return (ce * w).sum(-1) / jnp.maximum(w.sum(-1), 1.0)
+
+    def row_kl(self, params, h, attn, top_idx_BxLxK, top_val_BxLxK, loss_mask_BxL):
+        """Mean truncated top-K KL(base || steered) over each row's target positions: (B,)."""
+        hn = transformer.normed_from(self.graphdef, params, h, attn, self.layer)
+        w_vd = transformer.head_matrix(self.graphdef, params).T
+        steer = jnp.einsum("bld,blkd->blk", hn, w_vd[top_idx_BxLxK])
+        logp = jax.nn.log_softmax(top_val_BxLxK, -1)
+        kl = (jnp.exp(logp) * (logp - jax.nn.log_softmax(steer, -1))).sum(-1)[:, :-1]
+        w = loss_mask_BxL[:, 1:].astype(kl.dtype)
+        return (kl * w).sum(-1) / jnp.maximum(w.sum(-1), 1.0)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=[
+        "model_params",
+        "h_NxLxD",
+        "attn_NxL",
+        "tokens_NxL",
+        "loss_mask_NxL",
+        "ce_base_N",
+        "top_idx_NxLxK",
+        "top_val_NxLxK",
+        "members_TxS",
+        "subsets_NxD",
+        "sketch_TxM",
+    ],
+    meta_fields=["upper"],
+)
+@dataclasses.dataclass(frozen=True)
+class LMInputs:
+    """Everything stage 1 reads: frozen model, cached base activations, design and sketch."""
+
+    upper: Upper
+    model_params: object
+    h_NxLxD: jax.Array
+    attn_NxL: jax.Array
+    tokens_NxL: jax.Array
+    loss_mask_NxL: jax.Array
+    ce_base_N: jax.Array
+    top_idx_NxLxK: jax.Array
+    top_val_NxLxK: jax.Array
+    members_TxS: jax.Array
+    subsets_NxD: jax.Array
+    sketch_TxM: jax.Array
+
+
+def encode(graphdef, params, data: dict, layer: int, top_k: int, vocab_chunk: int, batch: int):
+    """Base-model cache for rows ``data`` (tokens/attn/loss_mask N x L), ``batch`` at a time.
+
+    Returns ``h`` (N x L x D, residual after ``layer``), ``ce`` (N,) the base row losses,
+    ``top_idx``/``top_val`` (N x L x K) the base model's top-K next-token logits.
+    """
+    return _encode_fn(graphdef, layer, top_k, vocab_chunk, batch)(params, data)
+
+
+@functools.lru_cache(maxsize=8)
+def _encode_fn(graphdef, layer: int, top_k: int, vocab_chunk: int, batch: int):
+    upper = Upper(graphdef, layer, vocab_chunk)
+
+    @jax.jit
+    def fn(params, data):
+        def one(row):
+            tok, attn, lm = row["tokens"][None], row["attn"][None], row["loss_mask"][None]
+            h = transformer.hidden_at(graphdef, params, tok, attn, layer)
+            hn = transformer.normed_from(graphdef, params, h, attn, layer)
+            logits = hn @ transformer.head_matrix(graphdef, params)
+            val, idx = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))
+            ce = upper.row_losses(params, h, attn, tok, lm)
+            return {"h": h[0], "ce": ce[0], "top_idx": idx[0], "top_val": val[0]}
+
+        return jax.lax.map(one, data, batch_size=batch)
+
+    return fn
+
+
+def make_inputs(upper: Upper, model_params, cache, data: dict, design, config, key) -> LMInputs:
+    """Bundle the cache, the design and its sketch (features: mean-pooled residual)."""
+    attn = data["attn"].astype(jnp.float32)
+    pooled_NxD = (cache["h"] * attn[..., None]).sum(1) / jnp.maximum(attn.sum(1), 1.0)[:, None]
+    return LMInputs(
+        upper=upper,
+        model_params=model_params,
+        h_NxLxD=cache["h"],
+        attn_NxL=data["attn"],
+        tokens_NxL=data["tokens"],
+        loss_mask_NxL=data["loss_mask"],
+        ce_base_N=cache["ce"],
+        top_idx_NxLxK=cache["top_idx"],
+        top_val_NxLxK=cache["top_val"],
+        members_TxS=jnp.asarray(design.members_TxS),
+        subsets_NxD=jnp.asarray(design.subsets_NxD),
+        sketch_TxM=train.sketched_design(design, config, key, pooled_NxD),
+    )
+
+
+def _steered_rows(ops: SteeringOperators, inputs: LMInputs, rows_KxB, ids_K):
+    """(residual + own operator's shift) flattened to K*B rows, and the rows' other arrays."""
+    h = inputs.h_NxLxD[rows_KxB]
+    h = h + ops.shifts_per_row(ops.basis(h), ids_K)
+    flat = rows_KxB.reshape(-1)
+    return h.reshape(-1, *h.shape[2:]), flat
+
+
+def loss_terms(ops: SteeringOperators, inputs: LMInputs, batch, config) -> dict:
+    """Fidelity, stability and linearity (scalars) for one sampled batch."""
+    ids_K, mem_KxB, w_fid, non_KxB, w_stab, probe_P = batch
+    up, p, k = inputs.upper, inputs.model_params, ids_K.shape[0]
+    h, rows = _steered_rows(ops, inputs, mem_KxB, ids_K)
+    ce = up.row_losses(
+        p, h, inputs.attn_NxL[rows], inputs.tokens_NxL[rows], inputs.loss_mask_NxL[rows]
+    )
+    fid = losses.weighted_mean(ce.reshape(k, -1), w_fid).mean()
+    h, rows = _steered_rows(ops, inputs, non_KxB, ids_K)
+    kl = up.row_kl(
+        p,
+        h,
+        inputs.attn_NxL[rows],
+        inputs.top_idx_NxLxK[rows],
+        inputs.top_val_NxLxK[rows],
+        inputs.loss_mask_NxL[rows],
+    )
+    stab = losses.weighted_mean(kl.reshape(k, -1), w_stab).mean()
+    if config.w_linearity == 0:
+        return {"fidelity": fid, "stability": stab, "linearity": jnp.zeros(())}
+    lin_ids = None if config.linearity_over_all else ids_K
+    h_p = inputs.h_NxLxD[probe_P]
+    h_kp = h_p + ops.shifts(ops.basis(h_p), lin_ids)
+    kk, pp = h_kp.shape[:2]
+
+    def tile(x):
+        return jnp.broadcast_to(x, (kk, *x.shape)).reshape(kk * pp, *x.shape[1:])
+
+    ce_kp = up.row_losses(
+        p,
+        h_kp.reshape(kk * pp, *h_kp.shape[2:]),
+        tile(inputs.attn_NxL[probe_P]),
+        tile(inputs.tokens_NxL[probe_P]),
+        tile(inputs.loss_mask_NxL[probe_P]),
+    ).reshape(kk, pp)
+    sketch = inputs.sketch_TxM if lin_ids is None else inputs.sketch_TxM[lin_ids]
+    if config.intercept:
+        sketch = jnp.concatenate([sketch, jnp.ones((kk, 1))], axis=1)
+    drops = inputs.ce_base_N[probe_P][None] - ce_kp
+    return {
+        "fidelity": fid,
+        "stability": stab,
+        "linearity": losses.linearity(drops, sketch, config.ridge),
+    }
+
+
+def build_train_chunk(graphdef, tx, inputs: LMInputs, config, mesh, state_shardings):
+    """Jitted ``config.log_every`` steps; ``inputs`` travels as an argument, not a constant."""
+
+    def one_step(state, key, inputs):
+        batch = train.sample_batch(jax.random.fold_in(key, state["step"]), inputs, config)
+
+        def objective(params):
+            terms = loss_terms(nnx.merge(graphdef, params), inputs, batch, config)
+            return train.total_loss(terms, config), terms
+
+        (_, terms), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, terms
+
+    def chunk(state, key, inputs):
+        state, terms = jax.lax.scan(
+            lambda s, _: one_step(s, key, inputs), state, None, config.log_every
+        )
+        return state, jax.tree.map(jnp.mean, terms)
+
+    rep = sharding.replicated(mesh)
+    jitted = jax.jit(
+        chunk, in_shardings=(state_shardings, rep, rep), out_shardings=(state_shardings, rep)
+    )
+    return lambda state, key: jitted(state, key, inputs)
+
+
+def response_matrix(upper: Upper, model_params, ops_graphdef, ops_params, cache_q, data_q, config):
+    """y_QxT = CE_base(q) - CE_k(q) for every query row and operator, one jitted call."""
+    num_subsets = ops_params["gates"][...].shape[0]
+    op_chunk = min(config.op_chunk, num_subsets)
+    fn = _response_fn(upper, ops_graphdef, num_subsets, op_chunk, config.query_batch)
+    return fn(model_params, ops_params, cache_q["h"], data_q)
+
+
+@functools.lru_cache(maxsize=8)
+def _response_fn(upper: Upper, ops_graphdef, num_subsets: int, op_chunk: int, query_batch: int):
+    n_chunks = -(-num_subsets // op_chunk)
+    ids_CxK = jnp.minimum(jnp.arange(n_chunks * op_chunk), num_subsets - 1).reshape(n_chunks, -1)
+
+    @jax.jit
+    def fn(model_params, ops_params, h_QxLxD, data_q):
+        ops = nnx.merge(ops_graphdef, ops_params)
+
+        def one_query(args):
+            h, row = args
+            attn, tok, lm = row["attn"][None], row["tokens"][None], row["loss_mask"][None]
+            base = upper.row_losses(model_params, h[None], attn, tok, lm)[0]
+            phi_LxR = ops.basis(h)
+
+            def one_chunk(ids_K):
+                h_k = h[None] + ops.shifts(phi_LxR, ids_K)
+                kk = ids_K.shape[0]
+
+                def tile(x):
+                    return jnp.broadcast_to(x, (kk, *x.shape[1:]))
+
+                return upper.row_losses(model_params, h_k, tile(attn), tile(tok), tile(lm))
+
+            ce_T = jax.lax.map(one_chunk, ids_CxK).reshape(-1)[:num_subsets]
+            return base - ce_T
+
+        return jax.lax.map(one_query, (h_QxLxD, data_q), batch_size=query_batch)
+
+    return fn
+
+
+def as_numpy(x) -> np.ndarray:
+    return np.asarray(jax.device_get(x), np.float32)

@@ -85,7 +85,10 @@ class LMTask:
 
     ``train`` is a ``TokenBlocks`` (rows = blocks / chunks); ``recipe`` is the
     ``lm_train`` config that made ``params`` from ``params0`` (random init for pre-training,
-    the pre-trained model for SFT), so ``retrain`` reproduces it on a weighted subset.
+    the pre-trained model for SFT): ``params == lm_train.fit(recipe, graphdef, params0,
+    jax.random.key(seed), task.data(), ones)``, so the trajectory can be replayed (TracIn) and
+    ``retrain`` reproduces the recipe on a weighted subset. ``tokenizer`` decodes rows to text
+    (text-similarity baselines).
     """
 
     model_config: object
@@ -94,9 +97,17 @@ class LMTask:
     train: object
     recipe: object
     params0: object
+    tokenizer: object = None
     mesh: object = None
     workdir: str | None = None
     seed: int = 0
+
+    def retrain(self, key, weight_N=None):
+        """Params trained with the base recipe from ``params0`` (optional row weights)."""
+        from stride_jax.models import lm_train
+
+        w = jnp.ones(len(self.train)) if weight_N is None else jnp.asarray(weight_N, jnp.float32)
+        return lm_train.jitted_fit(self.recipe, self.graphdef)(self.params0, key, self.data(), w)
 
     def data(self, blocks=None) -> dict:
         from stride_jax.models import lm_train

@@ -13,8 +13,12 @@ only response tokens count), matching how queries are scored.
 
 from __future__ import annotations
 
+import functools
+import json
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from stride_jax.models import transformer
@@ -89,3 +93,14 @@ def data_arrays(blocks) -> dict:
         "attn": jnp.asarray(blocks.attn_mask_NxL, jnp.int32),
         "loss_mask": jnp.asarray(blocks.loss_mask_NxL, jnp.float32),
     }
+
+
+def jitted_fit(config, graphdef):
+    """``fit`` jitted once per (recipe, model): ``(params0, key, data, weight_N) -> params``."""
+    return _jitted_fit(config.to_json(), graphdef)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_fit(config_json: str, graphdef):
+    config = ml_collections.ConfigDict(json.loads(config_json))
+    return jax.jit(lambda p, k, d, w: fit(config, graphdef, p, k, d, w))

@@ -1,0 +1,349 @@
+"""The language-model LDS job: base decoder, ground-truth retrains, methods, results.json.
+
+Pre-training (``model.source='scratch'``): a small decoder trained from a random init on the
+training blocks; every ground-truth retrain starts from the SAME init and runs the same recipe
+on an alpha-subset of the training examples (its own key draws its batches). SFT
+(``model.source`` = 'pretrain' | 'hf' | 'gguf'): a pre-trained decoder (pre-trained here by
+``pretrain`` and cached, or imported from a Hugging Face directory / GGUF file) fine-tuned on
+prompt/response examples with loss on response tokens only; retrains fine-tune the same
+pre-trained start on subsets. Scores are per training row (chunk) and summed back to examples;
+the LDS compares them with the retrains' query losses. Stages are cached in the workdir like
+the classifier job (benchmark.py), whose evaluation and report this job shares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from stride_jax import benchmark, checkpoint, profiling, sharding, subsets
+from stride_jax.apps import report
+from stride_jax.baselines import base, datamodel
+from stride_jax.data import corpora
+from stride_jax.data.tokenizer import CharTokenizer
+from stride_jax.errors import ConfigError
+from stride_jax.models import hf_import, lm_train, transformer
+
+
+@dataclasses.dataclass
+class LMContext:
+    config: object
+    workdir: str
+    splits: object
+    mesh: object
+    task: base.LMTask = None
+    base_stats: dict = None
+
+
+def _arch(c, vocab_size: int) -> transformer.DecoderConfig:
+    return transformer.DecoderConfig(
+        family=c.family,
+        vocab_size=vocab_size,
+        d_model=c.d_model,
+        n_layers=c.n_layers,
+        n_heads=c.n_heads,
+        max_len=c.max_len,
+    )
+
+
+def pretrain(pc, workdir: str) -> str:
+    """Pre-train a decoder from scratch on ``pc.data`` with recipe ``pc.train``; resumable
+    (orbax checkpoints every ``pc.ckpt_every`` steps). Writes a Hugging Face directory
+    (config.json, model.safetensors, tokenizer) at ``workdir/hf`` and returns its path."""
+    out = os.path.join(workdir, "hf")
+    if os.path.exists(os.path.join(out, "model.safetensors")):
+        logging.info("pretrain: reusing %s", out)
+        return out
+    checkpoint.guard_config(os.path.join(workdir, "pretrain"), pc.to_dict())
+    splits = _pretrain_splits(pc.data)
+    cfg = _arch(pc.model, splits.tokenizer.vocab_size)
+    graphdef, params0 = transformer.build(cfg, jax.random.key(pc.model.seed))
+    data = lm_train.data_arrays(splits.train)
+    weights = jnp.ones(len(splits.train))
+    state = lm_train.init_state(pc.train, params0)
+    state = {**state, "step": jnp.int32(0)}
+    ckpts = checkpoint.TrainCheckpoints(os.path.join(workdir, "pretrain_ckpt"))
+    try:
+        if ckpts.latest_step() is not None:
+            state = ckpts.restore(jax.tree.map(jax.ShapeDtypeStruct.from_array, state))
+            logging.info("pretrain: resumed from step %d", int(state["step"]))
+        step_fn = jax.jit(
+            lambda s, k, d, w: lm_train.run_steps(pc.train, graphdef, s, k, d, w, pc.ckpt_every)
+        )
+        key, t0 = jax.random.key(pc.model.seed + 1), time.time()
+        while int(state["step"]) < pc.train.steps:
+            state, loss = step_fn(state, key, data, weights)
+            step = int(state["step"])
+            ckpts.save(step, state)
+            logging.info(
+                "pretrain step %d/%d  loss %.4f  (%.1f s)",
+                step,
+                pc.train.steps,
+                float(loss.mean()),
+                time.time() - t0,
+            )
+    finally:
+        ckpts.close()
+    task = base.LMTask(cfg, graphdef, state["params"], splits.train, pc.train, params0)
+    stats = {
+        "train_loss": float(task.row_losses(splits.train).mean()),
+        "query_loss": float(task.row_losses(splits.query).mean()),
+    }
+    logging.info("pretrain: train loss %.4f, held-out loss %.4f", *stats.values())
+    hf_import.save_hf(cfg, state["params"], out)
+    splits.tokenizer.save(os.path.join(out, "stride_tokenizer.json"))
+    checkpoint.save_json(os.path.join(workdir, "pretrain_stats.json"), stats)
+    return out
+
+
+def _pretrain_splits(dc):
+    """Pre-training text; a character vocabulary gets an unknown-character id so that a
+    later fine-tuning corpus with characters the pre-training text lacks still encodes."""
+    if dc.name == "shakespeare" and dc.tokenizer == "char":
+        text = corpora.shakespeare_text()
+        return corpora.load_shakespeare(
+            dc.block_len,
+            dc.n_train,
+            dc.n_val,
+            dc.n_query,
+            dc.seed,
+            tokenizer=CharTokenizer.from_corpus(text, use_unk=True),
+        )
+    return corpora.load_text(dc)
+
+
+def _start_model(ctx: LMContext):
+    """(arch, graphdef, params0, tokenizer path or None) the base recipe starts from."""
+    mc = ctx.config.model
+    if mc.source == "scratch":
+        cfg = _arch(mc, ctx.splits.tokenizer.vocab_size)
+        return (cfg, *transformer.build(cfg, jax.random.key(mc.seed)))
+    if mc.source == "pretrain":
+        path = pretrain(ctx.config.pretrain, os.path.join(ctx.workdir, "pretrained"))
+        return hf_import.load_hf(path)
+    if mc.source == "hf":
+        return hf_import.load_hf(mc.path)
+    if mc.source == "gguf":
+        from stride_jax.models import gguf_import
+
+        return gguf_import.load_gguf(mc.path)
+    raise ConfigError(f"model.source must be scratch, pretrain, hf or gguf, got {mc.source!r}")
+
+
+def base_model(ctx: LMContext) -> dict:
+    """Train (or reload) the base decoder with the recipe; logs train / query losses."""
+    c = ctx.config
+    cfg, graphdef, params0 = _start_model(ctx)
+    if cfg.vocab_size < ctx.splits.tokenizer.vocab_size:
+        raise ConfigError(
+            f"the model's vocabulary ({cfg.vocab_size}) is smaller than the tokenizer's "
+            f"({ctx.splits.tokenizer.vocab_size}): model and tokenizer do not match"
+        )
+    if ctx.splits.train.block_len > cfg.max_len:
+        raise ConfigError(f"data.block_len exceeds the model's max_len {cfg.max_len}")
+    path = benchmark._guarded(
+        ctx.workdir, "base_model.npz", {"data": c.data.to_dict(), "model": c.model.to_dict()}
+    )
+    task = base.LMTask(
+        cfg,
+        graphdef,
+        None,
+        ctx.splits.train,
+        c.train,
+        params0,
+        ctx.splits.tokenizer,
+        ctx.mesh,
+        ctx.workdir,
+        c.train.seed,
+    )
+    if os.path.exists(path):
+        flat = checkpoint.load_arrays(path)
+        leaves, treedef = jax.tree.flatten(params0)
+        task.params = jax.tree.unflatten(
+            treedef, [jnp.asarray(flat[f"p{i}"]) for i in range(len(leaves))]
+        )
+    else:
+        t0 = time.time()
+        task.params = task.retrain(jax.random.key(c.train.seed))
+        logging.info("base model: trained in %.1fs", time.time() - t0)
+        leaves = jax.tree.leaves(task.params)
+        checkpoint.save_arrays(path, **{f"p{i}": np.asarray(x) for i, x in enumerate(leaves)})
+    ctx.task = task
+    stats = {
+        "train_loss": float(task.row_losses(ctx.splits.train).mean()),
+        "query_loss": float(task.row_losses(ctx.splits.query).mean()),
+        "start_query_loss": float(task.row_losses(ctx.splits.query, params0).mean()),
+        "num_params": int(sum(x.size for x in jax.tree.leaves(task.params))),
+    }
+    logging.info(
+        "base model: train loss %.4f, query loss %.4f (before training: %.4f), %d params",
+        *stats.values(),
+    )
+    return stats
+
+
+@functools.lru_cache(maxsize=4)
+def _retrain_fn(recipe_json: str, graphdef, batch: int):
+    recipe = ml_collections.ConfigDict(json.loads(recipe_json))
+
+    @jax.jit
+    def fn(params0, keys_M, data, weights_MxN):
+        def one(args):
+            return lm_train.fit(recipe, graphdef, params0, args[0], data, args[1])
+
+        return jax.lax.map(one, (keys_M, weights_MxN), batch_size=batch)
+
+    return fn
+
+
+def retrain_losses(task: base.LMTask, keys_M, masks_MxE, query, batch: int) -> np.ndarray:
+    """losses_MxQ: query-row losses of M models retrained on example masks (vmapped)."""
+    weights = jnp.asarray(masks_MxE, jnp.float32)[:, task.train.example_id_N]
+    params_M = _retrain_fn(task.recipe.to_json(), task.graphdef, batch)(
+        task.params0, keys_M, task.data(), weights
+    )
+    losses = jax.lax.map(lambda p: task.row_losses(query, p), params_M, batch_size=batch)
+    return np.asarray(jax.device_get(losses), np.float32)
+
+
+def ground_truth(ctx: LMContext, seed: int, name: str) -> dict:
+    c = ctx.config
+    gt = c.groundtruth
+    path = benchmark._guarded(
+        ctx.workdir,
+        name,
+        {
+            "data": c.data.to_dict(),
+            "model": c.model.to_dict(),
+            "train": c.train.to_dict(),
+            "gt": {"num_models": gt.num_models, "alpha": gt.alpha, "seed": gt.seed},
+            "seed": seed,
+        },
+    )
+    if os.path.exists(path):
+        return checkpoint.load_arrays(path)
+    masks = subsets.retention_masks(
+        jax.random.key(gt.seed), gt.num_models, ctx.splits.train.num_examples, gt.alpha
+    )
+    keys = jax.random.split(jax.random.key(seed), gt.num_models)
+    t0 = time.time()
+    logging.info(
+        "ground truth: retraining %d decoders (%d at a time)", gt.num_models, gt.models_per_batch
+    )
+    losses = retrain_losses(ctx.task, keys, masks, ctx.splits.query, gt.models_per_batch)
+    logging.info(
+        "ground truth: %s in %.1fs, mean query loss %.4f", name, time.time() - t0, losses.mean()
+    )
+    out = {"masks_MxN": np.asarray(masks), "losses_MxQ": losses}
+    checkpoint.save_arrays(path, **out)
+    return out
+
+
+def run_method(ctx: LMContext, name: str, cfg, workdir: str):
+    """Fit and score one LM method; scores summed from rows to examples."""
+    method = base.get_lm(name)
+    task = dataclasses.replace(ctx.task, workdir=workdir)
+    with profiling.PeakMemory() as mem:
+        t0 = time.time()
+        state = jax.block_until_ready(method.fit(task, cfg))
+        t1 = time.time()
+        rows = base.as_scores(method.score(task, state, ctx.splits.query, cfg))
+        t2 = time.time()
+    scores = ctx.splits.train.sum_to_examples(rows).astype(np.float32)
+    return scores, {"seconds_split": {"fit": t1 - t0, "score": t2 - t1}, "peak_mb": mem.peak_mb}
+
+
+def run(config, workdir: str) -> dict:
+    """The whole LM job; returns and writes ``workdir/results.json``."""
+    validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    data_config = config.data
+    if config.data.tokenizer == "pretrained":
+        if config.model.source != "pretrain":
+            raise ConfigError("data.tokenizer='pretrained' needs model.source='pretrain'")
+        hf_dir = pretrain(config.pretrain, os.path.join(workdir, "pretrained"))
+        data_config = ml_collections.ConfigDict(
+            dict(config.data.to_dict(), tokenizer=os.path.join(hf_dir, "stride_tokenizer.json"))
+        )
+    splits = corpora.load_text(data_config)
+    checkpoint.save_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.ops)
+    ctx = LMContext(config, workdir, splits, mesh)
+    logging.info(
+        "data: %s, %d train rows (%d examples), %d query rows, block %d, vocab %d",
+        splits.name,
+        len(splits.train),
+        splits.train.num_examples,
+        len(splits.query),
+        splits.train.block_len,
+        splits.tokenizer.vocab_size,
+    )
+    ctx.base_stats = base_model(ctx)
+    gt = ground_truth(ctx, config.groundtruth.seed + 1000, "groundtruth.npz")
+    methods = {}
+    for name in config.methods:
+        cfg = config.stride if name == "stride" else config.baselines[name]
+        sub = os.path.join(workdir, name)
+        methods[name] = benchmark._method(
+            ctx, name, lambda n=name, c=cfg, d=sub: run_method(ctx, n, c, d), gt
+        )
+        methods[name].pop("per_query")
+    results = {
+        "dataset": {
+            "name": splits.name,
+            "n_train_examples": splits.train.num_examples,
+            "n_train_rows": len(splits.train),
+            "n_query": len(splits.query),
+            "block_len": splits.train.block_len,
+        },
+        "ground_truth": {
+            "num_models": config.groundtruth.num_models,
+            "alpha": config.groundtruth.alpha,
+        },
+        "base_model": ctx.base_stats,
+        "methods": methods,
+    }
+    if config.groundtruth.noise_ceiling:
+        other = ground_truth(ctx, config.groundtruth.ceiling_seed + 1000, "noise_ceiling.npz")
+        res = datamodel.retrain_agreement(
+            other["losses_MxQ"], gt["losses_MxQ"], n_boot=config.lds.n_boot
+        )
+        results["noise_ceiling"] = {"lds": res["lds"], "lds_ci95": list(res["ci95"])}
+        logging.info("noise ceiling: LDS %.4f [%.4f, %.4f]", res["lds"], *res["ci95"])
+    checkpoint.save_json(os.path.join(workdir, "results.json"), results)
+    report.write_report(results, workdir)
+    return results
+
+
+def validate(config) -> None:
+    """Refuse unknown methods and out-of-range values before any work is done."""
+    for name in config.methods:
+        base.get_lm(name)
+        if name != "stride" and name not in config.baselines:
+            raise ConfigError(f"config.baselines has no block for method {name!r}")
+    if not 0.0 < config.groundtruth.alpha <= 1.0:
+        raise ConfigError(f"groundtruth.alpha must be in (0, 1], got {config.groundtruth.alpha}")
+    for key in ("train.steps", "train.batch", "groundtruth.num_models"):
+        section, field = key.split(".")
+        if not config[section][field] > 0:
+            raise ConfigError(f"config.{key} must be > 0, got {config[section][field]}")
+
+
+def default_baseline_configs() -> ml_collections.ConfigDict:
+    """``{name: default config}`` for every registered LM method but STRIDE."""
+    out = {}
+    for name, method in sorted(base.LM_REGISTRY.items()):
+        if name == "stride":
+            continue
+        module = __import__(method.fit.__module__, fromlist=["default_config"])
+        out[name] = module.default_config(name)
+    return ml_collections.ConfigDict(out)

@@ -8,7 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
-from stride_jax import losses, lm_stride
+from stride_jax import lm_stride, losses
 from stride_jax.baselines import lm_stride_method
 from stride_jax.baselines.base import LMTask
 from stride_jax.data import corpora
@@ -84,7 +84,7 @@ def test_response_matrix_matches_a_loop_over_operators(tiny_lm):
             task.graphdef, task.params, tok[q : q + 1], attn[q : q + 1], layer
         )
 
-        def ce(logits):
+        def ce(logits, q=q):
             c = optax.softmax_cross_entropy_with_integer_labels(logits[0, :-1], tok[q, 1:])
             return float((c * lm[q, 1:]).sum() / lm[q, 1:].sum())
 

@@ -28,8 +28,8 @@ from absl import logging
 from stride_jax import benchmark, checkpoint, profiling, sharding, subsets
 from stride_jax.apps import report
 from stride_jax.baselines import base, datamodel
-from stride_jax.data import corpora
-from stride_jax.data.tokenizer import CharTokenizer
+from stride_jax.data import DataError, corpora
+from stride_jax.data.tokenizer import CharTokenizer, load_tokenizer
 from stride_jax.errors import ConfigError
 from stride_jax.models import hf_import, lm_train, transformer
 
@@ -74,7 +74,9 @@ def pretrain(pc, workdir: str) -> str:
     ckpts = checkpoint.TrainCheckpoints(os.path.join(workdir, "pretrain_ckpt"))
     try:
         if ckpts.latest_step() is not None:
-            state = ckpts.restore(jax.tree.map(jax.ShapeDtypeStruct.from_array, state))
+            state = ckpts.restore(
+                jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+            )
             logging.info("pretrain: resumed from step %d", int(state["step"]))
         step_fn = jax.jit(
             lambda s, k, d, w: lm_train.run_steps(pc.train, graphdef, s, k, d, w, pc.ckpt_every)
@@ -108,21 +110,26 @@ def pretrain(pc, workdir: str) -> str:
 def _pretrain_splits(dc):
     """Pre-training text; a character vocabulary gets an unknown-character id so that a
     later fine-tuning corpus with characters the pre-training text lacks still encodes."""
-    if dc.name == "shakespeare" and dc.tokenizer == "char":
+    if dc.name not in ("shakespeare", "textfile"):
+        return corpora.load_text(dc)
+    if dc.name == "shakespeare":
         text = corpora.shakespeare_text()
-        return corpora.load_shakespeare(
-            dc.block_len,
-            dc.n_train,
-            dc.n_val,
-            dc.n_query,
-            dc.seed,
-            tokenizer=CharTokenizer.from_corpus(text, use_unk=True),
-        )
-    return corpora.load_text(dc)
+    else:
+        if not os.path.isfile(dc.path):
+            raise DataError(f"data.path {dc.path!r} (the text corpus) is not a file")
+        with open(dc.path, encoding="utf-8") as f:
+            text = f.read()
+    if dc.tokenizer == "char":
+        tokenizer = CharTokenizer.from_corpus(text, use_unk=True)
+    else:
+        tokenizer = load_tokenizer(dc.tokenizer)
+    return corpora.pack_splits(
+        dc.name, text, tokenizer, dc.block_len, dc.n_train, dc.n_val, dc.n_query, dc.seed
+    )
 
 
 def _start_model(ctx: LMContext):
-    """(arch, graphdef, params0, tokenizer path or None) the base recipe starts from."""
+    """(arch, graphdef, params0) the base recipe starts from."""
     mc = ctx.config.model
     if mc.source == "scratch":
         cfg = _arch(mc, ctx.splits.tokenizer.vocab_size)
@@ -192,30 +199,49 @@ def base_model(ctx: LMContext) -> dict:
 
 
 @functools.lru_cache(maxsize=4)
-def _retrain_fn(recipe_json: str, graphdef, batch: int):
+def _retrain_fn(recipe_json: str, graphdef):
+    """Jitted: a group of models trained at once (vmap) -> their query-row losses."""
     recipe = ml_collections.ConfigDict(json.loads(recipe_json))
 
     @jax.jit
-    def fn(params0, keys_M, data, weights_MxN):
-        def one(args):
-            return lm_train.fit(recipe, graphdef, params0, args[0], data, args[1])
+    def fn(params0, keys_G, data, weights_GxN, query):
+        def one(key, w):
+            p = lm_train.fit(recipe, graphdef, params0, key, data, w)
+            return lm_train.example_losses(
+                graphdef, p, query["tokens"], query["attn"], query["loss_mask"]
+            )
 
-        return jax.lax.map(one, (keys_M, weights_MxN), batch_size=batch)
+        return jax.vmap(one)(keys_G, weights_GxN)
 
     return fn
 
 
-def retrain_losses(task: base.LMTask, keys_M, masks_MxE, query, batch: int) -> np.ndarray:
-    """losses_MxQ: query-row losses of M models retrained on example masks (vmapped)."""
+def retrain_losses(task: base.LMTask, keys_M, masks_MxE, query, group: int, partial=None):
+    """losses_MxQ: query-row losses of M models retrained on example masks.
+
+    Models train ``group`` at a time in one vmapped call; after each group the losses so far
+    go to ``partial`` (an .npz path, optional), from which a restarted job resumes.
+    """
     weights = jnp.asarray(masks_MxE, jnp.float32)[:, task.train.example_id_N]
-    params_M = _retrain_fn(task.recipe.to_json(), task.graphdef, batch)(
-        task.params0, keys_M, task.data(), weights
+    m = weights.shape[0]
+    done = (
+        checkpoint.load_arrays(partial)["losses"] if partial and os.path.exists(partial) else None
     )
-    losses = jax.lax.map(lambda p: task.row_losses(query, p), params_M, batch_size=batch)
-    return np.asarray(jax.device_get(losses), np.float32)
+    out = [] if done is None else list(done)
+    fn = _retrain_fn(task.recipe.to_json(), task.graphdef)
+    data, q, t0 = task.data(), task.data(query), time.time()
+    for start in range(len(out), m, group):
+        stop = min(start + group, m)
+        losses = fn(task.params0, keys_M[start:stop], data, weights[start:stop], q)
+        out.extend(np.asarray(jax.device_get(losses), np.float32))
+        if partial:
+            checkpoint.save_arrays(partial, losses=np.stack(out))
+        logging.info("ground truth: %d/%d models (%.1f s)", stop, m, time.time() - t0)
+    return np.stack(out)
 
 
 def ground_truth(ctx: LMContext, seed: int, name: str) -> dict:
+    """Masks (M x E) and query losses (M x Q) of M retrains; cached (and resumable)."""
     c = ctx.config
     gt = c.groundtruth
     path = benchmark._guarded(
@@ -239,7 +265,9 @@ def ground_truth(ctx: LMContext, seed: int, name: str) -> dict:
     logging.info(
         "ground truth: retraining %d decoders (%d at a time)", gt.num_models, gt.models_per_batch
     )
-    losses = retrain_losses(ctx.task, keys, masks, ctx.splits.query, gt.models_per_batch)
+    losses = retrain_losses(
+        ctx.task, keys, masks, ctx.splits.query, gt.models_per_batch, path + ".partial.npz"
+    )
     logging.info(
         "ground truth: %s in %.1fs, mean query loss %.4f", name, time.time() - t0, losses.mean()
     )

@@ -26,6 +26,32 @@ def arch(**overrides) -> dict:
     return a
 
 
+LM_METHODS = ("stride", "graddot", "tracin", "trak", "logra", "repsim", "tfidf", "bm25", "random")
+
+
+def pretrain_config() -> ml_collections.ConfigDict:
+    """experiments/pretrain_lm.py's config: a character GPT on all of Shakespeare but 200
+    held-out blocks (``data.name='textfile'`` with ``data.path`` takes any UTF-8 text file;
+    'jsonl' a JSONL corpus; ``data.tokenizer`` 'char' or a tokenizer path for BPE)."""
+    return ml_collections.ConfigDict(
+        dict(
+            data=dict(
+                name="shakespeare",
+                path="",
+                tokenizer="char",
+                block_len=64,
+                n_train=None,
+                n_val=0,
+                n_query=200,
+                seed=0,
+            ),
+            model=arch(),
+            train=recipe(steps=1000),
+            ckpt_every=250,
+        )
+    )
+
+
 def base_config() -> ml_collections.ConfigDict:
     from stride_jax import lm_benchmark
 
@@ -42,12 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.model = dict(source="scratch", path="", **arch())
     # Used only by model.source='pretrain': pre-train a decoder here, then fine-tune it.
-    c.pretrain = dict(
-        data=dict(c.data.to_dict(), n_train=None, n_val=0, n_query=200),
-        model=arch(),
-        train=recipe(steps=1000),
-        ckpt_every=250,
-    )
+    c.pretrain = pretrain_config()
     c.train = recipe()
     c.groundtruth = dict(
         num_models=64, alpha=0.5, seed=1, models_per_batch=16, noise_ceiling=True, ceiling_seed=7

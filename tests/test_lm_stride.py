@@ -160,7 +160,7 @@ def test_vmapped_retrains_equal_sequential(tiny_lm):
     sp, task = tiny_lm
     masks = np.random.default_rng(0).random((2, len(sp.train))) < 0.5
     keys = jax.random.split(jax.random.key(3), 2)
-    got = lm_benchmark.retrain_losses(task, keys, masks, sp.query, batch=2)
+    got = lm_benchmark.retrain_losses(task, keys, masks, sp.query, group=2)
     for m in range(2):
         p = task.retrain(keys[m], masks[m].astype(np.float32))
         np.testing.assert_allclose(got[m], task.row_losses(sp.query, p), rtol=2e-5, atol=2e-5)

@@ -2,7 +2,7 @@
 on chit-chat prompt/response pairs (loss on response tokens only); retrains fine-tune the
 same pre-trained model on alpha-subsets of the pairs."""
 
-from stride_jax.lm_config import base_config, recipe
+from stride_jax.lm_config import LM_METHODS, base_config, recipe
 
 
 def get_config():
@@ -12,5 +12,5 @@ def get_config():
     # The pre-trained model's tokenizer is used for the SFT data (unknown characters refused).
     c.data.tokenizer = "pretrained"
     c.train = recipe(steps=200, lr=1e-3, warmup_steps=20)
-    c.methods = ("stride", "graddot", "tracin", "trak", "logra", "repsim", "tfidf", "bm25", "random")
+    c.methods = LM_METHODS
     return c

@@ -113,10 +113,15 @@ def load_shakespeare(
     text = shakespeare_text()
     if tokenizer is None:
         tokenizer = CharTokenizer.from_corpus(text)
+    return pack_splits("shakespeare", text, tokenizer, block_len, n_train, n_val, n_query, seed)
+
+
+def pack_splits(name, text, tokenizer, block_len, n_train, n_val, n_query, seed) -> TextSplits:
+    """A corpus packed into blocks (each its own example), split by a seeded permutation."""
     blocks = pack(text, tokenizer, block_len)
-    tr, va, q = _permuted_split(len(blocks), n_train, n_val, n_query, seed, "Shakespeare blocks")
+    tr, va, q = _permuted_split(len(blocks), n_train, n_val, n_query, seed, f"{name} blocks")
     val = blocks.subset(va) if len(va) else None
-    return TextSplits("shakespeare", blocks.subset(tr), blocks.subset(q), tokenizer, val)
+    return TextSplits(name, blocks.subset(tr), blocks.subset(q), tokenizer, val)
 
 
 def _turn_text(turn) -> str:

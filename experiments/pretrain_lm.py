@@ -1,0 +1,44 @@
+"""Pre-train a small decoder from scratch: python -m experiments.pretrain_lm --workdir=DIR
+(default config: experiments/configs/pretrain_shakespeare.py).
+
+Character or BPE tokens (``--config.data.tokenizer``), a text file (``data.name=textfile``,
+``data.path=corpus.txt``), a JSONL corpus (``data.name=jsonl``) or the embedded Shakespeare.
+Checkpointed with orbax every ``ckpt_every`` steps (a killed run resumes); the result is a
+Hugging Face directory DIR/hf (config.json, model.safetensors, stride_tokenizer.json) that
+``lm_benchmark`` (``model.source=hf``) and transformers can load.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from stride_jax import benchmark, lm_benchmark
+from stride_jax.checkpoint import CheckpointError
+from stride_jax.config import ConfigError
+from stride_jax.data import DataError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    "experiments/configs/pretrain_shakespeare.py",
+    "Pre-training config.",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(benchmark.only_stride_jax_info)
+    try:
+        path = lm_benchmark.pretrain(_CONFIG.value, _WORKDIR.value)
+    except (DataError, ConfigError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"model: {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)

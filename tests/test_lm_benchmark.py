@@ -1,0 +1,97 @@
+"""The LM LDS job end to end: the quick configs, a user's HF checkpoint + JSONL, resume."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import lm_shakespeare_quick, sft_chitchat_quick
+from stride_jax import lm_benchmark, lm_config
+from stride_jax.data.tokenizer import CharTokenizer
+from stride_jax.errors import ConfigError
+from stride_jax.models import hf_import, transformer
+
+
+def _check_results(workdir, methods):
+    with open(os.path.join(workdir, "results.json")) as f:
+        res = json.load(f)
+    for name in methods:
+        entry = res["methods"][name]
+        assert np.isfinite(entry["lds"]) and -1 <= entry["lds"] <= 1
+        assert entry["seconds_split"]["fit"] >= 0 and "peak_mb" in entry
+    assert os.path.exists(os.path.join(workdir, "lds.png"))
+    assert os.path.exists(os.path.join(workdir, "table.md"))
+    return res
+
+
+def test_sft_quick_config_end_to_end(tmp_path):
+    """Pre-train here, fine-tune on chit-chat responses, retrain, score, LDS."""
+    c = sft_chitchat_quick.get_config()
+    res = lm_benchmark.run(c, str(tmp_path))
+    _check_results(str(tmp_path), c.methods)
+    assert res["base_model"]["query_loss"] < res["base_model"]["start_query_loss"]
+    assert 0 < res["noise_ceiling"]["lds"] <= 1
+    # A restart reuses every cached stage and reproduces the numbers.
+    again = lm_benchmark.run(c, str(tmp_path))
+    assert again["methods"]["stride"]["lds"] == res["methods"]["stride"]["lds"]
+
+
+def test_user_hf_checkpoint_and_jsonl(tmp_path):
+    """Point the job at a saved HF directory and a prompt/response JSONL file."""
+    records = [
+        {"prompt": f"q{i % 7}: how many {i}?", "response": f"{i % 5} of them, {'ab' * (i % 4)}"}
+        for i in range(40)
+    ]
+    jsonl = tmp_path / "mine.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in records))
+    tok = CharTokenizer.from_corpus("".join(r["prompt"] + r["response"] for r in records))
+    cfg = transformer.DecoderConfig(
+        family="llama", vocab_size=tok.vocab_size, d_model=16, n_layers=2, n_heads=2, max_len=32
+    )
+    _, params = transformer.build(cfg, jax.random.key(0))
+    model_dir = tmp_path / "model"
+    hf_import.save_hf(cfg, params, str(model_dir))
+    tok.save(str(model_dir / "tokenizer.json"))
+    c = lm_shakespeare_quick.get_config()
+    c.data.update(name="jsonl", path=str(jsonl), tokenizer=str(model_dir / "tokenizer.json"))
+    c.data.update(n_train=30, n_query=6)
+    c.model.update(source="hf", path=str(model_dir))
+    c.groundtruth.noise_ceiling = False
+    c.methods = ("stride",)
+    res = lm_benchmark.run(c, str(tmp_path / "run"))
+    _check_results(str(tmp_path / "run"), c.methods)
+    assert res["dataset"]["n_train_examples"] == 30
+
+
+def test_pretrain_resumes_to_the_same_model(tmp_path):
+    pc = lm_config.pretrain_config()
+    pc.data.update(block_len=16, n_train=64, n_query=8)
+    pc.model.update(d_model=16, n_layers=1, n_heads=2, max_len=16)
+    pc.train.update(steps=20, batch=4, warmup_steps=2)
+    pc.ckpt_every = 10
+    first = lm_benchmark.pretrain(pc, str(tmp_path / "a"))
+    ref = hf_import.load_hf(first)[2]
+    # Simulate a job killed after step 10: drop the final output and checkpoint, restart.
+    shutil.rmtree(first)
+    shutil.rmtree(tmp_path / "a" / "pretrain_ckpt" / "20")
+    again = hf_import.load_hf(lm_benchmark.pretrain(pc, str(tmp_path / "a")))[2]
+    for x, y in zip(jax.tree.leaves(ref), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_bad_configs_are_refused(tmp_path):
+    c = lm_shakespeare_quick.get_config()
+    c.methods = ("nope",)
+    with pytest.raises(ValueError, match="unknown language-model attribution method 'nope'"):
+        lm_benchmark.run(c, str(tmp_path))
+    c = lm_shakespeare_quick.get_config()
+    c.groundtruth.alpha = 1.5
+    with pytest.raises(ConfigError, match="alpha"):
+        lm_benchmark.run(c, str(tmp_path))
+    c = lm_shakespeare_quick.get_config()
+    c.model.source = "pickle"
+    with pytest.raises(ConfigError, match="model.source"):
+        lm_benchmark.run(c, str(tmp_path / "x"))

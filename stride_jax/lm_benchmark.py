@@ -303,6 +303,14 @@ def run(config, workdir: str) -> dict:
             dict(config.data.to_dict(), tokenizer=os.path.join(hf_dir, "stride_tokenizer.json"))
         )
     splits = corpora.load_text(data_config)
+    if config.data.query_split == "val":  # tuning: validation blocks stand in for the queries
+        if splits.val is None:
+            raise ConfigError("data.query_split='val' needs data.n_val > 0")
+        splits = dataclasses.replace(splits, query=splits.val)
+    elif config.data.query_split != "query":
+        raise ConfigError(
+            f"data.query_split must be 'query' or 'val', got {config.data.query_split!r}"
+        )
     checkpoint.save_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.ops)
     ctx = LMContext(config, workdir, splits, mesh)

@@ -11,8 +11,14 @@ def get_config():
     c.groundtruth.update(num_models=8, models_per_batch=8)
     c.stride.design.update(num_subsets=32, degree=3)
     c.stride.stage1.update(
-        steps=20, log_every=10, ckpt_every=10, warmup_steps=2, subsets_per_step=16, sketch_dim=4,
-        rank=4, top_k=4,
+        steps=20,
+        log_every=10,
+        ckpt_every=10,
+        warmup_steps=2,
+        subsets_per_step=16,
+        sketch_dim=4,
+        rank=4,
+        top_k=4,
     )
     c.stride.op_chunk = 16
     c.stride.lasso.update(maxiter=100)

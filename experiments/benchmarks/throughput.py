@@ -2,7 +2,8 @@
 
     python -m experiments.benchmarks.throughput --out=FILE.json [--quick]
 
-Stage 2a: ``responses.response_matrix`` vs one jitted single-operator call per operator. Stage 2b:
+Stage 2a: ``responses.response_matrix`` vs one jitted single-operator call per operator (and the
+same for a decoder's residual-stream operators, ``lm_stride.response_matrix``). Stage 2b:
 ``recover.lasso_scores`` on Q queries at once vs one query per call, and vs scikit-learn's
 ``Lasso`` per query. Ground truth: ``groundtruth.retrain_many`` vs M jitted ``mlp.fit`` calls.
 Library functions are called exactly as a user calls them (their jits are cached). Variants are
@@ -24,15 +25,16 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import app, flags
 from flax import nnx
 
-from stride_jax import groundtruth, recover, responses, sharding, subsets
+from stride_jax import groundtruth, lm_stride, recover, responses, sharding, subsets
 from stride_jax.config import base_config
 from stride_jax.data import load_digits
-from stride_jax.models import mlp
+from stride_jax.models import mlp, transformer
 from stride_jax.operators import LogitHook, SteeringOperators
 
 _OUT = flags.DEFINE_string("out", None, "Where to write the results JSON.", required=True)
@@ -42,14 +44,16 @@ FULL = {
     "responses": dict(Q=200, T=1000, D=128, C=10, r=32, batch_size=64),
     "lasso": dict(Q=64, N=1400, T=1000, d=5, k_true=20),
     "groundtruth": dict(M=16, n_train=1400, steps=None),  # steps None: base_config's
+    "lm_responses": dict(Q=8, T=256, D=64, layers=2, L=64, V=77, r=16, op_chunk=64),
 }
 QUICK = {
     "responses": dict(Q=16, T=64, D=32, C=10, r=8, batch_size=8),
     "lasso": dict(Q=4, N=200, T=100, d=5, k_true=5),
     "groundtruth": dict(M=4, n_train=200, steps=20),
+    "lm_responses": dict(Q=2, T=16, D=16, layers=2, L=16, V=30, r=4, op_chunk=8),
 }
 REPS = 5
-BENCHES = ("responses", "lasso", "groundtruth")
+BENCHES = ("responses", "lasso", "groundtruth", "lm_responses")
 
 
 def _compare(variants: dict, reps: int) -> dict:
@@ -178,6 +182,54 @@ def bench_groundtruth(s: dict, mesh) -> dict:
     return _report(sizes, tm, "sequential", "vmapped", max_abs_param_diff=diff)
 
 
+def bench_lm_responses(s: dict) -> dict:
+    """Language-model stage 2a: ``lm_stride.response_matrix`` (all T operators per query in
+    one jitted call; layers above the hook vmapped over operator chunks) vs a jitted
+    single-operator function called once per operator."""
+    q, t, d, length, r = (s[k] for k in ("Q", "T", "D", "L", "r"))
+    cfg = transformer.DecoderConfig(
+        family="gpt2",
+        vocab_size=s["V"],
+        d_model=d,
+        n_layers=s["layers"],
+        n_heads=4,
+        max_len=length,
+    )
+    gd, params = transformer.build(cfg, jax.random.key(0))
+    layer = round(2 * s["layers"] / 3)
+    ops = SteeringOperators(d, d, r, t, rngs=nnx.Rngs(0))
+    ops.gates[...] = 0.1 * jax.random.normal(jax.random.key(1), (t, d, r))
+    ops_gd, ops_p = nnx.split(ops, nnx.Param)
+    tokens = jax.random.randint(jax.random.key(2), (q, length), 0, s["V"])
+    data = {
+        "tokens": tokens,
+        "attn": jnp.ones((q, length), jnp.int32),
+        "loss_mask": jnp.ones((q, length), jnp.float32).at[:, 0].set(0.0),
+    }
+    upper = lm_stride.Upper(gd, layer, 4096)
+    cache = lm_stride.encode(gd, params, data, layer, 8, 4096, q)
+    rc = ml_collections.ConfigDict(dict(op_chunk=s["op_chunk"], query_batch=1))
+
+    def fused():
+        return lm_stride.response_matrix(upper, params, ops_gd, ops_p, cache, data, rc)
+
+    @jax.jit
+    def one_operator(p, k, h, d):  # operator k on all queries
+        o = nnx.merge(ops_gd, p)
+        steered = h + o.shifts(o.basis(h), k[None])[0]
+        args = (d["attn"], d["tokens"], d["loss_mask"])
+        return upper.row_losses(params, h, *args) - upper.row_losses(params, steered, *args)
+
+    ks = [jnp.int32(k) for k in range(t)]
+
+    def loop():
+        return jnp.stack([one_operator(ops_p, k, cache["h"], data) for k in ks], axis=1)
+
+    tm = _compare({"fused": fused, "loop_over_T": loop}, REPS)
+    diff = float(jnp.max(jnp.abs(fused() - loop())))
+    return _report(s, tm, "loop_over_T", "fused", max_abs_diff_vs_loop=diff)
+
+
 def _sh(*cmd: str) -> str:
     root = pathlib.Path(__file__).resolve().parents[2]
     return subprocess.run(cmd, cwd=root, capture_output=True, text=True).stdout.strip()
@@ -215,6 +267,7 @@ def run(quick: bool = False) -> dict:
     results["responses"] = bench_responses(sizes["responses"], mesh)
     results["lasso"] = bench_lasso(sizes["lasso"], cfg)
     results["groundtruth"] = bench_groundtruth(sizes["groundtruth"], mesh)
+    results["lm_responses"] = bench_lm_responses(sizes["lm_responses"])
     results["total_s"] = time.perf_counter() - t0
     results["loadavg_1_5_15_end"] = list(os.getloadavg())
     return results

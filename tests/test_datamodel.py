@@ -110,3 +110,11 @@ def test_datamodel_fit_score(setup):
         [Ridge(alpha=2.0).fit(masks.astype(float), -losses[:, q]).coef_ for q in range(8)]
     )
     np.testing.assert_allclose(scores, want, rtol=1e-3, atol=1e-5)
+    # A ridge-only change reuses the retrains (a tuning sweep does not redo them) ...
+    cfg2 = cfg.copy_and_resolve_references()
+    cfg2.ridge = 20.0
+    assert method.fit(task, cfg2) is state
+    assert not np.allclose(method.score(task, state, splits.query, cfg2), scores)
+    # ... while another seed retrains.
+    cfg2.seed = 12
+    assert not np.array_equal(np.asarray(method.fit(task, cfg2)["masks_MxN"]), masks)

@@ -33,6 +33,8 @@ beat the agreement of retraining with itself.
 
 from __future__ import annotations
 
+import hashlib
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -102,9 +104,30 @@ def _mesh(task):
     return task.mesh if task.mesh is not None else sharding.make_mesh()
 
 
+# fit depends on the recipe, the training data and (num_models, alpha, seed) only, not on the
+# ridge: a tuning sweep over ``ridge`` in one process reuses the retrains instead of redoing
+# them for every point. Keyed by content (config JSON + a digest of the training arrays).
+_FITS: dict = {}
+
+
+def _fit_key(task, cfg) -> tuple:
+    digest = hashlib.sha1(np.asarray(task.train.x_NxF).tobytes())
+    digest.update(np.asarray(task.train.y_N).tobytes())
+    fit_cfg = (int(cfg.num_models), float(cfg.alpha), int(cfg.seed))
+    return task.model_config.to_json(), task.num_classes, digest.hexdigest(), fit_cfg
+
+
 def fit(task, cfg=None):
     """Retrain ``cfg.num_models`` models on random subsets; keep masks and stacked params."""
     cfg = default_config() if cfg is None else cfg
+    key = _fit_key(task, cfg)
+    if key not in _FITS:
+        _FITS.clear()  # keep at most one set of retrains in memory
+        _FITS[key] = _fit(task, cfg)
+    return _FITS[key]
+
+
+def _fit(task, cfg):
     n = len(task.train)
     masks, keys = _keys(int(cfg.seed), int(cfg.num_models), n, float(cfg.alpha))
     logging.info(

@@ -38,6 +38,40 @@ def lasso_config(config) -> recover.LassoConfig:
     return recover.LassoConfig(**config.to_dict())
 
 
+def stage1_defaults(**overrides) -> dict:
+    """The ``stage1`` block of a STRIDE config (classifier defaults, chosen on validation
+    digits); ``overrides`` replace keys (the language-model defaults start from these)."""
+    out = dict(
+        rank=32,
+        steps=600,
+        log_every=100,
+        ckpt_every=300,
+        warmup_steps=50,
+        lr=1e-2,
+        lr_muon=0.02,
+        lr_end_frac=0.1,
+        weight_decay=0.0,
+        subsets_per_step=64,
+        fidelity_batch=16,
+        stability_batch=32,
+        probe_batch=64,
+        top_k=5,
+        sketch="features",
+        sketch_dim=32,
+        ridge=1.0,
+        intercept=True,
+        probe_mask_members=False,
+        linearity_over_all=True,
+        w_fidelity=1.0,
+        w_stability=1.0,
+        w_linearity=1.0,
+    )
+    unknown = set(overrides) - set(out)
+    if unknown:
+        raise ConfigError(f"unknown stage1 keys {sorted(unknown)}")
+    return out | overrides
+
+
 def lasso_defaults() -> dict:
     """The ``lasso`` block of a STRIDE config: ``recover.LassoConfig`` with a 4-point path
     (validation LDS equal to 8 points on digits, at half the time)."""

@@ -4,15 +4,10 @@ Trains the base model, retrains the ground-truth models, runs the configured att
 methods and writes DIR/results.json, DIR/scores_<method>.npy and DIR/config.json.
 """
 
-import sys
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from stride_jax import benchmark
-from stride_jax.checkpoint import CheckpointError
-from stride_jax.config import ConfigError
-from stride_jax.data import DataError
+from stride_jax import benchmark, cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/digits.py", "Run config file.", lock_config=True
@@ -23,21 +18,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=Tr
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(benchmark.only_stride_jax_info)
-    try:
-        results = benchmark.run(_CONFIG.value, _WORKDIR.value)
-    except (DataError, ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(benchmark.format_table(results))
-    if "noise_ceiling" in results:
-        nc = results["noise_ceiling"]
-        print(
-            f"noise ceiling (retrains vs retrains): LDS {nc['lds']:.4f} "
-            f"[{nc['lds_ci95'][0]:.3f}, {nc['lds_ci95'][1]:.3f}]"
-        )
-    print(f"results: {_WORKDIR.value}/results.json")
+    results = cli.run_job(benchmark.run, _CONFIG.value, _WORKDIR.value)
+    cli.print_summary(results, _WORKDIR.value)
 
 
 if __name__ == "__main__":

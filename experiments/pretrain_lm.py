@@ -8,15 +8,10 @@ Hugging Face directory DIR/hf (config.json, model.safetensors, stride_tokenizer.
 ``lm_benchmark`` (``model.source=hf``) and transformers can load.
 """
 
-import sys
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from stride_jax import benchmark, lm_benchmark
-from stride_jax.checkpoint import CheckpointError
-from stride_jax.config import ConfigError
-from stride_jax.data import DataError
+from stride_jax import cli, lm_benchmark
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -30,13 +25,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=Tr
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(benchmark.only_stride_jax_info)
-    try:
-        path = lm_benchmark.pretrain(_CONFIG.value, _WORKDIR.value)
-    except (DataError, ConfigError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    path = cli.run_job(
+        lm_benchmark.pretrain, _CONFIG.value, _WORKDIR.value, extra_errors=(ValueError,)
+    )
     print(f"model: {path}")
 
 

@@ -1,0 +1,38 @@
+"""Shared plumbing of the absl binaries in experiments/: logging, user errors, the summary."""
+
+from __future__ import annotations
+
+import sys
+
+from absl import logging
+
+from stride_jax import benchmark
+from stride_jax.checkpoint import CheckpointError
+from stride_jax.data import DataError
+from stride_jax.errors import ConfigError
+
+USER_ERRORS = (DataError, ConfigError, CheckpointError)
+
+
+def run_job(job, *args, extra_errors: tuple = ()):
+    """``job(*args)`` with INFO progress from this package; a user error (bad data, config or
+    workdir) prints one line naming the problem and exits 1 instead of a traceback."""
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(benchmark.only_stride_jax_info)
+    try:
+        return job(*args)
+    except (*USER_ERRORS, *extra_errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def print_summary(results: dict, workdir: str) -> None:
+    """The LDS table, the noise ceiling and where results.json is."""
+    print(benchmark.format_table(results))
+    if "noise_ceiling" in results:
+        nc = results["noise_ceiling"]
+        print(
+            f"noise ceiling (retrains vs retrains): LDS {nc['lds']:.4f} "
+            f"[{nc['lds_ci95'][0]:.3f}, {nc['lds_ci95'][1]:.3f}]"
+        )
+    print(f"results: {workdir}/results.json")

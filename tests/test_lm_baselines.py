@@ -1,0 +1,245 @@
+"""Language-model baselines against plain loops, numpy and scikit-learn on a tiny decoder."""
+
+import collections
+import dataclasses
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.metrics.pairwise import cosine_similarity
+
+from stride_jax.baselines import base, lm_ekfac, lm_grad, lm_simple, trak
+from stride_jax.data import corpora
+from stride_jax.models import lm_train, transformer
+
+RECIPE = dict(steps=300, batch=16, lr=1e-2, warmup_steps=10, lr_end_frac=0.1, clip=1.0)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    sp = corpora.load_shakespeare(block_len=32, n_train=200, n_val=0, n_query=8, seed=0)
+    cfg = transformer.DecoderConfig(
+        family="gpt2",
+        vocab_size=sp.tokenizer.vocab_size,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        max_len=32,
+    )
+    gd, p0 = transformer.build(cfg, jax.random.key(0))
+    recipe = ml_collections.ConfigDict(dict(RECIPE, weight_decay=0.01))
+    data = lm_train.data_arrays(sp.train)
+    params = lm_train.jitted_fit(recipe, gd)(p0, jax.random.key(0), data, jnp.ones(len(sp.train)))
+    task = base.LMTask(cfg, gd, params, sp.train, recipe, p0, tokenizer=sp.tokenizer, seed=0)
+    return task, sp.query
+
+
+def _cfg(module, name, **kw):
+    c = module.default_config(name)
+    c.update(kw)
+    return c
+
+
+CASES = [
+    (lm_grad, "graddot", {}),
+    (lm_grad, "trak", dict(num_models=2, proj_dim=64)),
+    (lm_grad, "logra", dict(init="pca", rank_in=4, rank_out=4)),
+    (lm_ekfac, "ekfac", {}),
+    (lm_simple, "repsim", {}),
+    (lm_simple, "tfidf", {}),
+    (lm_simple, "bm25", {}),
+    (lm_simple, "random", {}),
+]
+
+
+@pytest.mark.parametrize("module,name,kw", CASES, ids=[c[1] for c in CASES])
+def test_every_method_runs(setup, module, name, kw):
+    task, query = setup
+    cfg = _cfg(module, name, **kw)
+    method = base.get_lm(name)
+    scores = method.score(task, method.fit(task, cfg), query, cfg)
+    assert scores.shape == (len(query), len(task.train)) and scores.dtype == np.float32
+    assert np.isfinite(scores).all() and scores.std() > 0
+
+
+@pytest.fixture(scope="module")
+def ref(setup):
+    """Per-row loss gradients of all params by a Python loop of jax.grad: flat {path: N x ...}."""
+    task, query = setup
+    grad = jax.jit(
+        jax.grad(lambda p, t, a, m: lm_train.example_losses(task.graphdef, p, t, a, m)[0])
+    )
+
+    def grads(blocks):
+        d = jax.tree.map(np.asarray, task.data(blocks))
+        rows = zip(d["tokens"], d["attn"], d["loss_mask"], strict=True)
+        per_row = [grad(task.params, t[None], a[None], m[None]) for t, a, m in rows]
+        flat = [nnx.to_flat_state(g) for g in per_row]
+        return {
+            "/".join(map(str, k)): np.stack([np.asarray(f[i][1], np.float64) for f in flat])
+            for i, (k, _) in enumerate(flat[0])
+        }
+
+    return grads(task.train), grads(query)
+
+
+def _pick(g, pattern):
+    """N x P: the gradients of the params whose path matches ``pattern``, concatenated."""
+    return np.concatenate([v.reshape(len(v), -1) for k, v in g.items() if re.search(pattern, k)], 1)
+
+
+MLP1 = "^layers/1/mlp/"
+
+
+def test_graddot_matches_loop(setup, ref):
+    task, query = setup
+    cfg, graddot = lm_grad.default_config("graddot"), base.get_lm("graddot")
+    got = graddot.score(task, graddot.fit(task, cfg), query, cfg)
+    want = _pick(ref[1], MLP1) @ _pick(ref[0], MLP1).T
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+
+
+def test_tracin_is_lr_weighted_graddot_over_the_replayed_trajectory(setup):
+    """Two checkpoints (the last is the base model): sum_c lr_c x graddot at theta_c."""
+    task, query = setup
+    cfg = _cfg(lm_grad, "tracin", num_checkpoints=2)
+    state = base.get_lm("tracin").fit(task, cfg)  # checks the replay ends at task.params
+    got = base.get_lm("tracin").score(task, state, query, cfg)
+    r, t = task.recipe, np.arange(task.recipe.steps)  # warmup from 0, then cosine to the end lr
+    cos = 0.5 * (1 + np.cos(np.pi * (t - r.warmup_steps) / (r.steps - r.warmup_steps)))
+    end = r.lr * r.lr_end_frac
+    lr_T = np.where(t < r.warmup_steps, r.lr * t / r.warmup_steps, end + (r.lr - end) * cos)
+    np.testing.assert_allclose(state["lr_C"], [lr_T[:150].mean(), lr_T[150:].mean()], rtol=1e-5)
+    graddot = base.get_lm("graddot")
+    want = lr_T[150:].mean() * graddot.score(task, graddot.fit(task, cfg), query, cfg)
+    mid = dataclasses.replace(task, params=state["ckpts"][0])
+    want = want + lr_T[:150].mean() * graddot.score(mid, graddot.fit(mid, cfg), query, cfg)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_graddot_sign_copy_of_a_training_row_scores_itself_highest(setup):
+    task, _ = setup
+    rows = np.array([0, 17, 42, 99, 150, 151, 180, 199])  # 8 rows, as the query set
+    cfg, graddot = lm_grad.default_config("graddot"), base.get_lm("graddot")
+    scores = graddot.score(task, graddot.fit(task, cfg), task.train.subset(rows), cfg)
+    np.testing.assert_array_equal(scores.argmax(axis=1), rows)
+
+
+def test_trak_identity_projection_matches_numpy(setup, ref):
+    """Raw gradients of a params_filter subset (P = 96 < N; test_trak covers the dual solve)."""
+    task, query = setup
+    pattern = "^layers/1/mlp/proj/bias|^layers/1/norm2/"
+    cfg = _cfg(lm_grad, "trak1", proj_dim=0, params_filter=pattern, damping=0.05, chunk=64)
+    got = base.get_lm("trak1").score(task, base.get_lm("trak1").fit(task, cfg), query, cfg)
+    g_tr, g_q = _pick(ref[0], pattern), _pick(ref[1], pattern)
+    p = g_tr.shape[1]
+    lam = 0.05 * np.trace(g_tr.T @ g_tr) / p
+    want = g_q @ np.linalg.solve(g_tr.T @ g_tr + lam * np.eye(p), g_tr.T)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+def test_trak_streamed_projection_equals_stored_projection(setup):
+    """R regenerated block by block per chunk == R = trak.projection kept whole."""
+    task, query = setup
+    cfg = lm_grad.default_config("trak")
+    names, key, q = lm_grad.param_names(task, cfg), trak.projection_key(cfg, 0), task.data(query)
+    args = (task.graphdef, task.params, names, key, q, 64, cfg.chunk)
+    dense, streamed = lm_grad.trak_features(*args, True), lm_grad.trak_features(*args, False)
+    np.testing.assert_allclose(streamed, dense, rtol=1e-4, atol=1e-4 * np.abs(dense).max())
+
+
+def test_logra_features_are_projected_explicit_gradients(setup, ref):
+    task, _ = setup
+    cfg = _cfg(lm_grad, "logra", rank_in=3, rank_out=5, chunk=3)
+    paths = lm_grad.kernel_paths(lm_grad.param_names(task, cfg))
+    assert paths == ("layers/1/mlp/fc", "layers/1/mlp/proj")
+    projs = lm_grad.logra_projections(task, paths, cfg)
+    rows = task.train.subset(np.arange(5))
+    phi = np.asarray(
+        lm_grad.logra_features(task.graphdef, task.params, paths, projs, task.data(rows), 3)
+    )
+    for name, (p_in, p_out), cols in zip(
+        ["fc", "proj"], projs, [slice(0, 15), slice(15, 30)], strict=True
+    ):
+        G = ref[0][f"layers/1/mlp/{name}/kernel"][:5]
+        want = np.einsum("ia,nio,ob->nab", np.asarray(p_in), G, np.asarray(p_out)).reshape(5, -1)
+        np.testing.assert_allclose(phi[:, cols], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_ekfac_eigenvalues_and_large_damping_limit(setup, ref):
+    """Lambda against explicit per-row kernel gradients; damping -> inf gives graddot / lam."""
+    task, query = setup
+    cfg = lm_ekfac.default_config()
+    state = lm_ekfac.fit(task, cfg)
+    want, damped = 0.0, []
+    for i, name in enumerate(["fc", "proj"]):
+        G = ref[0][f"layers/1/mlp/{name}/kernel"]
+        qa, qs = (np.asarray(state[k][i], np.float64) for k in ("qa", "qs"))
+        lam = (np.einsum("ai,nab,bj->nij", qa, G, qs) ** 2).mean(0)
+        np.testing.assert_allclose(state["lam"][i], lam + cfg.damping * lam.mean(), rtol=1e-3)
+        damped.append(jnp.asarray(lam + 1e8 * lam.mean(), jnp.float32))
+        g_q = ref[1][f"layers/1/mlp/{name}/kernel"].reshape(len(query), -1)
+        want = want + g_q @ G.reshape(len(G), -1).T / (1e8 * lam.mean())
+    got = lm_ekfac.score(task, dict(state, lam=damped), query, cfg)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+    # fisher="sampled": same input factors A, output factors S from the model's own samples.
+    paths, data = state["paths"], task.data()
+    emp = lm_grad.covariances(task.graphdef, task.params, paths, data, cfg.chunk, None)
+    smp = lm_grad.covariances(task.graphdef, task.params, paths, data, cfg.chunk, jax.random.key(0))
+    for (a_e, s_e), (a_s, s_s) in zip(emp, smp, strict=True):
+        np.testing.assert_allclose(a_s, a_e, rtol=1e-6)
+        assert np.isfinite(s_s).all() and np.linalg.eigvalsh(s_s).min() > -1e-6
+        assert not np.allclose(s_s, s_e)
+
+
+def test_repsim_matches_numpy(setup):
+    task, query = setup
+    cfg = lm_simple.default_config("repsim")
+    got = base.get_lm("repsim").score(task, base.get_lm("repsim").fit(task, cfg), query, cfg)
+    model = nnx.merge(task.graphdef, task.params)
+
+    tok = np.concatenate([query.tokens_NxL, task.train.tokens_NxL])
+    attn = np.concatenate([query.attn_mask_NxL, task.train.attn_mask_NxL])
+    h = np.asarray(model.final_norm(model.blocks(model.embed(jnp.asarray(tok)), attn)))
+    pooled = (h * attn[..., None]).sum(1) / attn.sum(1, keepdims=True)
+    want = cosine_similarity(pooled[: len(query)], pooled[len(query) :])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_tfidf_matches_sklearn(setup):
+    task, query = setup
+    cfg = lm_simple.default_config("tfidf")
+    got = base.get_lm("tfidf").score(task, base.get_lm("tfidf").fit(task, cfg), query, cfg)
+    decode = task.tokenizer.decode
+    tr = [decode(t[t > 0].tolist()) for t in task.train.tokens_NxL]
+    q = [decode(t[t > 0].tolist()) for t in query.tokens_NxL]
+    vec = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True).fit(tr)
+    want = cosine_similarity(vec.transform(q), vec.transform(tr))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bm25_matches_python_loop(setup):
+    task, query = setup
+    cfg = lm_simple.default_config("bm25")
+    got = base.get_lm("bm25").score(task, base.get_lm("bm25").fit(task, cfg), query, cfg)
+    words = TfidfVectorizer().build_analyzer()  # sklearn's default word tokens
+    docs = [words(s) for s in lm_simple.texts(task.tokenizer, task.train)]
+    avgdl, n = sum(map(len, docs)) / len(docs), len(docs)
+    df = collections.Counter(w for d in docs for w in set(d))
+    want = np.zeros(got.shape)
+    for i, qtext in enumerate(lm_simple.texts(task.tokenizer, query)):
+        for j, d in enumerate(docs):
+            tf = collections.Counter(d)
+            for w in words(qtext):
+                if tf[w]:
+                    idf = math.log(1 + (n - df[w] + 0.5) / (df[w] + 0.5))
+                    norm = 1.5 * (1 - 0.75 + 0.75 * len(d) / avgdl)
+                    want[i, j] += idf * tf[w] * 2.5 / (tf[w] + norm)
+    assert want.max() > 0
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

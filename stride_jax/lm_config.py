@@ -26,7 +26,19 @@ def arch(**overrides) -> dict:
     return a
 
 
-LM_METHODS = ("stride", "graddot", "tracin", "trak", "logra", "repsim", "tfidf", "bm25", "random")
+LM_METHODS = (
+    "stride",
+    "graddot",
+    "tracin",
+    "trak1",
+    "trak",
+    "logra",
+    "ekfac",
+    "repsim",
+    "tfidf",
+    "bm25",
+    "random",
+)
 
 
 def pretrain_config() -> ml_collections.ConfigDict:

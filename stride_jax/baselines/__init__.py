@@ -13,6 +13,9 @@ import ml_collections
 from stride_jax.baselines import (  # noqa: F401  (importing registers the methods)
     datamodel,
     influence,
+    lm_ekfac,
+    lm_grad,
+    lm_simple,
     lm_stride_method,
     simple,
     stride_method,

@@ -366,6 +366,13 @@ def validate(config) -> None:
         base.get_lm(name)
         if name != "stride" and name not in config.baselines:
             raise ConfigError(f"config.baselines has no block for method {name!r}")
+    if "minilm" in config.methods:  # fail now, not after the retrains
+        path = config.baselines.minilm.path
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise ConfigError(
+                f"method 'minilm' needs the MiniLM encoder in {path!r}: run "
+                "`python -m experiments.fetch_minilm` (or set baselines.minilm.path)"
+            )
     if not 0.0 < config.groundtruth.alpha <= 1.0:
         raise ConfigError(f"groundtruth.alpha must be in (0, 1], got {config.groundtruth.alpha}")
     for key in ("train.steps", "train.batch", "groundtruth.num_models"):

@@ -95,3 +95,8 @@ def test_bad_configs_are_refused(tmp_path):
     c.model.source = "pickle"
     with pytest.raises(ConfigError, match="model.source"):
         lm_benchmark.run(c, str(tmp_path / "x"))
+    c = lm_shakespeare_quick.get_config()
+    c.methods = ("minilm",)
+    c.baselines.minilm.path = str(tmp_path / "no_model")
+    with pytest.raises(ConfigError, match="fetch_minilm"):
+        lm_benchmark.run(c, str(tmp_path / "y"))

@@ -14,6 +14,7 @@ from stride_jax.baselines import (  # noqa: F401  (importing registers the metho
     datamodel,
     influence,
     lm_ekfac,
+    lm_embed,
     lm_grad,
     lm_simple,
     lm_stride_method,

@@ -24,18 +24,6 @@ from absl import app, flags
 from experiments.fetch_smollm2 import DEFAULT_OUT, GGUF_NAME, TEXT_NAME
 from stride_jax.models import gguf_import, transformer
 
-_GGUF = flags.DEFINE_string("gguf", os.path.join(DEFAULT_OUT, GGUF_NAME), "GGUF checkpoint.")
-_TEXT = flags.DEFINE_string("text", os.path.join(DEFAULT_OUT, TEXT_NAME), "Evaluation text.")
-_OUT = flags.DEFINE_string("out", "runs/smollm2_check/results.json", "Results JSON.")
-_N_TOKENS = flags.DEFINE_integer("n_tokens", 1024, "Tokens of text to score.")
-_WINDOW = flags.DEFINE_integer("window", 512, "Tokens per scored window.")
-_PROMPTS = flags.DEFINE_multi_string(
-    "prompt",
-    ["What is the capital of France?", "Write a short poem about the sea."],
-    "Chat prompt(s) to answer greedily.",
-)
-_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 30, "Greedy tokens to generate.")
-
 
 def torch_model_from_gguf(path):
     """transformers' LlamaForCausalLM (float32, eval mode) from its own GGUF loader.
@@ -178,21 +166,38 @@ def run(gguf_path, text_path, n_tokens, window, prompts, new_tokens):
     }
 
 
+def define_flags():
+    """Flags live here, not at import: tests import this module beside other binaries."""
+    flags.DEFINE_string("gguf", os.path.join(DEFAULT_OUT, GGUF_NAME), "GGUF checkpoint.")
+    flags.DEFINE_string("text", os.path.join(DEFAULT_OUT, TEXT_NAME), "Evaluation text.")
+    flags.DEFINE_string("out", "runs/smollm2_check/results.json", "Results JSON.")
+    flags.DEFINE_integer("n_tokens", 1024, "Tokens of text to score.")
+    flags.DEFINE_integer("window", 512, "Tokens per scored window.")
+    flags.DEFINE_multi_string(
+        "prompt",
+        ["What is the capital of France?", "Write a short poem about the sea."],
+        "Chat prompt(s) to answer greedily.",
+    )
+    flags.DEFINE_integer("new_tokens", 30, "Greedy tokens to generate.")
+
+
 def main(argv):
+    FLAGS = flags.FLAGS  # noqa: N806
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    for path in (_GGUF.value, _TEXT.value):
+    for path in (FLAGS.gguf, FLAGS.text):
         if not os.path.isfile(path):
             raise app.UsageError(f"{path} not found; run python -m experiments.fetch_smollm2 first")
     results = run(
-        _GGUF.value, _TEXT.value, _N_TOKENS.value, _WINDOW.value, _PROMPTS.value, _NEW_TOKENS.value
+        FLAGS.gguf, FLAGS.text, FLAGS.n_tokens, FLAGS.window, FLAGS.prompt, FLAGS.new_tokens
     )
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    with open(FLAGS.out, "w") as f:
         json.dump(results, f, indent=2)
     print(json.dumps({k: v for k, v in results.items() if k != "config"}, indent=2))
-    print(f"results: {_OUT.value}")
+    print(f"results: {FLAGS.out}")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -264,7 +264,7 @@ def test_shakespeare_splits():
     assert again.query.example_keys == s.query.example_keys
     other = load_shakespeare(block_len=64, n_train=300, n_val=50, n_query=40, seed=1)
     assert other.query.example_keys != s.query.example_keys
-    with pytest.raises(DataError, match="exceeds the 8689 Shakespeare blocks"):
+    with pytest.raises(DataError, match="exceeds the 8689 shakespeare blocks"):
         load_shakespeare(n_train=8689)
 
 

@@ -10,26 +10,17 @@ values into the config file.
 """
 
 import itertools
-import json
 import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from stride_jax import benchmark, checkpoint
+from stride_jax import benchmark, checkpoint, cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/digits.py", "Config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 _METHOD = flags.DEFINE_string("method", "stride", "Registered method to tune.")
 _SWEEP = flags.DEFINE_multi_string("sweep", [], "<key>=v1,v2,... in the method's config.")
-
-
-def _parse(value: str):
-    """JSON values (numbers, true/false, lists) as such; anything else as a string."""
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return value
 
 
 def main(_):
@@ -40,19 +31,12 @@ def main(_):
     config.methods = ()
     benchmark.run(config, _WORKDIR.value)  # base model + ground truth on validation queries
     ctx, gt = benchmark.context(config, _WORKDIR.value)
-    axes = [
-        (k, [_parse(v) for v in vals.split(",")])
-        for k, vals in (s.split("=", 1) for s in _SWEEP.value)
-    ]
+    axes = cli.parse_sweep(_SWEEP.value)
     rows = []
     for values in itertools.product(*(v for _, v in axes)):
         sub = benchmark.method_config(config, _METHOD.value).copy_and_resolve_references()
         for (key, _), value in zip(axes, values, strict=True):
-            *blocks, leaf = key.split(".")
-            target = sub
-            for block in blocks:
-                target = target[block]
-            target[leaf] = value
+            cli.set_path(sub, key, value)
         name = "_".join(f"{k}={v}" for (k, _), v in zip(axes, values, strict=True)) or "default"
         sweep_dir = os.path.join(_WORKDIR.value, "sweep", _METHOD.value, name)
         scores, _ = benchmark.run_method(ctx, _METHOD.value, sub, sweep_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 from absl import logging
@@ -36,3 +37,29 @@ def print_summary(results: dict, workdir: str) -> None:
             f"[{nc['lds_ci95'][0]:.3f}, {nc['lds_ci95'][1]:.3f}]"
         )
     print(f"results: {workdir}/results.json")
+
+
+def _parse(value: str):
+    """JSON values (numbers, true/false, lists) as such; anything else as a string."""
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def parse_sweep(sweep: list[str]) -> list[tuple[str, list]]:
+    """Tuning axes: ``["a.b=1,2", "c=x"]`` -> ``[("a.b", [1, 2]), ("c", ["x"])]``."""
+    return [
+        (k, [_parse(v) for v in vals.split(",")]) for k, vals in (s.split("=", 1) for s in sweep)
+    ]
+
+
+def set_path(config, key: str, value) -> None:
+    """``config["a"]["b"] = value`` for key "a.b"; a key the config lacks raises ``KeyError``
+    (a typo in a sweep must not silently add a setting nothing reads)."""
+    *blocks, leaf = key.split(".")
+    for block in blocks:
+        config = config[block]
+    if leaf not in config:
+        raise KeyError(f"unknown config key {key!r}; known here: {sorted(config.keys())}")
+    config[leaf] = value

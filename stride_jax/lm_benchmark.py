@@ -217,7 +217,8 @@ def _retrain_fn(recipe_json: str, graphdef):
 
 
 def retrain_losses(task: base.LMTask, keys_M, masks_MxE, query, group: int, partial=None):
-    """losses_MxQ: query-row losses of M models retrained on example masks.
+    """losses_MxQ: query-row losses of M models retrained on example masks. ``query`` is a
+    ``TokenBlocks`` or its ``task.data`` arrays (e.g. query and validation rows together).
 
     Models train ``group`` at a time in one vmapped call; after each group the losses so far
     go to ``partial`` (an .npz path, optional), from which a restarted job resumes.
@@ -229,7 +230,8 @@ def retrain_losses(task: base.LMTask, keys_M, masks_MxE, query, group: int, part
     )
     out = [] if done is None else list(done)
     fn = _retrain_fn(task.recipe.to_json(), task.graphdef)
-    data, q, t0 = task.data(), task.data(query), time.time()
+    q = query if isinstance(query, dict) else task.data(query)
+    data, t0 = task.data(), time.time()
     for start in range(len(out), m, group):
         stop = min(start + group, m)
         losses = fn(task.params0, keys_M[start:stop], data, weights[start:stop], q)
@@ -265,33 +267,47 @@ def ground_truth(ctx: LMContext, seed: int, name: str) -> dict:
     logging.info(
         "ground truth: retraining %d decoders (%d at a time)", gt.num_models, gt.models_per_batch
     )
+    # Validation rows are scored by the same retrains, so tuning (experiments/tune_lm.py)
+    # needs no retraining of its own and never sees the reported queries.
+    rows = [ctx.task.data(ctx.splits.query)]
+    if ctx.splits.val is not None:
+        rows.append(ctx.task.data(ctx.splits.val))
+    evaluated = jax.tree.map(lambda *a: jnp.concatenate(a), *rows)
     losses = retrain_losses(
-        ctx.task, keys, masks, ctx.splits.query, gt.models_per_batch, path + ".partial.npz"
+        ctx.task, keys, masks, evaluated, gt.models_per_batch, path + ".partial.npz"
     )
+    q = len(ctx.splits.query)
     logging.info(
-        "ground truth: %s in %.1fs, mean query loss %.4f", name, time.time() - t0, losses.mean()
+        "ground truth: %s in %.1fs, mean query loss %.4f",
+        name,
+        time.time() - t0,
+        losses[:, :q].mean(),
     )
-    out = {"masks_MxN": np.asarray(masks), "losses_MxQ": losses}
+    out = {"masks_MxN": np.asarray(masks), "losses_MxQ": losses[:, :q]}
+    if ctx.splits.val is not None:
+        out["losses_val_MxV"] = losses[:, q:]
     checkpoint.save_arrays(path, **out)
     return out
 
 
-def run_method(ctx: LMContext, name: str, cfg, workdir: str):
-    """Fit and score one LM method; scores summed from rows to examples."""
+def run_method(ctx: LMContext, name: str, cfg, workdir: str, query=None):
+    """Fit and score one LM method on ``query`` rows (default: the queries); training-row
+    scores summed to examples."""
     method = base.get_lm(name)
     task = dataclasses.replace(ctx.task, workdir=workdir)
+    query = ctx.splits.query if query is None else query
     with profiling.PeakMemory() as mem:
         t0 = time.time()
         state = jax.block_until_ready(method.fit(task, cfg))
         t1 = time.time()
-        rows = base.as_scores(method.score(task, state, ctx.splits.query, cfg))
+        rows = base.as_scores(method.score(task, state, query, cfg))
         t2 = time.time()
     scores = ctx.splits.train.sum_to_examples(rows).astype(np.float32)
     return scores, {"seconds_split": {"fit": t1 - t0, "score": t2 - t1}, "peak_mb": mem.peak_mb}
 
 
-def run(config, workdir: str) -> dict:
-    """The whole LM job; returns and writes ``workdir/results.json``."""
+def context(config, workdir: str):
+    """Validate, load data, then the base model and ground truth (reused when cached)."""
     validate(config)
     os.makedirs(workdir, exist_ok=True)
     data_config = config.data
@@ -303,15 +319,6 @@ def run(config, workdir: str) -> dict:
             dict(config.data.to_dict(), tokenizer=os.path.join(hf_dir, "stride_tokenizer.json"))
         )
     splits = corpora.load_text(data_config)
-    if config.data.query_split == "val":  # tuning: validation blocks stand in for the queries
-        if splits.val is None:
-            raise ConfigError("data.query_split='val' needs data.n_val > 0")
-        splits = dataclasses.replace(splits, query=splits.val)
-    elif config.data.query_split != "query":
-        raise ConfigError(
-            f"data.query_split must be 'query' or 'val', got {config.data.query_split!r}"
-        )
-    checkpoint.save_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.ops)
     ctx = LMContext(config, workdir, splits, mesh)
     logging.info(
@@ -324,7 +331,14 @@ def run(config, workdir: str) -> dict:
         splits.tokenizer.vocab_size,
     )
     ctx.base_stats = base_model(ctx)
-    gt = ground_truth(ctx, config.groundtruth.seed + 1000, "groundtruth.npz")
+    return ctx, ground_truth(ctx, config.groundtruth.seed + 1000, "groundtruth.npz")
+
+
+def run(config, workdir: str) -> dict:
+    """The whole LM job; returns and writes ``workdir/results.json``."""
+    ctx, gt = context(config, workdir)
+    splits = ctx.splits
+    checkpoint.save_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
     methods = {}
     for name in config.methods:
         cfg = config.stride if name == "stride" else config.baselines[name]

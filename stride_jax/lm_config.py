@@ -77,7 +77,6 @@ def base_config() -> ml_collections.ConfigDict:
         n_val=100,
         n_query=100,
         seed=0,
-        query_split="query",  # "val": score the validation blocks instead (tuning)
     )
     c.model = dict(source="scratch", path="", **arch())
     # Used only by model.source='pretrain': pre-train a decoder here, then fine-tune it.

@@ -100,3 +100,18 @@ def test_bad_configs_are_refused(tmp_path):
     c.baselines.minilm.path = str(tmp_path / "no_model")
     with pytest.raises(ConfigError, match="fetch_minilm"):
         lm_benchmark.run(c, str(tmp_path / "y"))
+
+
+def test_tune_lm_scores_validation_rows_with_the_same_retrains(tmp_path):
+    from experiments import tune_lm
+
+    c = lm_shakespeare_quick.get_config()
+    c.data.n_val = 6
+    c.groundtruth.noise_ceiling = False
+    rows = tune_lm.tune(c, str(tmp_path), "repsim", ["chunk=4,8"])
+    assert [r["point"] for r in rows] == [{"chunk": 4}, {"chunk": 8}]
+    assert rows[0]["lds"] == pytest.approx(rows[1]["lds"], abs=1e-6)  # chunking changes nothing
+    gt = np.load(tmp_path / "groundtruth.npz")
+    assert gt["losses_val_MxV"].shape == (8, 6) and gt["losses_MxQ"].shape == (8, 8)
+    with pytest.raises(KeyError):
+        tune_lm.tune(c, str(tmp_path), "repsim", ["no_such_key=1"])

@@ -139,6 +139,11 @@ def test_fit_lowers_fidelity_and_scores_are_finite(tiny_lm):
     assert scores.shape == (len(sp.query), len(sp.train))
     assert np.isfinite(scores).all()
     assert fitted.history[-1]["fidelity"] < float(task.row_losses(sp.train).mean())
+    # A Lasso-only change reuses the trained operators (cheap tuning sweeps over the Lasso).
+    other = cfg.copy_and_resolve_references()
+    other.lasso.lam_frac = 0.2
+    assert lm_stride_method.fit(task, other) is fitted
+    assert not np.allclose(lm_stride_method.score(task, fitted, sp.query, other), scores)
 
 
 def test_retrain_ignores_zero_weight_rows(tiny_lm):

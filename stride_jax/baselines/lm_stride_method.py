@@ -8,6 +8,7 @@ the batched Lasso; scores are per training row (chunks sum back to examples else
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 
@@ -84,7 +85,23 @@ def _encode(task: LMTask, upper: lm_stride.Upper, blocks, cfg):
     )
 
 
+# Stage 1 does not depend on ``lasso``: a tuning sweep over Lasso settings in one process
+# reuses the trained operators (one fit kept, keyed by everything else it depends on).
+_FITS: dict = {}
+
+
 def fit(task: LMTask, cfg) -> LMFitted:
+    stage1_cfg = json.dumps({k: v for k, v in cfg.to_dict().items() if k != "lasso"})
+    hit = _FITS.get("entry")
+    # The entry holds the task's params and data objects, so ``is`` cannot match a new object.
+    if hit and hit[0] == stage1_cfg and hit[1] is task.params and hit[2] is task.train:
+        return hit[3]
+    fitted = _fit(task, cfg)
+    _FITS["entry"] = (stage1_cfg, task.params, task.train, fitted)
+    return fitted
+
+
+def _fit(task: LMTask, cfg) -> LMFitted:
     if cfg.stage1.probe_mask_members:
         raise ConfigError("stage1.probe_mask_members is not supported for language models")
     mesh = task.mesh if task.mesh is not None else sharding.make_mesh()

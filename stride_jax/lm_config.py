@@ -35,6 +35,7 @@ LM_METHODS = (
     "logra",
     "ekfac",
     "repsim",
+    "minilm",
     "tfidf",
     "bm25",
     "random",

@@ -67,6 +67,8 @@ class LMFitted:
     params: object
     history: list
     seconds: dict
+    # (query blocks object, y_QxT) of the last ``score``: a Lasso sweep reuses the responses.
+    last_responses: tuple = ()
 
 
 def _keys(cfg):
@@ -144,7 +146,11 @@ def responses(task: LMTask, fitted: LMFitted, query, cfg) -> np.ndarray:
 def score(task: LMTask, fitted: LMFitted, query, cfg):
     mesh = task.mesh if task.mesh is not None else sharding.make_mesh()
     t0 = time.time()
-    y_QxT = responses(task, fitted, query, cfg)
+    if fitted.last_responses and fitted.last_responses[0] is query:
+        y_QxT = fitted.last_responses[1]
+    else:
+        y_QxT = responses(task, fitted, query, cfg)
+        fitted.last_responses = (query, y_QxT)
     fitted.seconds["responses"] = time.time() - t0
     logging.info("stride-lm: responses %s in %.2fs", y_QxT.shape, fitted.seconds["responses"])
     t0 = time.time()

@@ -55,11 +55,13 @@ def parse_sweep(sweep: list[str]) -> list[tuple[str, list]]:
 
 
 def set_path(config, key: str, value) -> None:
-    """``config["a"]["b"] = value`` for key "a.b"; a key the config lacks raises ``KeyError``
-    (a typo in a sweep must not silently add a setting nothing reads)."""
+    """``config["a"]["b"] = value`` for key "a.b"; a key the config lacks raises
+    ``ConfigError`` (a typo in a sweep must not silently add a setting nothing reads)."""
     *blocks, leaf = key.split(".")
     for block in blocks:
+        if block not in config:
+            raise ConfigError(f"unknown config key {key!r}: no block {block!r}")
         config = config[block]
     if leaf not in config:
-        raise KeyError(f"unknown config key {key!r}; known here: {sorted(config.keys())}")
+        raise ConfigError(f"unknown config key {key!r}; known here: {sorted(config.keys())}")
     config[leaf] = value

@@ -113,5 +113,5 @@ def test_tune_lm_scores_validation_rows_with_the_same_retrains(tmp_path):
     assert rows[0]["lds"] == pytest.approx(rows[1]["lds"], abs=1e-6)  # chunking changes nothing
     gt = np.load(tmp_path / "groundtruth.npz")
     assert gt["losses_val_MxV"].shape == (8, 6) and gt["losses_MxQ"].shape == (8, 8)
-    with pytest.raises(KeyError):
+    with pytest.raises(ConfigError, match="unknown config key 'no_such_key'"):
         tune_lm.tune(c, str(tmp_path), "repsim", ["no_such_key=1"])

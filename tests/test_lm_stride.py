@@ -12,6 +12,7 @@ from stride_jax import lm_stride, losses
 from stride_jax.baselines import lm_stride_method
 from stride_jax.baselines.base import LMTask
 from stride_jax.data import corpora
+from stride_jax.errors import ConfigError
 from stride_jax.models import lm_train, transformer
 from stride_jax.operators import SteeringOperators
 
@@ -169,3 +170,13 @@ def test_vmapped_retrains_equal_sequential(tiny_lm):
     for m in range(2):
         p = task.retrain(keys[m], masks[m].astype(np.float32))
         np.testing.assert_allclose(got[m], task.row_losses(sp.query, p), rtol=2e-5, atol=2e-5)
+
+
+def test_hook_layer_range():
+    cfg = lm_stride_method.default_config()
+    assert lm_stride_method.hook_layer(cfg, 3) == 2  # default: two thirds of the depth
+    cfg.layer = 3
+    assert lm_stride_method.hook_layer(cfg, 3) == 3  # the final residual is allowed
+    cfg.layer = 4
+    with pytest.raises(ConfigError, match="stride layer must be in 0..3"):
+        lm_stride_method.hook_layer(cfg, 3)

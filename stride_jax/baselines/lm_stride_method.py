@@ -53,9 +53,11 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def hook_layer(cfg, n_layers: int) -> int:
+    """Residual stream after ``layer`` blocks (0: the embeddings; n_layers: the final residual,
+    only the final norm and the head above it)."""
     layer = round(2 * n_layers / 3) if cfg.layer < 0 else int(cfg.layer)
-    if not 0 <= layer < n_layers:
-        raise ConfigError(f"stride layer must be in 0..{n_layers - 1} (the model has {n_layers})")
+    if not 0 <= layer <= n_layers:
+        raise ConfigError(f"stride layer must be in 0..{n_layers} (the model has {n_layers})")
     return layer
 
 

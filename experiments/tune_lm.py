@@ -16,6 +16,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from stride_jax import benchmark, checkpoint, cli, lm_benchmark
+from stride_jax.baselines import base
+from stride_jax.errors import ConfigError
 
 
 def define_flags():
@@ -29,14 +31,22 @@ def define_flags():
 
 
 def tune(config, workdir: str, method: str, sweep: list[str]) -> list[dict]:
+    # Everything that can be wrong with the request fails before the retrains.
+    base.get_lm(method)
+    if method != "stride" and method not in config.baselines:
+        raise ConfigError(f"config.baselines has no block for method {method!r}")
+    if not config.data.n_val > 0:
+        raise ConfigError("tuning needs validation rows: set data.n_val > 0")
+    base_cfg = config.stride if method == "stride" else config.baselines[method]
+    axes = cli.parse_sweep(sweep)
+    for key, values in axes:
+        cli.set_path(base_cfg.copy_and_resolve_references(), key, values[0])
     ctx, gt = lm_benchmark.context(config, workdir)
     if ctx.splits.val is None or "losses_val_MxV" not in gt:
-        raise lm_benchmark.ConfigError("tuning needs validation rows: set data.n_val > 0")
+        raise ConfigError("the cached ground truth has no validation rows; use a new --workdir")
     val_gt = {"masks_MxN": gt["masks_MxN"], "losses_MxQ": gt["losses_val_MxV"]}
-    axes = cli.parse_sweep(sweep)
     rows = []
     for values in itertools.product(*(v for _, v in axes)):
-        base_cfg = config.stride if method == "stride" else config.baselines[method]
         sub = base_cfg.copy_and_resolve_references()
         for (key, _), value in zip(axes, values, strict=True):
             cli.set_path(sub, key, value)

@@ -49,9 +49,11 @@ def _parse(value: str):
 
 def parse_sweep(sweep: list[str]) -> list[tuple[str, list]]:
     """Tuning axes: ``["a.b=1,2", "c=x"]`` -> ``[("a.b", [1, 2]), ("c", ["x"])]``."""
-    return [
-        (k, [_parse(v) for v in vals.split(",")]) for k, vals in (s.split("=", 1) for s in sweep)
-    ]
+    for s in sweep:
+        if "=" not in s:
+            raise ConfigError(f"--sweep {s!r} is not of the form key=v1,v2,...")
+    pairs = (s.split("=", 1) for s in sweep)
+    return [(key, [_parse(v) for v in values.split(",")]) for key, values in pairs]
 
 
 def set_path(config, key: str, value) -> None:

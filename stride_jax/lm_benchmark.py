@@ -59,11 +59,16 @@ def pretrain(pc, workdir: str) -> str:
     """Pre-train a decoder from scratch on ``pc.data`` with recipe ``pc.train``; resumable
     (orbax checkpoints every ``pc.ckpt_every`` steps). Writes a Hugging Face directory
     (config.json, model.safetensors, tokenizer) at ``workdir/hf`` and returns its path."""
+    if not 0 < pc.ckpt_every <= pc.train.steps or pc.train.steps % pc.ckpt_every:
+        raise ConfigError(
+            f"pretrain.ckpt_every={pc.ckpt_every} must be > 0 and divide "
+            f"pretrain.train.steps={pc.train.steps}"
+        )
     out = os.path.join(workdir, "hf")
+    checkpoint.guard_config(os.path.join(workdir, "pretrain"), pc.to_dict())
     if os.path.exists(os.path.join(out, "model.safetensors")):
         logging.info("pretrain: reusing %s", out)
         return out
-    checkpoint.guard_config(os.path.join(workdir, "pretrain"), pc.to_dict())
     splits = _pretrain_splits(pc.data)
     cfg = _arch(pc.model, splits.tokenizer.vocab_size)
     graphdef, params0 = transformer.build(cfg, jax.random.key(pc.model.seed))
@@ -157,9 +162,10 @@ def base_model(ctx: LMContext) -> dict:
         )
     if ctx.splits.train.block_len > cfg.max_len:
         raise ConfigError(f"data.block_len exceeds the model's max_len {cfg.max_len}")
-    path = benchmark._guarded(
-        ctx.workdir, "base_model.npz", {"data": c.data.to_dict(), "model": c.model.to_dict()}
-    )
+    recipe = {"data": c.data.to_dict(), "model": c.model.to_dict(), "train": c.train.to_dict()}
+    if c.model.source == "pretrain":
+        recipe["pretrain"] = c.pretrain.to_dict()
+    path = benchmark._guarded(ctx.workdir, "base_model.npz", recipe)
     task = base.LMTask(
         cfg,
         graphdef,
@@ -387,6 +393,18 @@ def validate(config) -> None:
                 f"method 'minilm' needs the MiniLM encoder in {path!r}: run "
                 "`python -m experiments.fetch_minilm` (or set baselines.minilm.path)"
             )
+    if config.data.tokenizer == "char" and config.model.source != "scratch":
+        raise ConfigError(
+            "data.tokenizer='char' builds a new character vocabulary, which cannot match a "
+            f"model from model.source={config.model.source!r}: use 'pretrained' or the "
+            "model's tokenizer path"
+        )
+    s = config.stride
+    for key in ("op_chunk", "vocab_chunk", "query_batch", "encode_batch"):
+        if not s[key] > 0:
+            raise ConfigError(f"config.stride.{key} must be > 0, got {s[key]}")
+    if s.stage1.steps % s.stage1.log_every:
+        raise ConfigError("config.stride.stage1.steps must be a multiple of stage1.log_every")
     if not 0.0 < config.groundtruth.alpha <= 1.0:
         raise ConfigError(f"groundtruth.alpha must be in (0, 1], got {config.groundtruth.alpha}")
     for key in ("train.steps", "train.batch", "groundtruth.num_models"):

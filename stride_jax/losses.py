@@ -93,6 +93,8 @@ def chunked_token_ce(hn_NxD: jax.Array, w_DxV: jax.Array, targets_N: jax.Array, 
 
     n = hn_NxD.shape[0]
     init = (jnp.full((n,), -jnp.inf, hn_NxD.dtype), jnp.zeros((n,), hn_NxD.dtype))
-    (m, s), _ = jax.lax.scan(step, init, (w_CxDxK, valid_CxK))
+    # Rematerialised: the backward pass recomputes each chunk's logits instead of storing
+    # them, so gradients too stay at N x chunk (not N x V) live logits.
+    (m, s), _ = jax.lax.scan(jax.checkpoint(step), init, (w_CxDxK, valid_CxK))
     target_logit = jnp.einsum("nd,dn->n", hn_NxD, w_DxV[:, targets_N])
     return m + jnp.log(s) - target_logit

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from experiments.configs import lm_shakespeare_quick, sft_chitchat_quick
-from stride_jax import lm_benchmark, lm_config
+from stride_jax import cli, lm_benchmark, lm_config
+from stride_jax.checkpoint import CheckpointError
 from stride_jax.data.tokenizer import CharTokenizer
 from stride_jax.errors import ConfigError
 from stride_jax.models import hf_import, transformer
@@ -80,6 +81,13 @@ def test_pretrain_resumes_to_the_same_model(tmp_path):
     again = hf_import.load_hf(lm_benchmark.pretrain(pc, str(tmp_path / "a")))[2]
     for x, y in zip(jax.tree.leaves(ref), jax.tree.leaves(again), strict=True):
         np.testing.assert_array_equal(x, y)
+    # Another recipe in the same workdir is refused, not silently served the old model.
+    pc.train.steps = 30
+    with pytest.raises(CheckpointError, match="different config"):
+        lm_benchmark.pretrain(pc, str(tmp_path / "a"))
+    pc.ckpt_every = 7
+    with pytest.raises(ConfigError, match="ckpt_every=7 must be > 0 and divide"):
+        lm_benchmark.pretrain(pc, str(tmp_path / "b"))
 
 
 def test_bad_configs_are_refused(tmp_path):
@@ -95,6 +103,16 @@ def test_bad_configs_are_refused(tmp_path):
     c.model.source = "pickle"
     with pytest.raises(ConfigError, match="model.source"):
         lm_benchmark.run(c, str(tmp_path / "x"))
+    c = lm_shakespeare_quick.get_config()
+    c.model.source = "hf"
+    with pytest.raises(ConfigError, match="cannot match a model"):
+        lm_benchmark.run(c, str(tmp_path / "z"))
+    c = lm_shakespeare_quick.get_config()
+    c.stride.op_chunk = 0
+    with pytest.raises(ConfigError, match="op_chunk must be > 0"):
+        lm_benchmark.run(c, str(tmp_path / "z"))
+    with pytest.raises(ConfigError, match="not of the form"):
+        cli.parse_sweep(["lasso.lam_frac"])
     c = lm_shakespeare_quick.get_config()
     c.methods = ("minilm",)
     c.baselines.minilm.path = str(tmp_path / "no_model")

@@ -22,7 +22,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -146,7 +145,7 @@ def make_inputs(upper: Upper, model_params, cache, data: dict, design, config, k
 
 
 def _steered_rows(ops: SteeringOperators, inputs: LMInputs, rows_KxB, ids_K):
-    """(residual + own operator's shift) flattened to K*B rows, and the rows' other arrays."""
+    """(residual + own operator's shift) flattened to K*B rows, and those rows' indices."""
     h = inputs.h_NxLxD[rows_KxB]
     h = h + ops.shifts_per_row(ops.basis(h), ids_K)
     flat = rows_KxB.reshape(-1)
@@ -266,7 +265,3 @@ def _response_fn(upper: Upper, ops_graphdef, num_subsets: int, op_chunk: int, qu
         return jax.lax.map(one_query, (h_QxLxD, data_q), batch_size=query_batch)
 
     return fn
-
-
-def as_numpy(x) -> np.ndarray:
-    return np.asarray(jax.device_get(x), np.float32)

@@ -171,8 +171,9 @@ def loss_terms(ops: SteeringOperators, inputs: LMInputs, batch, config) -> dict:
         inputs.loss_mask_NxL[rows],
     )
     stab = losses.weighted_mean(kl.reshape(k, -1), w_stab).mean()
+    gate_l2 = train.gate_penalty(ops, ids_K, config)
     if config.w_linearity == 0:
-        return {"fidelity": fid, "stability": stab, "linearity": jnp.zeros(())}
+        return {"fidelity": fid, "stability": stab, "linearity": jnp.zeros(()), "gate_l2": gate_l2}
     lin_ids = None if config.linearity_over_all else ids_K
     h_p = inputs.h_NxLxD[probe_P]
     h_kp = h_p + ops.shifts(ops.basis(h_p), lin_ids)
@@ -196,6 +197,7 @@ def loss_terms(ops: SteeringOperators, inputs: LMInputs, batch, config) -> dict:
         "fidelity": fid,
         "stability": stab,
         "linearity": losses.linearity(drops, sketch, config.ridge),
+        "gate_l2": gate_l2,
     }
 
 

@@ -27,14 +27,29 @@ def fidelity(logits_KxBxC: jax.Array, y_KxB: jax.Array, w_KxB: jax.Array) -> jax
     return weighted_mean(ce, w_KxB)
 
 
+def base_top_k(base_logits_BxC: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
+    """The base model's top-K class ids and their log-probabilities renormalised over those K
+    (``idx_BxK`` int32, ``logp_BxK``): computed once, reused by every stability evaluation."""
+    top_k = min(top_k, base_logits_BxC.shape[-1])
+    base_top, idx = jax.lax.top_k(base_logits_BxC, top_k)
+    return idx, jax.nn.log_softmax(base_top, -1)
+
+
+def top_k_kl(idx_BxK: jax.Array, logp_BxK: jax.Array, logits_KxBxC: jax.Array) -> jax.Array:
+    """KL(p_base || p_steered) over cached base top-K classes (``base_top_k``): KxB.
+
+    ``idx``/``logp`` broadcast against the leading axes of ``logits`` (e.g. one cached row
+    set shared by all K operators)."""
+    shape = (*logits_KxBxC.shape[:-1], idx_BxK.shape[-1])
+    steer_top = jnp.take_along_axis(logits_KxBxC, jnp.broadcast_to(idx_BxK, shape), axis=-1)
+    logq = jax.nn.log_softmax(steer_top, -1)
+    logp = jnp.broadcast_to(logp_BxK, shape)
+    return (jnp.exp(logp) * (logp - logq)).sum(-1)
+
+
 def truncated_kl(base_logits_KxBxC, logits_KxBxC, top_k: int) -> jax.Array:
     """KL(p_base || p_steered) over the base top-K classes, both renormalised there: KxB."""
-    top_k = min(top_k, base_logits_KxBxC.shape[-1])
-    base_top, idx = jax.lax.top_k(base_logits_KxBxC, top_k)
-    steer_top = jnp.take_along_axis(logits_KxBxC, idx, axis=-1)
-    logp = jax.nn.log_softmax(base_top, -1)
-    logq = jax.nn.log_softmax(steer_top, -1)
-    return (jnp.exp(logp) * (logp - logq)).sum(-1)
+    return top_k_kl(*base_top_k(base_logits_KxBxC, top_k), logits_KxBxC)
 
 
 def stability(base_logits_KxBxC, logits_KxBxC, w_KxB, top_k: int) -> jax.Array:

@@ -50,9 +50,20 @@ class SteeringOperators(nnx.Module):
             gates = gates[subset_ids_K]
         return jnp.einsum("kor,...r->k...o", gates, phi_BxR)
 
-    def shifts_per_row(self, phi_KxBxR: jax.Array, subset_ids_K: jax.Array) -> jax.Array:
-        """delta_KxBxO where operator k sees its own batch phi_KxBxR[k] (any batch shape)."""
-        return jnp.einsum("kor,k...r->k...o", self.gates[...][subset_ids_K], phi_KxBxR)
+    def shifts_per_row(self, phi_KxBxR: jax.Array, subset_ids_K: jax.Array | None) -> jax.Array:
+        """delta_KxBxO where operator k sees its own batch phi_KxBxR[k] (any batch shape);
+        ``subset_ids_K=None`` means all T operators in order (no gather of the gates)."""
+        gates = self.gates[...]
+        if subset_ids_K is not None:
+            gates = gates[subset_ids_K]
+        return jnp.einsum("kor,k...r->k...o", gates, phi_KxBxR)
+
+    def gate_sq_norms(self, subset_ids_K: jax.Array | None = None) -> jax.Array:
+        """||B_k||_F^2 of the operators ``subset_ids_K`` (all T when None): (K,)."""
+        gates = self.gates[...]
+        if subset_ids_K is not None:
+            gates = gates[subset_ids_K]
+        return (gates**2).sum((1, 2))
 
 
 @dataclasses.dataclass(frozen=True)

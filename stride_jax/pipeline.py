@@ -40,20 +40,29 @@ def lasso_config(config) -> recover.LassoConfig:
 
 def stage1_defaults(**overrides) -> dict:
     """The ``stage1`` block of a STRIDE config (classifier defaults, chosen on validation
-    digits); ``overrides`` replace keys (the language-model defaults start from these)."""
+    digits); ``overrides`` replace keys (the language-model defaults start from these).
+
+    The classifier defaults train every operator at every step (``subsets_per_step=0``) on
+    all its members, with one shared stability batch, a small fidelity weight and an L2
+    penalty on the gates: each operator then sits near the optimum of "a small step towards
+    its subset, held back by the KL to the base model", where its loss drops add up over
+    examples (see README, "How STRIDE is trained").
+    """
     out = dict(
-        rank=32,
-        steps=600,
-        log_every=100,
-        ckpt_every=300,
+        rank=256,
+        steps=200,
+        log_every=50,
+        ckpt_every=100,
         warmup_steps=50,
         lr=1e-2,
-        lr_muon=0.02,
-        lr_end_frac=0.1,
+        lr_muon=0.0,
+        lr_end_frac=0.05,
         weight_decay=0.0,
-        subsets_per_step=64,
+        subsets_per_step=0,
+        fidelity_rows="all",
         fidelity_batch=16,
-        stability_batch=32,
+        stability_rows="shared",
+        stability_batch=256,
         probe_batch=64,
         top_k=5,
         sketch="features",
@@ -62,9 +71,10 @@ def stage1_defaults(**overrides) -> dict:
         intercept=True,
         probe_mask_members=False,
         linearity_over_all=True,
-        w_fidelity=1.0,
+        w_fidelity=1e-2,
         w_stability=1.0,
         w_linearity=1.0,
+        gate_l2=1e-2,
     )
     unknown = set(overrides) - set(out)
     if unknown:

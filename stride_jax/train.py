@@ -1,7 +1,9 @@
 """Stage 1: learn the T steering operators on a frozen base model.
 
-Each step draws K subsets; for each, a batch of its members (fidelity), a batch of
-non-members (stability) and a shared batch of probe examples (linearity). Steps run in
+Each step takes K subsets (``subsets_per_step``; 0 = all T); for each, its members
+(``fidelity_rows``: all of them, or a sampled batch), non-members (``stability_rows``: one
+batch shared by the K operators, or a batch per subset) and a shared batch of probe examples
+(linearity), plus an L2 penalty ``gate_l2`` on the K gates. Steps run in
 jitted ``lax.scan`` chunks (``log_every`` steps per call) with explicit shardings: operator
 gates are sharded over the mesh's ``ops`` axis. The key of step s is ``fold_in(key, s)``, so
 a run resumed from a checkpoint takes exactly the steps an uninterrupted run would.
@@ -30,7 +32,8 @@ class Stage1Inputs:
     """Cached base-model activations on the training set and the design.
 
     ``h_NxD`` features at the hook, ``logits_NxC`` base logits, ``y_N`` labels, ``sketch_TxM``
-    the sketched design A P.
+    the sketched design A P, ``top_idx_NxK`` / ``top_logp_NxK`` the base model's top-K classes
+    and their renormalised log-probabilities (the stability loss's fixed side).
     """
 
     h_NxD: jax.Array
@@ -39,17 +42,23 @@ class Stage1Inputs:
     members_TxS: jax.Array
     subsets_NxD: jax.Array
     sketch_TxM: jax.Array
+    top_idx_NxK: jax.Array
+    top_logp_NxK: jax.Array
 
 
 def make_inputs(cache, y_N, design: Design, config, key: jax.Array) -> Stage1Inputs:
     """Bundle the classifier's cached activations and the design with its sketch."""
+    logits_NxC = jnp.asarray(cache["logits"])
+    top_idx, top_logp = losses.base_top_k(logits_NxC, config.top_k)
     return Stage1Inputs(
         h_NxD=jnp.asarray(cache["h"]),
-        logits_NxC=jnp.asarray(cache["logits"]),
+        logits_NxC=logits_NxC,
         y_N=jnp.asarray(y_N),
         members_TxS=jnp.asarray(design.members_TxS),
         subsets_NxD=jnp.asarray(design.subsets_NxD),
         sketch_TxM=sketched_design(design, config, key, cache["h"]),
+        top_idx_NxK=top_idx,
+        top_logp_NxK=top_logp,
     )
 
 
@@ -76,7 +85,8 @@ def sketched_design(design: Design, config, key: jax.Array, feats_NxD) -> jax.Ar
 def make_optimizer(config) -> optax.GradientTransformation:
     """MuonAdamW: muon on the 2-D basis ``w_down``, AdamW on the per-subset gates.
 
-    Both follow linear warmup then linear decay to ``lr_end_frac`` of the peak.
+    Both follow linear warmup then linear decay to ``lr_end_frac`` of the peak;
+    ``lr_muon = 0`` freezes the basis.
     """
 
     def schedule(peak):
@@ -89,7 +99,8 @@ def make_optimizer(config) -> optax.GradientTransformation:
             [warm],
         )
 
-    muon = optax.contrib.muon(schedule(config.lr_muon))
+    # lr_muon = 0 keeps the basis at its random init (random features).
+    muon = optax.contrib.muon(schedule(config.lr_muon)) if config.lr_muon else optax.set_to_zero()
     adamw = optax.adamw(schedule(config.lr), weight_decay=config.weight_decay)
 
     def labels(params):
@@ -105,32 +116,68 @@ def membership(inputs: Stage1Inputs, rows_KxB: jax.Array, subset_ids_K: jax.Arra
     return (inputs.subsets_NxD[rows_KxB] == subset_ids_K[:, None, None]).any(-1).astype(jnp.float32)
 
 
-def sample_batch(key, inputs: Stage1Inputs, config):
-    """Subset ids (K,), member rows (K, Bf), non-member rows (K, Bs), probe rows (P,)."""
+def all_subsets(config, num_subsets: int) -> bool:
+    """True when every step trains all T operators (``subsets_per_step`` 0 or T)."""
+    return config.subsets_per_step in (0, num_subsets)
+
+
+def sample_batch(key, inputs, config):
+    """Subset ids (K,), member rows (K, Bf), their weights, non-member rows (K, Bs), their
+    weights, probe rows (P,).
+
+    ``fidelity_rows="all"``: each subset's full member list (Bf = the largest subset, padding
+    weighted 0); "sample": ``fidelity_batch`` draws from the members. ``stability_rows=
+    "shared"``: one draw of ``stability_batch`` rows broadcast to all K subsets (each subset's
+    own members weighted 0); "per_subset": an independent draw per subset.
+    """
     t = inputs.members_TxS.shape[0]
     n = inputs.subsets_NxD.shape[0]
     k_sub, k_mem, k_non, k_probe = jax.random.split(key, 4)
-    ids_K = jax.random.choice(k_sub, t, (config.subsets_per_step,), replace=False)
+    if all_subsets(config, t):
+        ids_K = jnp.arange(t)
+    else:
+        ids_K = jax.random.choice(k_sub, t, (config.subsets_per_step,), replace=False)
+    num = ids_K.shape[0]
     members = inputs.members_TxS[ids_K]
-    sizes = (members < n).sum(-1)
-    u = jax.random.uniform(k_mem, (config.subsets_per_step, config.fidelity_batch))
-    pos = jnp.minimum((u * sizes[:, None]).astype(jnp.int32), members.shape[1] - 1)
-    mem_KxB = jnp.take_along_axis(members, pos, axis=1)
+    if config.fidelity_rows == "all":
+        mem_KxB = members
+    else:
+        sizes = (members < n).sum(-1)
+        u = jax.random.uniform(k_mem, (num, config.fidelity_batch))
+        pos = jnp.minimum((u * sizes[:, None]).astype(jnp.int32), members.shape[1] - 1)
+        mem_KxB = jnp.take_along_axis(members, pos, axis=1)
     w_fid = (mem_KxB < n).astype(jnp.float32)
-    non_KxB = jax.random.randint(k_non, (config.subsets_per_step, config.stability_batch), 0, n)
+    if config.stability_rows == "shared":
+        non_B = jax.random.randint(k_non, (config.stability_batch,), 0, n)
+        non_KxB = jnp.broadcast_to(non_B, (num, config.stability_batch))
+    else:
+        non_KxB = jax.random.randint(k_non, (num, config.stability_batch), 0, n)
     w_stab = 1.0 - membership(inputs, non_KxB, ids_K)
     probe_P = jax.random.randint(k_probe, (config.probe_batch,), 0, n)
     return ids_K, jnp.minimum(mem_KxB, n - 1), w_fid, non_KxB, w_stab, probe_P
+
+
+def gate_penalty(ops: SteeringOperators, ids_K, config) -> jax.Array:
+    """Mean over the step's operators of ||B_k||^2 / 2 (the damping of each operator's fit)."""
+    ids = None if all_subsets(config, ops.gates[...].shape[0]) else ids_K
+    return 0.5 * ops.gate_sq_norms(ids).mean()
 
 
 def loss_terms(ops: SteeringOperators, inputs: Stage1Inputs, batch, config):
     """The three losses (scalars) for one sampled batch."""
     ids_K, mem_KxB, w_fid, non_KxB, w_stab, probe_P = batch
     h, z, y = inputs.h_NxD, inputs.logits_NxC, inputs.y_N
-    fid_logits = z[mem_KxB] + ops.shifts_per_row(ops.basis(h[mem_KxB]), ids_K)
+    ids = None if all_subsets(config, inputs.members_TxS.shape[0]) else ids_K
+    fid_logits = z[mem_KxB] + ops.shifts_per_row(ops.basis(h[mem_KxB]), ids)
     fid = losses.fidelity(fid_logits, y[mem_KxB], w_fid).mean()
-    stab_logits = z[non_KxB] + ops.shifts_per_row(ops.basis(h[non_KxB]), ids_K)
-    stab = losses.stability(z[non_KxB], stab_logits, w_stab, config.top_k).mean()
+    if config.stability_rows == "shared":  # one row set: its basis is computed once
+        rows = non_KxB[0]
+        stab_logits = z[rows] + ops.shifts(ops.basis(h[rows]), ids)
+    else:
+        rows = non_KxB
+        stab_logits = z[rows] + ops.shifts_per_row(ops.basis(h[rows]), ids)
+    kl = losses.top_k_kl(inputs.top_idx_NxK[rows], inputs.top_logp_NxK[rows], stab_logits)
+    stab = losses.weighted_mean(kl, w_stab).mean()
     # Linearity over the batch's K subsets, or over all T operators (a far stronger test of
     # additivity: T rows against the M sketch columns, instead of K).
     lin_ids = None if config.linearity_over_all else ids_K
@@ -148,7 +195,12 @@ def loss_terms(ops: SteeringOperators, inputs: Stage1Inputs, batch, config):
             inputs, jnp.broadcast_to(probe_P, (rows_K.shape[0], probe_P.shape[0])), rows_K
         )
     lin = losses.linearity(ce_base - ce_steer, sketch_KxM, config.ridge, w_KxP)
-    return {"fidelity": fid, "stability": stab, "linearity": lin}
+    return {
+        "fidelity": fid,
+        "stability": stab,
+        "linearity": lin,
+        "gate_l2": gate_penalty(ops, ids_K, config),
+    }
 
 
 def total_loss(terms, config):
@@ -156,6 +208,7 @@ def total_loss(terms, config):
         config.w_fidelity * terms["fidelity"]
         + config.w_stability * terms["stability"]
         + config.w_linearity * terms["linearity"]
+        + config.gate_l2 * terms["gate_l2"]
     )
 
 
@@ -201,6 +254,26 @@ def state_shardings(state, mesh):
     return jax.tree_util.tree_map(rule, state)
 
 
+def check_config(config, num_subsets: int) -> None:
+    """Refuse stage-1 settings that cannot work with T = ``num_subsets`` operators."""
+    if not 0 <= config.subsets_per_step <= num_subsets:
+        raise ConfigError(
+            f"stage1.subsets_per_step={config.subsets_per_step} must be in 0..T (0 = all); "
+            f"it exceeds T={num_subsets}"
+        )
+    per_step = config.subsets_per_step or num_subsets
+    if config.sketch_dim >= per_step:
+        raise ConfigError("stage1.sketch_dim must be smaller than stage1.subsets_per_step")
+    for key, allowed in (("fidelity_rows", ("all", "sample")), ("stability_rows", _STAB_ROWS)):
+        if config[key] not in allowed:
+            raise ConfigError(f"stage1.{key} must be one of {allowed}, got {config[key]!r}")
+    if config.gate_l2 < 0 or config.lr_muon < 0:
+        raise ConfigError("stage1.gate_l2 and stage1.lr_muon must be >= 0")
+
+
+_STAB_ROWS = ("shared", "per_subset")
+
+
 def fit_operators(
     inputs, config, key, mesh, workdir: str | None = None, *, dims=None, build_chunk=None
 ):
@@ -214,12 +287,13 @@ def fit_operators(
     if config.steps % config.log_every:
         raise ConfigError(f"stage1.steps={config.steps} must be a multiple of log_every")
     num_subsets = inputs.members_TxS.shape[0]
-    if config.subsets_per_step > num_subsets:
+    check_config(config, num_subsets)
+    cached_k = getattr(inputs, "top_idx_NxK", None)
+    if cached_k is not None and cached_k.shape[1] != min(config.top_k, inputs.logits_NxC.shape[1]):
         raise ConfigError(
-            f"stage1.subsets_per_step={config.subsets_per_step} exceeds T={num_subsets}"
+            f"the inputs cache the base model's top-{cached_k.shape[1]} classes but "
+            f"stage1.top_k={config.top_k}; build them with make_inputs(..., this config)"
         )
-    if config.sketch_dim >= config.subsets_per_step:
-        raise ConfigError("stage1.sketch_dim must be smaller than stage1.subsets_per_step")
     sharding.check_divisible("number of subsets T", num_subsets, mesh, sharding.OPS)
     tx = make_optimizer(config)
     init_key, run_key = jax.random.split(key)

@@ -23,9 +23,9 @@ def tiny_config():
         log_every=10,
         ckpt_every=20,
         warmup_steps=5,
-        subsets_per_step=16,
+        subsets_per_step=0,
         fidelity_batch=4,
-        stability_batch=8,
+        stability_batch=32,
         probe_batch=8,
         sketch_dim=8,
     )

@@ -11,13 +11,13 @@ from stride_jax import checkpoint, sharding, subsets, train
 from stride_jax.operators import SteeringOperators
 
 
-def _inputs(n=60, d=10, c=4, t=20, deg=3, sketch=4, seed=0):
+def _inputs(n=60, d=10, c=4, t=20, deg=3, sketch=4, seed=0, top_k=5):
     rng = np.random.default_rng(seed)
     h = rng.normal(size=(n, d)).astype(np.float32)
     logits = rng.normal(size=(n, c)).astype(np.float32)
     y = rng.integers(0, c, n).astype(np.int32)
     design = subsets.expander(jax.random.key(seed), t, n, deg)
-    cfg = ml_collections.ConfigDict(dict(sketch="gaussian", sketch_dim=sketch))
+    cfg = ml_collections.ConfigDict(dict(sketch="gaussian", sketch_dim=sketch, top_k=top_k))
     return train.make_inputs({"h": h, "logits": logits}, y, design, cfg, jax.random.key(1))
 
 
@@ -39,6 +39,7 @@ def test_sketch_is_design_times_projection(tiny):
 def test_muon_on_basis_adamw_on_gates(tiny):
     """w_down's update is orthogonalised (flat singular values); gates' is Adam's sign-like."""
     cfg = tiny.stride.stage1
+    cfg.lr_muon = 0.02
     tx = train.make_optimizer(cfg)
     ops = SteeringOperators(32, 4, 8, 6, rngs=nnx.Rngs(0))
     params = nnx.split(ops, nnx.Param)[1]
@@ -55,10 +56,92 @@ def test_muon_on_basis_adamw_on_gates(tiny):
     assert np.all(np.sign(u[np.abs(g) > 1e-3]) == -np.sign(g[np.abs(g) > 1e-3]))
 
 
+def test_lr_muon_zero_freezes_the_basis(tiny):
+    """With lr_muon = 0 the basis after 40 steps is the one after 10 (its init); gates move."""
+    cfg = tiny.stride.stage1
+    out = {}
+    for lr_muon, steps in ((0.0, 10), (0.0, 40), (0.02, 40)):
+        cfg.update(lr_muon=lr_muon, steps=steps, warmup_steps=2)
+        out[lr_muon, steps] = train.fit_operators(
+            _inputs(), cfg, jax.random.key(0), sharding.make_mesh()
+        )[1]
+    w = {k: np.asarray(v["w_down"][...]) for k, v in out.items()}
+    np.testing.assert_array_equal(w[0.0, 10], w[0.0, 40])
+    assert np.abs(w[0.02, 40] - w[0.0, 40]).max() > 1e-3
+    g10, g40 = (np.asarray(out[0.0, s]["gates"][...]) for s in (10, 40))
+    assert np.abs(g40 - g10).max() > 1e-4
+
+
+@pytest.mark.parametrize("fidelity_rows", ["all", "sample"])
+@pytest.mark.parametrize("stability_rows", ["shared", "per_subset"])
+def test_sampled_rows_match_the_design(tiny, fidelity_rows, stability_rows):
+    """Against a plain loop over subsets: "all" fidelity rows are exactly each subset's
+    members; stability weights are 0 exactly on members; "shared" rows are one draw."""
+    cfg = tiny.stride.stage1
+    cfg.update(fidelity_rows=fidelity_rows, stability_rows=stability_rows, subsets_per_step=0)
+    inputs = _inputs()
+    n, t = inputs.h_NxD.shape[0], inputs.members_TxS.shape[0]
+    ids, mem, w_fid, non, w_stab, _ = train.sample_batch(jax.random.key(3), inputs, cfg)
+    members = [set(int(i) for i in row if i < n) for row in np.asarray(inputs.members_TxS)]
+    assert list(np.asarray(ids)) == list(range(t))
+    for k in range(t):
+        got = set(int(i) for i, w in zip(np.asarray(mem[k]), np.asarray(w_fid[k])) if w)
+        if fidelity_rows == "all":
+            assert got == members[k] and int(np.asarray(w_fid[k]).sum()) == len(members[k])
+        else:
+            assert got <= members[k]
+        for row, w in zip(np.asarray(non[k]), np.asarray(w_stab[k]), strict=True):
+            assert w == (0.0 if int(row) in members[k] else 1.0)
+    if stability_rows == "shared":
+        assert (np.asarray(non) == np.asarray(non[0])).all()
+    else:
+        assert not (np.asarray(non) == np.asarray(non[0])).all()
+
+
+def test_shared_stability_loss_matches_a_loop(tiny):
+    """loss_terms with all subsets and shared rows equals a numpy loop over operators."""
+    cfg = tiny.stride.stage1
+    cfg.update(w_linearity=0.0, top_k=3)
+    inputs = _inputs(top_k=3)
+    ops = SteeringOperators(10, 4, 8, 20, rngs=nnx.Rngs(0))
+    ops.gates[...] = 0.3 * jax.random.normal(jax.random.key(5), ops.gates[...].shape)
+    batch = train.sample_batch(jax.random.key(4), inputs, cfg)
+    terms = train.loss_terms(ops, inputs, batch, cfg)
+    ids, mem, w_fid, non, w_stab, _ = (np.asarray(b) for b in batch)
+    h, z, y = (np.asarray(a, np.float64) for a in (inputs.h_NxD, inputs.logits_NxC, inputs.y_N))
+    gates, w_down = np.asarray(ops.gates[...], np.float64), np.asarray(ops.w_down[...])
+
+    def basis(rows):
+        hh = h[rows]
+        ln = (hh - hh.mean(-1, keepdims=True)) / np.sqrt(hh.var(-1, keepdims=True) + 1e-5)
+        u = ln @ w_down
+        return u / (1 + np.exp(-u))
+
+    def log_softmax(v):
+        v = v - v.max(-1, keepdims=True)
+        return v - np.log(np.exp(v).sum(-1, keepdims=True))
+
+    fid, stab = [], []
+    for k in ids:
+        logits = z[mem[k]] + basis(mem[k]) @ gates[k].T
+        ce = -log_softmax(logits)[np.arange(len(mem[k])), y[mem[k]].astype(int)]
+        fid.append((ce * w_fid[k]).sum() / w_fid[k].sum())
+        steered = z[non[k]] + basis(non[k]) @ gates[k].T
+        top = np.argsort(-z[non[k]], -1)[:, :3]
+        logp = log_softmax(np.take_along_axis(z[non[k]], top, -1))
+        logq = log_softmax(np.take_along_axis(steered, top, -1))
+        kl = (np.exp(logp) * (logp - logq)).sum(-1)
+        stab.append((kl * w_stab[k]).sum() / w_stab[k].sum())
+    np.testing.assert_allclose(float(terms["fidelity"]), np.mean(fid), rtol=1e-5)
+    np.testing.assert_allclose(float(terms["stability"]), np.mean(stab), rtol=1e-4)
+    np.testing.assert_allclose(
+        float(terms["gate_l2"]), 0.5 * (gates**2).sum((1, 2)).mean(), rtol=1e-5
+    )
+
+
 def test_stage1_lowers_fidelity_and_stays_stable(tiny):
     cfg = tiny.stride.stage1
-    with cfg.unlocked():
-        cfg.steps, cfg.log_every = 100, 10
+    cfg.update(steps=100, log_every=10, w_fidelity=1.0)
     _, params, hist = train.fit_operators(_inputs(), cfg, jax.random.key(0), sharding.make_mesh())
     assert hist[-1]["fidelity"] < 0.8 * hist[0]["fidelity"]
     assert hist[-1]["stability"] < 0.5
@@ -98,7 +181,12 @@ def test_mismatched_checkpoint_is_refused(tiny, tmp_path):
     "change, match",
     [
         ({"subsets_per_step": 50}, "exceeds T"),
-        ({"sketch_dim": 16}, "sketch_dim"),
+        ({"subsets_per_step": -1}, "0..T"),
+        ({"fidelity_rows": "some"}, "fidelity_rows"),
+        ({"stability_rows": "mine"}, "stability_rows"),
+        ({"gate_l2": -1.0}, "gate_l2"),
+        ({"top_k": 2}, "top_k=2"),
+        ({"sketch_dim": 16, "subsets_per_step": 12}, "sketch_dim"),
         ({"steps": 35}, "multiple of log_every"),
     ],
 )
@@ -107,3 +195,47 @@ def test_bad_stage1_config(tiny, change, match):
     cfg.update(change)
     with pytest.raises(ValueError, match=match):
         train.fit_operators(_inputs(), cfg, jax.random.key(0), sharding.make_mesh())
+
+
+def test_small_step_operators_match_the_damped_gauss_newton_solution(tiny):
+    """The trained regime against its closed form (numpy, independent of the optimiser).
+
+    With a small fidelity weight eps, the full KL (top_k = C) and gate L2 penalty lam, operator
+    k minimises eps * mean_{i in S_k} CE_i + mean_{j not in S_k} KL_j + lam/2 ||B_k||^2, whose
+    solution to first order in eps is vec(B_k) = -eps (G_k + lam I)^-1 g_k, with
+    G_k = mean_{j not in S_k} Lambda_j (x) phi_j phi_j^T (Lambda = diag(p) - p p^T) and g_k the
+    members' mean CE gradient. Responses CE_base(q) - CE_k(q) must then equal
+    eps * g_q^T (G_k + lam I)^-1 g_k.
+    """
+    n, c, t, r, eps, lam = 60, 4, 20, 8, 1e-4, 1e-2
+    cfg = tiny.stride.stage1
+    cfg.update(
+        rank=r, steps=600, log_every=100, ckpt_every=600, warmup_steps=20, lr=1e-4,
+        lr_end_frac=0.01, top_k=c, stability_batch=2048, w_fidelity=eps, w_linearity=0.0,
+        gate_l2=lam, lr_muon=0.0,
+    )  # fmt: skip
+    inputs = _inputs(n=n, c=c, t=t, top_k=c)
+    graphdef, params, _ = train.fit_operators(inputs, cfg, jax.random.key(0), sharding.make_mesh())
+    ops = nnx.merge(graphdef, params)
+    phi = np.asarray(ops.basis(inputs.h_NxD), np.float64)
+    z, y = np.asarray(inputs.logits_NxC, np.float64), np.asarray(inputs.y_N)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    g_n = np.einsum("nc,nr->ncr", p - np.eye(c)[y], phi).reshape(n, -1)  # dCE/dvec(B)
+    lam_n = np.einsum("nc,cd->ncd", p, np.eye(c)) - np.einsum("nc,nd->ncd", p, p)
+    gates = np.asarray(params["gates"][...], np.float64)
+    got, want = [], []
+    for k, row in enumerate(np.asarray(inputs.members_TxS)):
+        mem = row[row < n]
+        non = np.setdiff1d(np.arange(n), mem)
+        gk = np.einsum("ncd,nr,ns->crds", lam_n[non], phi[non], phi[non]).reshape(c * r, -1)
+        solve = np.linalg.solve(gk / len(non) + lam * np.eye(c * r), g_n[mem].mean(0))
+        want.append(eps * g_n @ solve)  # predicted response of every example as a query
+        logits = z + phi @ gates[k].T
+        logq = logits - logits.max(-1, keepdims=True)
+        logq -= np.log(np.exp(logq).sum(-1, keepdims=True))
+        logp = np.log(p)
+        got.append(-logp[np.arange(n), y] + logq[np.arange(n), y])
+    got, want = np.concatenate(got), np.concatenate(want)
+    assert np.corrcoef(got, want)[0, 1] > 0.98
+    np.testing.assert_allclose(got.std(), want.std(), rtol=0.1)

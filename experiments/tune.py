@@ -38,7 +38,7 @@ def main(_):
         for (key, _), value in zip(axes, values, strict=True):
             cli.set_path(sub, key, value)
         name = "_".join(f"{k}={v}" for (k, _), v in zip(axes, values, strict=True)) or "default"
-        sweep_dir = os.path.join(_WORKDIR.value, "sweep", _METHOD.value, name)
+        sweep_dir = cli.sweep_dir(_WORKDIR.value, _METHOD.value, name, sub)
         scores, _ = benchmark.run_method(ctx, _METHOD.value, sub, sweep_dir)
         res = benchmark.evaluate(scores, gt, config.lds.n_boot)
         rows.append(

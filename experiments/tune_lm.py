@@ -51,7 +51,7 @@ def tune(config, workdir: str, method: str, sweep: list[str]) -> list[dict]:
         for (key, _), value in zip(axes, values, strict=True):
             cli.set_path(sub, key, value)
         name = "_".join(f"{k}={v}" for (k, _), v in zip(axes, values, strict=True)) or "default"
-        sweep_dir = os.path.join(workdir, "sweep", method, name)
+        sweep_dir = cli.sweep_dir(workdir, method, name, sub)
         scores, meta = lm_benchmark.run_method(ctx, method, sub, sweep_dir, ctx.splits.val)
         res = benchmark.evaluate(scores, val_gt, config.lds.n_boot)
         point = dict(zip((k for k, _ in axes), values, strict=True))

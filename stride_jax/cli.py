@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import sys
 
 from absl import logging
@@ -67,3 +69,10 @@ def set_path(config, key: str, value) -> None:
     if leaf not in config:
         raise ConfigError(f"unknown config key {key!r}; known here: {sorted(config.keys())}")
     config[leaf] = value
+
+
+def sweep_dir(workdir: str, method: str, name: str, method_config) -> str:
+    """Where one sweep point caches its work: named by the point and a digest of the method's
+    whole resolved config, so points of sweeps over different base settings never collide."""
+    digest = hashlib.sha256(method_config.to_json(sort_keys=True).encode()).hexdigest()[:8]
+    return os.path.join(workdir, "sweep", method, f"{name}-{digest}")

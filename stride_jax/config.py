@@ -32,7 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.stride = dict(
         seed=3,
         response_batch=64,
-        design=dict(kind="expander", num_subsets=2000, degree=5, seed=2),
+        hook="logits",
+        hidden_rank=64,
+        design=dict(kind="expander", num_subsets=1000, degree=5, seed=2),
         stage1=pipeline.stage1_defaults(),
         lasso=pipeline.lasso_defaults(),
     )

@@ -7,7 +7,14 @@ every operator starts as the identity (steered model == base model).
 
 Where: a hook turns base-model activations into steered logits. ``LogitHook`` is the
 paper's classifier variant: ``logits_k = logits + delta_k(h)`` with h the penultimate
-features. A residual-stream hook (language models) provides the same two methods.
+features. ``HiddenHook`` (MLP classifiers) also steers the last hidden layer's
+pre-activation, so that part of the shift goes through the network's own nonlinearity and
+output layer (``HiddenSiteOperators``). A residual-stream hook (language models, in
+``lm_stride``) plays the same role for decoders.
+
+Operators expose ``steered_logits(rows, subset_ids_K, shared, fixed)``: the steered logits of
+operators ``subset_ids_K`` (all T when None) on cached rows, either one row set for all K
+(``shared``; arrays B x ...) or one per operator (K x B x ...).
 """
 
 from __future__ import annotations
@@ -16,7 +23,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+from stride_jax.errors import ConfigError
 
 
 def layer_norm_noaffine(h_BxD: jax.Array, eps: float = 1e-5) -> jax.Array:
@@ -28,12 +38,24 @@ def layer_norm_noaffine(h_BxD: jax.Array, eps: float = 1e-5) -> jax.Array:
 class SteeringOperators(nnx.Module):
     """T steering operators sharing one rank-r basis.
 
-    Params: ``w_down`` (feat_dim x rank), ``gates`` (T x out_dim x rank, zero-init).
+    Params: ``w_down`` (feat_dim x rank, LeCun-normal times ``init_scale``), ``gates``
+    (T x out_dim x rank, zero-init). A small ``init_scale`` keeps SiLU in its near-linear range,
+    so the basis starts as a random projection of LN(h).
     """
 
-    def __init__(self, feat_dim: int, out_dim: int, rank: int, num_subsets: int, *, rngs):
+    def __init__(
+        self,
+        feat_dim: int,
+        out_dim: int,
+        rank: int,
+        num_subsets: int,
+        *,
+        rngs,
+        init_scale: float = 1.0,
+    ):
         init = jax.nn.initializers.lecun_normal()
-        self.w_down = nnx.Param(init(rngs.params(), (feat_dim, rank), jnp.float32))
+        w = init_scale * init(rngs.params(), (feat_dim, rank), jnp.float32)
+        self.w_down = nnx.Param(w)
         self.gates = nnx.Param(jnp.zeros((num_subsets, out_dim, rank), jnp.float32))
 
     def basis(self, h_BxD: jax.Array) -> jax.Array:
@@ -65,6 +87,71 @@ class SteeringOperators(nnx.Module):
             gates = gates[subset_ids_K]
         return (gates**2).sum((1, 2))
 
+    @property
+    def num_subsets(self) -> int:
+        return self.gates[...].shape[0]
+
+    def site_shift(self, feats, subset_ids_K, shared: bool) -> jax.Array:
+        """delta_KxBxO of the operators on features B x D (shared) or K x B x D."""
+        phi = self.basis(feats)
+        return self.shifts(phi, subset_ids_K) if shared else self.shifts_per_row(phi, subset_ids_K)
+
+    def steered_logits(self, rows: dict, subset_ids_K, shared: bool, fixed=None) -> jax.Array:
+        """logits + B_k phi(h) on cached rows ``{"h", "logits"}``: K x B x C."""
+        del fixed
+        return rows["logits"] + self.site_shift(rows["h"], subset_ids_K, shared)
+
+
+class HiddenSiteOperators(nnx.Module):
+    """T operators at two sites of an MLP classifier, each site with its own shared basis:
+
+    ``logits_k = logits + (act(a + U_k psi(u)) - act(a)) W_head + B_k phi(h)``
+
+    with ``a`` the last hidden layer's pre-activation, ``u`` that layer's input, ``h = act(a)``
+    and ``W_head`` the frozen output layer. ``hidden`` holds ``psi`` and the ``U_k`` (T x H x
+    r_u), ``logit`` holds ``phi`` and the ``B_k``; both gates start at zero. Written as a
+    difference, zero gates give the cached base logits exactly.
+    """
+
+    def __init__(self, dims: dict, rank_hidden: int, rank: int, num_subsets: int, *, rngs, **kw):
+        self.hidden = SteeringOperators(
+            dims["u"], dims["a"], rank_hidden, num_subsets, rngs=rngs, **kw
+        )
+        self.logit = SteeringOperators(
+            dims["h"], dims["logits"], rank, num_subsets, rngs=rngs, **kw
+        )
+
+    @property
+    def num_subsets(self) -> int:
+        return self.logit.num_subsets
+
+    def gate_sq_norms(self, subset_ids_K: jax.Array | None = None) -> jax.Array:
+        return self.hidden.gate_sq_norms(subset_ids_K) + self.logit.gate_sq_norms(subset_ids_K)
+
+    def steered_logits(self, rows: dict, subset_ids_K, shared: bool, fixed) -> jax.Array:
+        """Steered logits K x B x C on cached rows ``{"u", "a", "h", "logits"}``; ``fixed``
+        holds the frozen output layer ``{"w_head": H x C}``."""
+        da = self.hidden.site_shift(rows["u"], subset_ids_K, shared)
+        dh = jax.nn.gelu(rows["a"] + da) - jax.nn.gelu(rows["a"])
+        dz = dh @ fixed["w_head"]
+        return rows["logits"] + dz + self.logit.site_shift(rows["h"], subset_ids_K, shared)
+
+
+def whitened_basis(u_NxD, rank: int, scale: float) -> jax.Array:
+    """A data-dependent ``w_down`` (D x rank): the top principal directions of LN(u), scaled
+    so that each basis feature has standard deviation ``scale`` over the rows (small: SiLU's
+    near-linear range). Refuses a rank above D."""
+    u = layer_norm_noaffine(jnp.asarray(u_NxD, jnp.float32))
+    d = u.shape[1]
+    if rank > d:
+        raise ConfigError(f"basis rank {rank} exceeds the hooked feature dimension {d}")
+    centred = u - u.mean(0)
+    cov = (centred.T @ centred) / max(u.shape[0] - 1, 1)
+    evals, evecs = np.linalg.eigh(np.asarray(cov, np.float64))
+    top = np.argsort(evals)[::-1][:rank]
+    w = evecs[:, top] / np.sqrt(np.maximum(evals[top], 1e-12))
+    return jnp.asarray(scale * w, jnp.float32)
+
 
 @dataclasses.dataclass(frozen=True)
 class LogitHook:
@@ -75,11 +162,50 @@ class LogitHook:
 
     features_fn: callable
     logits_fn: callable
+    fixed = None
 
     def encode(self, x_BxF: jax.Array) -> dict[str, jax.Array]:
         return {"h": self.features_fn(x_BxF), "logits": self.logits_fn(x_BxF)}
 
     @staticmethod
+    def make_operators(key, cache, num_subsets: int, config) -> SteeringOperators:
+        """Operators for cached activations ``cache`` and a ``stage1`` config."""
+        dim, out = cache["h"].shape[-1], cache["logits"].shape[-1]
+        return SteeringOperators(
+            dim, out, config.rank, num_subsets, rngs=nnx.Rngs(key), init_scale=config.basis_scale
+        )
+
+    @staticmethod
     def steered_logits(cache: dict[str, jax.Array], delta_KxBxO: jax.Array) -> jax.Array:
         """logits_KxBxC = base logits + shift (cache arrays broadcast over K)."""
         return cache["logits"] + delta_KxBxO
+
+
+@dataclasses.dataclass(frozen=True)
+class HiddenHook:
+    """Attach ``HiddenSiteOperators`` to an MLP: ``encode_fn(x)`` returns the cached rows
+    ``{"u", "a", "h", "logits"}`` and ``fixed = {"w_head": H x C}`` is the output layer.
+
+    The hidden site's basis starts as the whitened top-``rank_hidden`` principal directions of
+    the training rows' LN(u) (``whitened_basis``); the logit site's is random, as in LogitHook.
+    """
+
+    encode_fn: callable
+    fixed: dict
+    rank_hidden: int
+
+    def encode(self, x_BxF: jax.Array) -> dict[str, jax.Array]:
+        return self.encode_fn(x_BxF)
+
+    def make_operators(self, key, cache, num_subsets: int, config) -> HiddenSiteOperators:
+        dims = {k: cache[k].shape[-1] for k in ("u", "a", "h", "logits")}
+        ops = HiddenSiteOperators(
+            dims,
+            self.rank_hidden,
+            config.rank,
+            num_subsets,
+            rngs=nnx.Rngs(key),
+            init_scale=config.basis_scale,
+        )
+        ops.hidden.w_down[...] = whitened_basis(cache["u"], self.rank_hidden, config.basis_scale)
+        return ops

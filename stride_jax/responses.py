@@ -16,18 +16,18 @@ import optax
 from flax import nnx
 
 from stride_jax import sharding
-from stride_jax.operators import LogitHook
 
 
-def steered_logits(ops, cache_row: dict) -> jax.Array:
-    """logits_TxC of all T operators on one query (cache row: ``h`` (D,), ``logits`` (C,))."""
-    phi_1xR = ops.basis(cache_row["h"][None])
-    return LogitHook.steered_logits(cache_row, ops.shifts(phi_1xR)[:, 0])
+def steered_logits(ops, cache_row: dict, fixed=None) -> jax.Array:
+    """logits_TxC of all T operators on one query (cache row: ``h`` (D,), ``logits`` (C,) and
+    whatever else the operators' hook caches)."""
+    rows = {k: v[None] for k, v in cache_row.items()}
+    return ops.steered_logits(rows, None, True, fixed)[:, 0]
 
 
-def _responses_one(ops, cache_row, y):
+def _responses_one(ops, cache_row, y, fixed):
     ce_base = optax.softmax_cross_entropy_with_integer_labels(cache_row["logits"], y)
-    logits_TxC = steered_logits(ops, cache_row)
+    logits_TxC = steered_logits(ops, cache_row, fixed)
     y_T = jnp.broadcast_to(y, logits_TxC.shape[:1])
     ce_T = optax.softmax_cross_entropy_with_integer_labels(logits_TxC, y_T)
     return ce_base - ce_T
@@ -35,21 +35,22 @@ def _responses_one(ops, cache_row, y):
 
 @functools.lru_cache(maxsize=16)
 def make_response_fn(graphdef, mesh, batch_size: int = 64):
-    """Jitted ``(params, h_QxD, logits_QxC, y_Q) -> y_QxT`` with queries sharded on ``data``.
+    """Jitted ``(params, cache_Q, fixed, y_Q) -> y_QxT`` with queries sharded on ``data``.
 
-    Cached per (graphdef, mesh, batch size), so repeated calls do not recompile.
-
-    Q must be a multiple of the mesh's data axis (``response_matrix`` pads for you).
+    ``cache_Q`` maps names to Q x ... arrays (``h``, ``logits``, ...); ``fixed`` holds the
+    hook's frozen weights (or None). Cached per (graphdef, mesh, batch size), so repeated
+    calls do not recompile. Q must be a multiple of the mesh's data axis (``response_matrix``
+    pads for you).
     """
 
-    def fn(params, h_QxD, logits_QxC, y_Q):
+    def fn(params, cache_Q, fixed, y_Q):
         ops = nnx.merge(graphdef, params)
 
         def one(args):
-            h, z, y = args
-            return _responses_one(ops, {"h": h, "logits": z}, y)
+            row, y = args
+            return _responses_one(ops, row, y, fixed)
 
-        return jax.lax.map(one, (h_QxD, logits_QxC, y_Q), batch_size=batch_size)
+        return jax.lax.map(one, (cache_Q, y_Q), batch_size=batch_size)
 
     rows = sharding.along(mesh, sharding.DATA, 2)
     return jax.jit(
@@ -57,19 +58,21 @@ def make_response_fn(graphdef, mesh, batch_size: int = 64):
         in_shardings=(
             sharding.replicated(mesh),
             rows,
-            rows,
+            sharding.replicated(mesh),
             sharding.along(mesh, sharding.DATA, 1),
         ),
         out_shardings=rows,
     )
 
 
-def response_matrix(graphdef, params, cache_q: dict, y_Q, mesh, batch_size: int = 64):
-    """Response matrix y_QxT (float32) for queries with cached base activations."""
+def response_matrix(
+    graphdef, params, cache_q: dict, y_Q, mesh, batch_size: int = 64, fixed=None
+) -> jax.Array:
+    """Response matrix y_QxT (float32) for queries with cached base activations ``cache_q``
+    (every entry Q x D; ``fixed``: the hook's frozen weights, e.g. ``HiddenHook.fixed``)."""
     n_data = mesh.shape[sharding.DATA]
-    h, q = sharding.pad_to_multiple(jnp.asarray(cache_q["h"]), n_data)
-    z, _ = sharding.pad_to_multiple(jnp.asarray(cache_q["logits"]), n_data)
-    y, _ = sharding.pad_to_multiple(jnp.asarray(y_Q), n_data)
+    padded = {k: sharding.pad_to_multiple(jnp.asarray(v), n_data)[0] for k, v in cache_q.items()}
+    y, q = sharding.pad_to_multiple(jnp.asarray(y_Q), n_data)
     params = jax.device_put(params, sharding.replicated(mesh))
-    out = make_response_fn(graphdef, mesh, batch_size)(params, h, z, y)
+    out = make_response_fn(graphdef, mesh, batch_size)(params, padded, fixed, y)
     return out[:q]

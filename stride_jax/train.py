@@ -33,7 +33,9 @@ class Stage1Inputs:
 
     ``h_NxD`` features at the hook, ``logits_NxC`` base logits, ``y_N`` labels, ``sketch_TxM``
     the sketched design A P, ``top_idx_NxK`` / ``top_logp_NxK`` the base model's top-K classes
-    and their renormalised log-probabilities (the stability loss's fixed side).
+    and their renormalised log-probabilities (the stability loss's fixed side). ``extra_rows``
+    holds further per-row activations a hook steers (``HiddenHook``: ``u``, ``a``) and
+    ``fixed`` its frozen weights (or None).
     """
 
     h_NxD: jax.Array
@@ -44,10 +46,18 @@ class Stage1Inputs:
     sketch_TxM: jax.Array
     top_idx_NxK: jax.Array
     top_logp_NxK: jax.Array
+    extra_rows: dict = dataclasses.field(default_factory=dict)
+    fixed: dict | None = None
+
+    def rows(self, idx) -> dict:
+        """The cached activations of rows ``idx`` (any index shape), as operators take them."""
+        out = {"h": self.h_NxD[idx], "logits": self.logits_NxC[idx]}
+        return out | {k: v[idx] for k, v in self.extra_rows.items()}
 
 
-def make_inputs(cache, y_N, design: Design, config, key: jax.Array) -> Stage1Inputs:
-    """Bundle the classifier's cached activations and the design with its sketch."""
+def make_inputs(cache, y_N, design: Design, config, key: jax.Array, fixed=None) -> Stage1Inputs:
+    """Bundle the classifier's cached activations and the design with its sketch (cache
+    entries other than ``h`` and ``logits`` go to ``extra_rows``)."""
     logits_NxC = jnp.asarray(cache["logits"])
     top_idx, top_logp = losses.base_top_k(logits_NxC, config.top_k)
     return Stage1Inputs(
@@ -59,6 +69,8 @@ def make_inputs(cache, y_N, design: Design, config, key: jax.Array) -> Stage1Inp
         sketch_TxM=sketched_design(design, config, key, cache["h"]),
         top_idx_NxK=top_idx,
         top_logp_NxK=top_logp,
+        extra_rows={k: jnp.asarray(v) for k, v in cache.items() if k not in ("h", "logits")},
+        fixed=fixed,
     )
 
 
@@ -157,31 +169,28 @@ def sample_batch(key, inputs, config):
     return ids_K, jnp.minimum(mem_KxB, n - 1), w_fid, non_KxB, w_stab, probe_P
 
 
-def gate_penalty(ops: SteeringOperators, ids_K, config) -> jax.Array:
+def gate_penalty(ops, ids_K, config) -> jax.Array:
     """Mean over the step's operators of ||B_k||^2 / 2 (the damping of each operator's fit)."""
-    ids = None if all_subsets(config, ops.gates[...].shape[0]) else ids_K
+    ids = None if all_subsets(config, ops.num_subsets) else ids_K
     return 0.5 * ops.gate_sq_norms(ids).mean()
 
 
-def loss_terms(ops: SteeringOperators, inputs: Stage1Inputs, batch, config):
-    """The three losses (scalars) for one sampled batch."""
+def loss_terms(ops, inputs: Stage1Inputs, batch, config):
+    """The three losses and the gate penalty (scalars) for one sampled batch."""
     ids_K, mem_KxB, w_fid, non_KxB, w_stab, probe_P = batch
-    h, z, y = inputs.h_NxD, inputs.logits_NxC, inputs.y_N
+    z, y, fixed = inputs.logits_NxC, inputs.y_N, inputs.fixed
     ids = None if all_subsets(config, inputs.members_TxS.shape[0]) else ids_K
-    fid_logits = z[mem_KxB] + ops.shifts_per_row(ops.basis(h[mem_KxB]), ids)
+    fid_logits = ops.steered_logits(inputs.rows(mem_KxB), ids, False, fixed)
     fid = losses.fidelity(fid_logits, y[mem_KxB], w_fid).mean()
-    if config.stability_rows == "shared":  # one row set: its basis is computed once
-        rows = non_KxB[0]
-        stab_logits = z[rows] + ops.shifts(ops.basis(h[rows]), ids)
-    else:
-        rows = non_KxB
-        stab_logits = z[rows] + ops.shifts_per_row(ops.basis(h[rows]), ids)
+    shared = config.stability_rows == "shared"  # one row set: its basis is computed once
+    rows = non_KxB[0] if shared else non_KxB
+    stab_logits = ops.steered_logits(inputs.rows(rows), ids, shared, fixed)
     kl = losses.top_k_kl(inputs.top_idx_NxK[rows], inputs.top_logp_NxK[rows], stab_logits)
     stab = losses.weighted_mean(kl, w_stab).mean()
     # Linearity over the batch's K subsets, or over all T operators (a far stronger test of
     # additivity: T rows against the M sketch columns, instead of K).
     lin_ids = None if config.linearity_over_all else ids_K
-    probe_logits = z[probe_P] + ops.shifts(ops.basis(h[probe_P]), lin_ids)
+    probe_logits = ops.steered_logits(inputs.rows(probe_P), lin_ids, True, fixed)
     ce_base = optax.softmax_cross_entropy_with_integer_labels(z[probe_P], y[probe_P])
     y_KxP = jnp.broadcast_to(y[probe_P], probe_logits.shape[:2])
     ce_steer = optax.softmax_cross_entropy_with_integer_labels(probe_logits, y_KxP)
@@ -212,10 +221,29 @@ def total_loss(terms, config):
     )
 
 
-def init_state(key, feat_dim: int, out_dim: int, num_subsets: int, config, tx):
-    ops = SteeringOperators(feat_dim, out_dim, config.rank, num_subsets, rngs=nnx.Rngs(key))
+def init_state(ops, tx):
+    """(graphdef, train state) for freshly built operators ``ops``."""
     graphdef, params = nnx.split(ops, nnx.Param)
     return graphdef, {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+
+
+def default_operators(inputs, config, dims=None):
+    """``make_ops(key)`` building the classifier's logit-site operators (or, with ``dims`` =
+    (feature dim, output dim), operators of those sizes)."""
+    feat_dim, out_dim = dims or (inputs.h_NxD.shape[1], inputs.logits_NxC.shape[1])
+    num_subsets = inputs.members_TxS.shape[0]
+
+    def make_ops(key):
+        return SteeringOperators(
+            feat_dim,
+            out_dim,
+            config.rank,
+            num_subsets,
+            rngs=nnx.Rngs(key),
+            init_scale=config.basis_scale,
+        )
+
+    return make_ops
 
 
 def build_train_chunk(graphdef, tx, inputs: Stage1Inputs, config, mesh, state_shardings):
@@ -242,9 +270,9 @@ def build_train_chunk(graphdef, tx, inputs: Stage1Inputs, config, mesh, state_sh
     return jax.jit(chunk, in_shardings=(state_shardings, rep), out_shardings=(state_shardings, rep))
 
 
-def state_shardings(state, mesh):
-    """Gates (and their optimizer moments) shard their T axis over ``ops``; rest replicated."""
-    num_subsets = state["params"]["gates"][...].shape[0]
+def state_shardings(state, mesh, num_subsets: int):
+    """Gates (and their optimizer moments: the 3-D arrays with a leading T axis) shard that
+    axis over ``ops``; the rest is replicated."""
 
     def rule(x):
         if hasattr(x, "shape") and x.ndim == 3 and x.shape[0] == num_subsets:
@@ -269,19 +297,30 @@ def check_config(config, num_subsets: int) -> None:
             raise ConfigError(f"stage1.{key} must be one of {allowed}, got {config[key]!r}")
     if config.gate_l2 < 0 or config.lr_muon < 0:
         raise ConfigError("stage1.gate_l2 and stage1.lr_muon must be >= 0")
+    if not config.basis_scale > 0:
+        raise ConfigError(f"stage1.basis_scale must be > 0, got {config.basis_scale}")
 
 
 _STAB_ROWS = ("shared", "per_subset")
 
 
 def fit_operators(
-    inputs, config, key, mesh, workdir: str | None = None, *, dims=None, build_chunk=None
+    inputs,
+    config,
+    key,
+    mesh,
+    workdir: str | None = None,
+    *,
+    dims=None,
+    build_chunk=None,
+    make_ops=None,
 ):
     """Train the operators (resuming from ``workdir/stage1_ckpt`` if present).
 
-    ``dims`` = (feature dim, output dim) of the operators (default: the classifier's, from
-    ``inputs``); ``build_chunk`` makes the jitted multi-step function (default: the
-    classifier's ``build_train_chunk``; lm_stride passes the residual-stream one).
+    ``make_ops(key)`` builds the untrained operators (default: ``default_operators``, of
+    ``dims`` = (feature dim, output dim) or the classifier's sizes from ``inputs``; a hook's
+    ``make_operators`` for other sites); ``build_chunk`` makes the jitted multi-step function
+    (default: the classifier's ``build_train_chunk``; lm_stride passes the residual-stream one).
     Returns (graphdef, params, history) where history lists per-chunk mean losses.
     """
     if config.steps % config.log_every:
@@ -297,10 +336,10 @@ def fit_operators(
     sharding.check_divisible("number of subsets T", num_subsets, mesh, sharding.OPS)
     tx = make_optimizer(config)
     init_key, run_key = jax.random.split(key)
-    feat_dim, out_dim = dims or (inputs.h_NxD.shape[1], inputs.logits_NxC.shape[1])
+    make_ops = make_ops or default_operators(inputs, config, dims)
     build_chunk = build_chunk or build_train_chunk
-    graphdef, state = init_state(init_key, feat_dim, out_dim, num_subsets, config, tx)
-    shardings = state_shardings(state, mesh)
+    graphdef, state = init_state(make_ops(init_key), tx)
+    shardings = state_shardings(state, mesh, num_subsets)
     state = jax.device_put(state, shardings)
     ckpts = checkpoint.TrainCheckpoints(f"{workdir}/stage1_ckpt") if workdir else None
     try:

@@ -22,3 +22,32 @@ def test_every_method_runs_end_to_end(tiny, tmp_path):
     assert (tmp_path / "lds.png").stat().st_size > 0
     table = (tmp_path / "table.md").read_text()
     assert all(name in table for name in results["methods"])
+
+
+def test_stride_hidden_hook_runs_and_matches_a_response_loop(tiny, tmp_path):
+    """STRIDE with hook="hidden" through the method interface; its responses equal a loop
+    over operators of CE(base) - CE(operator k) computed from steered_logits one at a time."""
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from stride_jax import pipeline
+    from stride_jax.baselines import stride_method
+
+    tiny.stride.update(hook="hidden", hidden_rank=4)
+    tiny.methods = ("stride",)
+    ctx, _ = benchmark.context(tiny, str(tmp_path))
+    task = benchmark.task(ctx)
+    hook = stride_method.hook(task, tiny.stride)
+    fitted = pipeline.fit(hook, task.train, tiny.stride)
+    out = pipeline.score(hook, fitted, ctx.splits.query, tiny.stride)
+    assert out.scores_QxN.shape == (16, 120) and np.isfinite(out.scores_QxN).all()
+    ops = nnx.merge(fitted.graphdef, fitted.params)
+    cache = hook.encode(jnp.asarray(ctx.splits.query.x_NxF))
+    y = jnp.asarray(ctx.splits.query.y_N)
+    ce = optax.softmax_cross_entropy_with_integer_labels
+    for k in (0, 7, 39):
+        logits = ops.steered_logits(cache, jnp.array([k]), True, hook.fixed)[0]
+        want = ce(cache["logits"], y) - ce(logits, y)
+        np.testing.assert_allclose(out.responses_QxT[:, k], want, rtol=1e-4, atol=1e-6)
+    assert np.abs(out.responses_QxT).max() > 0

@@ -1,5 +1,6 @@
 """Steering operators and the logit hook, against plain-numpy references."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -160,3 +161,87 @@ def test_gradients_flow_to_gates_and_basis(ops):
     phi = np.asarray(ops.basis(h))
     for k in range(T):
         np.testing.assert_allclose(g_gates[k], np.ones((OUT, 1)) * phi.sum(0), rtol=1e-5, atol=1e-5)
+
+
+def _tiny_mlp(in_dim=9, hidden=(8, 6), classes=OUT):
+    from stride_jax.models import mlp
+
+    model = mlp.MLP(in_dim, hidden, classes, rngs=nnx.Rngs(3))
+    return nnx.split(model, nnx.Param)
+
+
+def _np_gelu(x):  # the tanh approximation, as jax.nn.gelu's default
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def test_hidden_site_cache_matches_the_model():
+    from stride_jax.models import mlp
+
+    graphdef, params = _tiny_mlp()
+    x = jnp.asarray(np.random.default_rng(11).normal(size=(B, 9)).astype(np.float32))
+    cache = mlp.hidden_site(graphdef, params, x)
+    np.testing.assert_allclose(cache["logits"], mlp.apply(graphdef, params, x), atol=1e-5)
+    np.testing.assert_allclose(cache["h"], mlp.apply_features(graphdef, params, x), atol=1e-6)
+    w1 = np.asarray(params["layers"][1]["kernel"][...])
+    b1 = np.asarray(params["layers"][1]["bias"][...])
+    np.testing.assert_allclose(cache["a"], np.asarray(cache["u"]) @ w1 + b1, atol=1e-5)
+
+
+def test_hidden_site_operators_match_a_loop_over_a_modified_network():
+    """Steered logits == the MLP run with its last hidden pre-activation shifted by U_k psi(u),
+    plus B_k phi(h) on the logits (numpy forward pass, one operator at a time)."""
+    from stride_jax.models import mlp
+    from stride_jax.operators import HiddenHook
+
+    graphdef, params = _tiny_mlp()
+    rng = np.random.default_rng(12)
+    x = jnp.asarray(rng.normal(size=(B, 9)).astype(np.float32))
+    hook = HiddenHook(lambda v: mlp.hidden_site(graphdef, params, v), mlp.head_weights(params), 4)
+    cache = hook.encode(x)
+    cfg = type("C", (), {"rank": 3, "basis_scale": 0.5})()
+    big = mlp.hidden_site(graphdef, params, jnp.asarray(rng.normal(size=(50, 9)), jnp.float32))
+    ops = hook.make_operators(jax.random.key(0), big, T, cfg)
+    zero = np.asarray(ops.steered_logits(cache, None, True, hook.fixed))
+    np.testing.assert_array_equal(zero, np.broadcast_to(cache["logits"], zero.shape))
+    u_gates = rng.normal(size=(T, 6, 4)).astype(np.float32)
+    b_gates = rng.normal(size=(T, OUT, 3)).astype(np.float32)
+    ops.hidden.gates[...] = jnp.asarray(u_gates)
+    ops.logit.gates[...] = jnp.asarray(b_gates)
+    got = np.asarray(ops.steered_logits(cache, None, True, hook.fixed))
+    u, h = np.asarray(cache["u"], np.float64), np.asarray(cache["h"], np.float64)
+    psi = np_silu(np_layer_norm(u) @ np.asarray(ops.hidden.w_down[...], np.float64))
+    phi = np_silu(np_layer_norm(h) @ np.asarray(ops.logit.w_down[...], np.float64))
+    w1, b1 = (np.asarray(params["layers"][1][k][...], np.float64) for k in ("kernel", "bias"))
+    w2, b2 = (np.asarray(params["head"][k][...], np.float64) for k in ("kernel", "bias"))
+    for k in range(T):
+        hidden = _np_gelu(u @ w1 + b1 + psi @ u_gates[k].T)
+        want = hidden @ w2 + b2 + phi @ b_gates[k].T
+        np.testing.assert_allclose(got[k], want, rtol=1e-4, atol=1e-4)
+    per_row = ops.steered_logits(
+        {k: jnp.broadcast_to(v, (2, *v.shape)) for k, v in cache.items()},
+        jnp.array([5, 1]),
+        False,
+        hook.fixed,
+    )
+    np.testing.assert_allclose(per_row, got[[5, 1]], rtol=1e-5, atol=1e-5)
+    assert float(ops.gate_sq_norms()[2]) == pytest.approx(
+        float((u_gates[2] ** 2).sum() + (b_gates[2] ** 2).sum()), rel=1e-5
+    )
+
+
+def test_whitened_basis_gives_decorrelated_features_of_the_chosen_scale():
+    from stride_jax.errors import ConfigError
+    from stride_jax.operators import whitened_basis
+
+    rng = np.random.default_rng(13)
+    u = rng.normal(size=(400, 10)) @ rng.normal(size=(10, 10)) + 3.0
+    w = np.asarray(whitened_basis(jnp.asarray(u, jnp.float32), 6, 0.1), np.float64)
+    feats = np_layer_norm(u) @ w
+    np.testing.assert_allclose(np.cov(feats.T), 0.01 * np.eye(6), atol=2e-4)
+    # the leading directions: projecting LN(u) on them keeps more variance than any others
+    ln = np_layer_norm(u) - np_layer_norm(u).mean(0)
+    evals = np.sort(np.linalg.eigvalsh(np.cov(ln.T)))[::-1]
+    q, _ = np.linalg.qr(w)
+    np.testing.assert_allclose(np.trace(q.T @ np.cov(ln.T) @ q), evals[:6].sum(), rtol=1e-4)
+    with pytest.raises(ConfigError, match="exceeds"):
+        whitened_basis(jnp.asarray(u, jnp.float32), 11, 0.1)

@@ -142,7 +142,7 @@ def test_shared_stability_loss_matches_a_loop(tiny):
 
 def test_stage1_lowers_fidelity_and_stays_stable(tiny):
     cfg = tiny.stride.stage1
-    cfg.update(steps=100, log_every=10, w_fidelity=1.0)
+    cfg.update(steps=100, log_every=10, w_fidelity=1.0, basis_scale=1.0)
     _, params, hist = train.fit_operators(_inputs(), cfg, jax.random.key(0), sharding.make_mesh())
     assert hist[-1]["fidelity"] < 0.8 * hist[0]["fidelity"]
     assert hist[-1]["stability"] < 0.5

@@ -41,6 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
             design=dict(kind="expander", num_subsets=1000, degree=5, seed=2),
             stage1=pipeline.stage1_defaults(
                 rank=16,
+                basis_scale=1.0,
                 steps=600,
                 log_every=50,
                 ckpt_every=300,
@@ -58,9 +59,10 @@ def default_config() -> ml_collections.ConfigDict:
                 sketch_dim=16,
                 linearity_over_all=False,
                 w_fidelity=1.0,
+                w_linearity=1.0,
                 gate_l2=0.0,
             ),
-            lasso=pipeline.lasso_defaults(),
+            lasso=pipeline.lasso_defaults() | dict(lam_frac=0.05, maxiter=500),
         )
     )
 

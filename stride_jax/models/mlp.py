@@ -61,6 +61,25 @@ def apply_features(graphdef, params, x_BxF: jax.Array) -> jax.Array:
     return nnx.merge(graphdef, params).features(x_BxF)
 
 
+def hidden_site(graphdef, params, x_BxF: jax.Array) -> dict[str, jax.Array]:
+    """The activations ``HiddenHook`` caches: ``u`` (the last hidden layer's input), ``a`` (its
+    pre-activation), ``h = gelu(a)`` (the penultimate features) and ``logits``."""
+    model = nnx.merge(graphdef, params)
+    if not len(model.layers):
+        raise ValueError("the MLP has no hidden layer to hook (config.model.hidden is empty)")
+    u = x_BxF
+    for layer in model.layers[:-1]:
+        u = jax.nn.gelu(layer(u))
+    a = model.layers[-1](u)
+    h = jax.nn.gelu(a)
+    return {"u": u, "a": a, "h": h, "logits": model.head(h)}
+
+
+def head_weights(params) -> dict[str, jax.Array]:
+    """The output layer's kernel as ``HiddenHook`` needs it: ``{"w_head": H x C}``."""
+    return {"w_head": jnp.asarray(params["head"]["kernel"][...])}
+
+
 def cross_entropy(logits_BxC: jax.Array, y_B: jax.Array) -> jax.Array:
     """Per-example cross-entropy (natural log)."""
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxC, y_B)

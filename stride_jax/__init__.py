@@ -8,11 +8,13 @@ Typical use::
 
 from stride_jax.config import base_config
 from stride_jax.data import Dataset, Splits, load_digits, load_npz
-from stride_jax.operators import LogitHook, SteeringOperators
+from stride_jax.operators import HiddenHook, HiddenSiteOperators, LogitHook, SteeringOperators
 from stride_jax.pipeline import Scores, attribute
 
 __all__ = [
     "Dataset",
+    "HiddenHook",
+    "HiddenSiteOperators",
     "LogitHook",
     "Scores",
     "Splits",

@@ -10,9 +10,6 @@ def get_config():
     c.groundtruth.num_models = 20
     c.groundtruth.models_per_batch = 20
     c.stride.design.num_subsets = 200
-    c.stride.stage1.steps = 200
-    c.stride.stage1.ckpt_every = 100
-    c.stride.stage1.subsets_per_step = 32
     c.stride.stage1.sketch_dim = 16
     c.lds.n_boot = 200
     return c

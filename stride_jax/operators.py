@@ -91,15 +91,25 @@ class SteeringOperators(nnx.Module):
     def num_subsets(self) -> int:
         return self.gates[...].shape[0]
 
-    def site_shift(self, feats, subset_ids_K, shared: bool) -> jax.Array:
-        """delta_KxBxO of the operators on features B x D (shared) or K x B x D."""
-        phi = self.basis(feats)
+    def site_shift(self, phi, subset_ids_K, shared: bool) -> jax.Array:
+        """delta_KxBxO of the operators on basis features B x R (shared) or K x B x R."""
         return self.shifts(phi, subset_ids_K) if shared else self.shifts_per_row(phi, subset_ids_K)
 
+    def features(self, rows: dict, feat_key: str, phi_key: str) -> jax.Array:
+        """This basis on ``rows[feat_key]``, or the precomputed ``rows[phi_key]`` when the rows
+        carry it (``basis_rows``: a frozen basis evaluated once for all training rows)."""
+        return rows[phi_key] if phi_key in rows else self.basis(rows[feat_key])
+
+    def basis_rows(self, rows: dict) -> dict:
+        """``{"phi": basis(h)}`` for cached rows: what ``steered_logits`` reads instead of
+        recomputing the basis (valid while ``w_down`` does not change)."""
+        return {"phi": self.basis(rows["h"])}
+
     def steered_logits(self, rows: dict, subset_ids_K, shared: bool, fixed=None) -> jax.Array:
-        """logits + B_k phi(h) on cached rows ``{"h", "logits"}``: K x B x C."""
+        """logits + B_k phi(h) on cached rows ``{"h", "logits"}`` (or ``"phi"``): K x B x C."""
         del fixed
-        return rows["logits"] + self.site_shift(rows["h"], subset_ids_K, shared)
+        phi = self.features(rows, "h", "phi")
+        return rows["logits"] + self.site_shift(phi, subset_ids_K, shared)
 
 
 class HiddenSiteOperators(nnx.Module):
@@ -128,13 +138,20 @@ class HiddenSiteOperators(nnx.Module):
     def gate_sq_norms(self, subset_ids_K: jax.Array | None = None) -> jax.Array:
         return self.hidden.gate_sq_norms(subset_ids_K) + self.logit.gate_sq_norms(subset_ids_K)
 
+    def basis_rows(self, rows: dict) -> dict:
+        """Both bases on cached rows: ``{"psi": psi(u), "phi": phi(h)}``."""
+        return {"psi": self.hidden.basis(rows["u"]), "phi": self.logit.basis(rows["h"])}
+
     def steered_logits(self, rows: dict, subset_ids_K, shared: bool, fixed) -> jax.Array:
-        """Steered logits K x B x C on cached rows ``{"u", "a", "h", "logits"}``; ``fixed``
-        holds the frozen output layer ``{"w_head": H x C}``."""
-        da = self.hidden.site_shift(rows["u"], subset_ids_K, shared)
+        """Steered logits K x B x C on cached rows ``{"u", "a", "h", "logits"}`` (``"psi"`` /
+        ``"phi"`` replace ``u`` / ``h`` when present); ``fixed`` holds the frozen output layer
+        ``{"w_head": H x C}``."""
+        psi = self.hidden.features(rows, "u", "psi")
+        da = self.hidden.site_shift(psi, subset_ids_K, shared)
         dh = jax.nn.gelu(rows["a"] + da) - jax.nn.gelu(rows["a"])
         dz = dh @ fixed["w_head"]
-        return rows["logits"] + dz + self.logit.site_shift(rows["h"], subset_ids_K, shared)
+        phi = self.logit.features(rows, "h", "phi")
+        return rows["logits"] + dz + self.logit.site_shift(phi, subset_ids_K, shared)
 
 
 def whitened_basis(u_NxD, rank: int, scale: float) -> jax.Array:

@@ -246,10 +246,22 @@ def default_operators(inputs, config, dims=None):
     return make_ops
 
 
-def build_train_chunk(graphdef, tx, inputs: Stage1Inputs, config, mesh, state_shardings):
-    """Jitted function running ``config.log_every`` steps; returns (state, mean loss terms)."""
+def with_frozen_basis(ops, inputs: Stage1Inputs) -> Stage1Inputs:
+    """``inputs`` whose rows also carry the operators' basis features (``ops.basis_rows``) of
+    every training row, computed once: with a frozen basis (``lr_muon = 0``) the steps then
+    gather them instead of recomputing LN + projection (and its unused gradient) per row."""
+    every = {"h": inputs.h_NxD, "logits": inputs.logits_NxC} | inputs.extra_rows
+    feats = jax.lax.stop_gradient(ops.basis_rows(every))
+    return dataclasses.replace(inputs, extra_rows=inputs.extra_rows | feats)
 
-    def one_step(state, key):
+
+def build_train_chunk(graphdef, tx, inputs: Stage1Inputs, config, mesh, state_shardings):
+    """Jitted function running ``config.log_every`` steps; returns (state, mean loss terms).
+
+    With a frozen basis the basis features of all training rows are computed once per call
+    (``with_frozen_basis``)."""
+
+    def one_step(state, key, inputs):
         step_key = jax.random.fold_in(key, state["step"])
         batch = sample_batch(step_key, inputs, config)
 
@@ -263,7 +275,13 @@ def build_train_chunk(graphdef, tx, inputs: Stage1Inputs, config, mesh, state_sh
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, terms
 
     def chunk(state, key):
-        state, terms = jax.lax.scan(lambda s, _: one_step(s, key), state, None, config.log_every)
+        run_inputs = inputs
+        ops = nnx.merge(graphdef, state["params"])
+        if config.lr_muon == 0 and hasattr(ops, "basis_rows"):
+            run_inputs = with_frozen_basis(ops, inputs)
+        state, terms = jax.lax.scan(
+            lambda s, _: one_step(s, key, run_inputs), state, None, config.log_every
+        )
         return state, jax.tree_util.tree_map(jnp.mean, terms)
 
     rep = sharding.replicated(mesh)

@@ -1,11 +1,23 @@
 """Shared tiny configs and fixtures: everything here runs in seconds on 2 CPU cores."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# One persistent XLA compilation cache for the whole session (this process and the tests'
+# subprocesses, which inherit the environment): many tests compile the same tiny pipeline in
+# fresh closures, and the cache turns those recompilations into lookups. Set before jax loads.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="stride-jax-test-xla-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 from stride_jax.config import base_config  # noqa: E402
 

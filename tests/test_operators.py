@@ -217,6 +217,11 @@ def test_hidden_site_operators_match_a_loop_over_a_modified_network():
         hidden = _np_gelu(u @ w1 + b1 + psi @ u_gates[k].T)
         want = hidden @ w2 + b2 + phi @ b_gates[k].T
         np.testing.assert_allclose(got[k], want, rtol=1e-4, atol=1e-4)
+    # Precomputed basis features (what stage 1 gathers with a frozen basis) give the same.
+    with_basis = {"a": cache["a"], "logits": cache["logits"]} | ops.basis_rows(cache)
+    np.testing.assert_allclose(
+        ops.steered_logits(with_basis, None, True, hook.fixed), got, rtol=1e-6, atol=1e-6
+    )
     per_row = ops.steered_logits(
         {k: jnp.broadcast_to(v, (2, *v.shape)) for k, v in cache.items()},
         jnp.array([5, 1]),

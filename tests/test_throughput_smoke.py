@@ -32,7 +32,7 @@ def test_quick_run_shape(results):
     assert results["quick"] is True
     assert set(throughput.BENCHES) <= set(results)
     assert json.loads(json.dumps(results)) == results  # what --out writes
-    assert results["lasso"]["lasso_config"]["maxiter"] == 100
+    assert results["lasso"]["lasso_config"]["maxiter"] == 200
     assert results["machine"]["backend"] and results["machine"]["os_cpu_count"] >= 1
 
 

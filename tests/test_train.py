@@ -72,6 +72,35 @@ def test_lr_muon_zero_freezes_the_basis(tiny):
     assert np.abs(g40 - g10).max() > 1e-4
 
 
+def test_frozen_basis_rows_give_the_same_losses_and_gate_gradients(tiny):
+    """Stage 1 with lr_muon = 0 gathers precomputed basis features: same loss terms and gate
+    gradients as recomputing the basis per row (which also differentiates w_down)."""
+    cfg = tiny.stride.stage1
+    inputs = _inputs()
+    ops = SteeringOperators(10, 4, 8, 20, rngs=nnx.Rngs(0))
+    ops.gates[...] = 0.3 * jax.random.normal(jax.random.key(2), ops.gates[...].shape)
+    graphdef, params = nnx.split(ops, nnx.Param)
+    cached = train.with_frozen_basis(ops, inputs)
+    assert cached.extra_rows["phi"].shape == (60, 8)
+    batch = train.sample_batch(jax.random.key(3), inputs, cfg)
+
+    def grad_fn(inp):
+        def objective(p):
+            terms = train.loss_terms(nnx.merge(graphdef, p), inp, batch, cfg)
+            return train.total_loss(terms, cfg), terms
+
+        return jax.jit(jax.value_and_grad(objective, has_aux=True))
+
+    (v0, t0), g0 = grad_fn(inputs)(params)
+    (v1, t1), g1 = grad_fn(cached)(params)
+    assert float(v0) > 0 and abs(float(v1) - float(v0)) <= 1e-6 * abs(float(v0))
+    for k in t0:
+        np.testing.assert_allclose(t1[k], t0[k], rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(g1["gates"][...], g0["gates"][...], rtol=1e-4, atol=1e-7)
+    assert np.abs(np.asarray(g0["w_down"][...])).max() > 0
+    np.testing.assert_array_equal(g1["w_down"][...], 0.0)
+
+
 @pytest.mark.parametrize("fidelity_rows", ["all", "sample"])
 @pytest.mark.parametrize("stability_rows", ["shared", "per_subset"])
 def test_sampled_rows_match_the_design(tiny, fidelity_rows, stability_rows):

@@ -15,18 +15,17 @@ def test_tune_grid_on_validation_queries(tmp_path):
         "experiments.tune",
         f"--workdir={tmp_path}",
         "--config=experiments/configs/digits_quick.py",
-        "--method=stride",
+        "--method=kfac",
         "--config.groundtruth.num_models=8",
         "--config.groundtruth.models_per_batch=8",
-        "--config.stride.stage1.steps=100",
-        "--config.stride.stage1.ckpt_every=100",
-        "--sweep=lasso.lam_frac=0.05,0.2",
+        "--config.groundtruth.noise_ceiling=False",
+        "--sweep=damping=1e-3,1e-2",
     ]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    with open(tmp_path / "tuning_stride.json") as f:
+    with open(tmp_path / "tuning_kfac.json") as f:
         rows = json.load(f)
-    assert [r["point"] for r in rows] == [{"lasso.lam_frac": 0.05}, {"lasso.lam_frac": 0.2}]
+    assert [r["point"] for r in rows] == [{"damping": 1e-3}, {"damping": 1e-2}]
     with open(tmp_path / "config.json") as f:
         assert json.load(f)["data"]["query_split"] == "val"
     assert all(-1 <= r["lds"] <= 1 for r in rows)

@@ -256,12 +256,13 @@ def machine() -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    """All three benchmarks; the dict ``--out`` gets. ``quick``: tiny sizes, Lasso maxiter 100."""
+    """All three benchmarks; the dict ``--out`` gets. ``quick``: tiny sizes, Lasso maxiter 200
+    (run to convergence, so that the smoke test's comparison with scikit-learn is tight)."""
     sizes = QUICK if quick else FULL
     t0 = time.perf_counter()
     mesh = sharding.make_mesh()
     lc = base_config().stride.lasso  # the default Lasso config (fixed lambda fraction)
-    lc.maxiter = 100 if quick else lc.maxiter
+    lc.maxiter = 200 if quick else lc.maxiter
     cfg = recover.LassoConfig(**lc.to_dict())
     results = {"quick": quick, "reps": REPS, "machine": machine()}
     results["responses"] = bench_responses(sizes["responses"], mesh)

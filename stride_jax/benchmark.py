@@ -133,9 +133,10 @@ def evaluate(scores_QxN, gt, n_boot: int) -> dict:
     return out
 
 
-def _method(ctx, name, fn, gt):
-    """Run (or reuse) one method's scores and evaluate them."""
-    path = os.path.join(ctx.workdir, f"scores_{name}.npy")
+def _method(ctx, name, fn, gt, config_slice: dict):
+    """Run (or reuse) one method's scores and evaluate them. Cached scores are tied to the
+    method's config (``config_slice``): another config in the same workdir is refused."""
+    path = _guarded(ctx.workdir, f"scores_{name}.npy", config_slice)
     meta_path = os.path.join(ctx.workdir, f"scores_{name}.meta.json")
     if os.path.exists(path) and os.path.exists(meta_path):
         scores = np.load(path)
@@ -242,7 +243,7 @@ def run(config, workdir: str) -> dict:
     for name in config.methods:
         cfg, sub_dir = method_config(config, name), os.path.join(workdir, name)
         methods[name] = _method(
-            ctx, name, lambda n=name, c=cfg, d=sub_dir: run_method(ctx, n, c, d), gt
+            ctx, name, lambda n=name, c=cfg, d=sub_dir: run_method(ctx, n, c, d), gt, cfg.to_dict()
         )
     ablations = {}
     for name in config.ablations:
@@ -251,7 +252,11 @@ def run(config, workdir: str) -> dict:
             ABLATIONS[name](sub)
         sub_dir = os.path.join(workdir, "ablations", name)
         ablations[name] = _method(
-            ctx, f"ablation_{name}", lambda s=sub, d=sub_dir: run_method(ctx, "stride", s, d), gt
+            ctx,
+            f"ablation_{name}",
+            lambda s=sub, d=sub_dir: run_method(ctx, "stride", s, d),
+            gt,
+            sub.to_dict(),
         )
         if "stride" in methods:  # paired over the same queries: is the full method better?
             ablations[name]["delta_vs_stride"] = metrics.paired_difference(

@@ -350,7 +350,7 @@ def run(config, workdir: str) -> dict:
         cfg = config.stride if name == "stride" else config.baselines[name]
         sub = os.path.join(workdir, name)
         methods[name] = benchmark._method(
-            ctx, name, lambda n=name, c=cfg, d=sub: run_method(ctx, n, c, d), gt
+            ctx, name, lambda n=name, c=cfg, d=sub: run_method(ctx, n, c, d), gt, cfg.to_dict()
         )
         methods[name].pop("per_query")
     results = {

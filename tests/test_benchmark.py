@@ -94,6 +94,21 @@ def test_other_config_in_same_workdir_is_refused(finished):
         benchmark.run(config, workdir)
 
 
+def test_changed_method_config_is_refused_not_reused(finished):
+    """Cached scores are tied to their method's config: no stale scores under a new config."""
+    from conftest import tiny_config
+
+    _, workdir, _ = finished
+    config = tiny_config()
+    config.stride.lasso.lam_frac *= 2
+    with pytest.raises(CheckpointError, match="scores_stride.npy was made with a different"):
+        benchmark.run(config, workdir)
+    config = tiny_config()
+    config.baselines.graddot.chunk += 1
+    with pytest.raises(CheckpointError, match="scores_graddot.npy was made with a different"):
+        benchmark.run(config, workdir)
+
+
 def test_bad_npz_fails_before_any_work(tiny, tmp_path):
     bad = tmp_path / "bad.npz"
     x = np.zeros((10, 3), np.float32)

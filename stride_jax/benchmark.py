@@ -109,7 +109,7 @@ def run_method(ctx: Context, name: str, cfg, workdir: str | None = None):
     method, tk = baselines.get(name), task(ctx, workdir)
     with profiling.PeakMemory() as mem:
         t0 = time.time()
-        state = jax.block_until_ready(method.fit(tk, cfg))  # async dispatch: time the work
+        state = profiling.block_all(method.fit(tk, cfg))  # async dispatch: time the work
         t1 = time.time()
         scores = baselines.as_scores(method.score(tk, state, ctx.splits.query, cfg))
         t2 = time.time()
@@ -135,10 +135,12 @@ def evaluate(scores_QxN, gt, n_boot: int) -> dict:
 
 def _method(ctx, name, fn, gt, config_slice: dict):
     """Run (or reuse) one method's scores and evaluate them. Cached scores are tied to the
-    method's config (``config_slice``): another config in the same workdir is refused."""
-    path = _guarded(ctx.workdir, f"scores_{name}.npy", config_slice)
+    method's config (``config_slice``): another config in the same workdir is refused. The
+    config is recorded when the scores are saved, so a run killed before that leaves no claim."""
+    path = os.path.join(ctx.workdir, f"scores_{name}.npy")
     meta_path = os.path.join(ctx.workdir, f"scores_{name}.meta.json")
     if os.path.exists(path) and os.path.exists(meta_path):
+        checkpoint.guard_config(path, config_slice)
         scores = np.load(path)
         with open(meta_path) as f:
             meta = json.load(f)
@@ -154,6 +156,7 @@ def _method(ctx, name, fn, gt, config_slice: dict):
         scores, meta = fn()
         meta["seconds"] = time.time() - t0
         checkpoint.save_npy(path, scores)
+        checkpoint.save_json(path + ".config.json", json.loads(json.dumps(config_slice)))
         checkpoint.save_json(meta_path, meta)
     result = {**evaluate(scores, gt, ctx.config.lds.n_boot), **meta}
     logging.info(

@@ -304,7 +304,7 @@ def run_method(ctx: LMContext, name: str, cfg, workdir: str, query=None):
     query = ctx.splits.query if query is None else query
     with profiling.PeakMemory() as mem:
         t0 = time.time()
-        state = jax.block_until_ready(method.fit(task, cfg))
+        state = profiling.block_all(method.fit(task, cfg))
         t1 = time.time()
         rows = base.as_scores(method.score(task, state, query, cfg))
         t2 = time.time()

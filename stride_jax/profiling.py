@@ -6,6 +6,7 @@ entry (XLA's CPU buffers live there); on GPU, the device allocator's peak bytes 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 
@@ -47,3 +48,21 @@ class PeakMemory:
         if "peak_bytes_in_use" in stats:
             self.peak_mb = stats["peak_bytes_in_use"] / 2**20
         return False
+
+
+def block_all(state):
+    """``jax.block_until_ready`` that also reaches arrays held in dataclasses (method states
+    such as TRAK's per-model records are plain dataclasses, not pytrees), lists and dicts, so
+    that timing ``fit`` measures its work rather than its dispatch. Returns ``state``."""
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        for field in dataclasses.fields(state):
+            block_all(getattr(state, field.name))
+    elif isinstance(state, list | tuple):
+        for item in state:
+            block_all(item)
+    elif isinstance(state, dict):
+        for item in state.values():
+            block_all(item)
+    else:
+        jax.block_until_ready(state)
+    return state

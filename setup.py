@@ -21,7 +21,14 @@ setup(
     install_requires=_REQS,
     extras_require={
         # torch (CPU wheel) only for parity tests against transformers' PyTorch models.
-        "test": ["pytest==9.0.3", "ruff==0.17.6", "torch==2.13.0"],
+        # pytest-xdist: the default suite runs in 2 worker processes (pyproject addopts).
+        "test": [
+            "pytest==9.0.3",
+            "pytest-xdist==3.8.0",
+            "execnet==2.1.2",
+            "ruff==0.17.6",
+            "torch==2.13.0",
+        ],
         # Optional cross-check of TRAK against MadryLab's traker (tests/test_trak_crosscheck.py).
         "crosscheck": ["torch==2.13.0", "traker==0.3.2"],
     },

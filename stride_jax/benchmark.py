@@ -156,7 +156,7 @@ def _method(ctx, name, fn, gt, config_slice: dict):
         scores, meta = fn()
         meta["seconds"] = time.time() - t0
         checkpoint.save_npy(path, scores)
-        checkpoint.save_json(path + ".config.json", json.loads(json.dumps(config_slice)))
+        checkpoint.record_config(path, config_slice)
         checkpoint.save_json(meta_path, meta)
     result = {**evaluate(scores, gt, ctx.config.lds.n_boot), **meta}
     logging.info(

@@ -59,15 +59,20 @@ def guard_config(path: str, config_slice: dict) -> None:
     config raise ``CheckpointError`` instead of silently reusing a stale result.
     """
     meta = path + ".config.json"
-    wanted = json.loads(json.dumps(config_slice))
     if os.path.exists(meta):
         with open(meta) as f:
-            if json.load(f) != wanted:
+            if json.load(f) != json.loads(json.dumps(config_slice)):
                 raise CheckpointError(
                     f"{path} was made with a different config; use a new --workdir or delete it"
                 )
     else:
-        save_json(meta, wanted)
+        record_config(path, config_slice)
+
+
+def record_config(path: str, config_slice: dict) -> None:
+    """Write ``path.config.json``: the config that made the output at ``path`` (what
+    ``guard_config`` compares against), replacing any earlier record."""
+    save_json(path + ".config.json", json.loads(json.dumps(config_slice)))
 
 
 def _atomic_write(path: str, write) -> None:

@@ -58,6 +58,18 @@ class SteeringOperators(nnx.Module):
         self.w_down = nnx.Param(w)
         self.gates = nnx.Param(jnp.zeros((num_subsets, out_dim, rank), jnp.float32))
 
+    @classmethod
+    def for_config(cls, key, feat_dim: int, out_dim: int, num_subsets: int, config):
+        """Operators of a ``stage1`` config's rank and basis scale, initialised from ``key``."""
+        return cls(
+            feat_dim,
+            out_dim,
+            config.rank,
+            num_subsets,
+            rngs=nnx.Rngs(key),
+            init_scale=config.basis_scale,
+        )
+
     def basis(self, h_BxD: jax.Array) -> jax.Array:
         """phi_BxR = SiLU(LN(h) W_down)."""
         return jax.nn.silu(layer_norm_noaffine(h_BxD) @ self.w_down[...])
@@ -188,9 +200,7 @@ class LogitHook:
     def make_operators(key, cache, num_subsets: int, config) -> SteeringOperators:
         """Operators for cached activations ``cache`` and a ``stage1`` config."""
         dim, out = cache["h"].shape[-1], cache["logits"].shape[-1]
-        return SteeringOperators(
-            dim, out, config.rank, num_subsets, rngs=nnx.Rngs(key), init_scale=config.basis_scale
-        )
+        return SteeringOperators.for_config(key, dim, out, num_subsets, config)
 
     @staticmethod
     def steered_logits(cache: dict[str, jax.Array], delta_KxBxO: jax.Array) -> jax.Array:

@@ -234,14 +234,7 @@ def default_operators(inputs, config, dims=None):
     num_subsets = inputs.members_TxS.shape[0]
 
     def make_ops(key):
-        return SteeringOperators(
-            feat_dim,
-            out_dim,
-            config.rank,
-            num_subsets,
-            rngs=nnx.Rngs(key),
-            init_scale=config.basis_scale,
-        )
+        return SteeringOperators.for_config(key, feat_dim, out_dim, num_subsets, config)
 
     return make_ops
 

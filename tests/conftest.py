@@ -10,11 +10,12 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# One persistent XLA compilation cache for the whole session (this process and the tests'
-# subprocesses, which inherit the environment): many tests compile the same tiny pipeline in
-# fresh closures, and the cache turns those recompilations into lookups. Set before jax loads.
-# The suite runs in two worker processes: on a GPU build neither may grab most of the memory.
+# Set before jax loads. The suite runs in two worker processes: on a GPU build neither may
+# grab most of the device memory.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# One persistent XLA compilation cache for the whole session (these processes and the tests'
+# subprocesses, which inherit the environment): many tests compile the same tiny pipeline in
+# fresh closures, and the cache turns those recompilations into lookups.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="stride-jax-test-xla-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache

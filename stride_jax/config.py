@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from stride_jax import baselines, pipeline
+from stride_jax import baselines, newton, pipeline
 from stride_jax.errors import ConfigError
 
 __all__ = ["ConfigError", "base_config", "validate"]
@@ -32,11 +32,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.stride = dict(
         seed=3,
         response_batch=64,
+        # Multiply each subset's responses by its size before the Lasso: the fidelity loss is
+        # a mean over members, so an operator answers to the average of its members' effects.
+        size_weighted=True,
         hook="logits",
         hidden_rank=64,
-        design=dict(kind="expander", num_subsets=1000, degree=5, seed=2),
-        stage1=pipeline.stage1_defaults(),
-        lasso=pipeline.lasso_defaults(),
+        hidden_basis="whitened",  # hook="hidden": "whitened" or "pca" directions of its input
+        design=dict(kind="expander", num_subsets=3000, degree=5, seed=2),
+        stage1=pipeline.stage1_defaults(**pipeline.NEWTON_RECIPE),
+        lasso=pipeline.lasso_defaults(lam_frac=0.003),
     )
     c.baselines = baselines.default_configs()
     c.methods = DEFAULT_METHODS
@@ -76,7 +80,6 @@ def validate(config) -> None:
         "stride.design.num_subsets",
         "stride.design.degree",
         "stride.stage1.rank",
-        "stride.stage1.steps",
         "stride.stage1.log_every",
         "stride.stage1.ckpt_every",
         "stride.lasso.lam_frac",
@@ -84,6 +87,16 @@ def validate(config) -> None:
         "stride.response_batch",
         "lds.n_boot",
     )
+    st = config.stride.stage1
+    if st.init not in newton.INITS:
+        raise ConfigError(
+            f"config.stride.stage1.init must be one of {newton.INITS}, got {st.init!r}"
+        )
+    if st.steps < 0 or (st.steps == 0 and st.init != "newton"):
+        raise ConfigError(
+            f"config.stride.stage1.steps must be > 0 (or 0 with stage1.init='newton'), "
+            f"got {st.steps}"
+        )
     if not 0.0 < config.groundtruth.alpha <= 1.0:
         raise ConfigError(
             f"config.groundtruth.alpha must be in (0, 1], got {config.groundtruth.alpha}"

@@ -117,11 +117,23 @@ class SteeringOperators(nnx.Module):
         recomputing the basis (valid while ``w_down`` does not change)."""
         return {"phi": self.basis(rows["h"])}
 
-    def steered_logits(self, rows: dict, subset_ids_K, shared: bool, fixed=None) -> jax.Array:
-        """logits + B_k phi(h) on cached rows ``{"h", "logits"}`` (or ``"phi"``): K x B x C."""
+    def linear_sites(self, rows: dict, fixed=None) -> list:
+        """``[(self, L_BxCxC, phi_BxR)]``: the steered logits are ``logits + B phi``, so their
+        derivative in ``B[o, r]`` is ``L[o, :] phi[r]`` with L the identity (``newton``)."""
         del fixed
         phi = self.features(rows, "h", "phi")
-        return rows["logits"] + self.site_shift(phi, subset_ids_K, shared)
+        c = rows["logits"].shape[-1]
+        eye = jnp.broadcast_to(jnp.eye(c, dtype=phi.dtype), (phi.shape[0], c, c))
+        return [(self, eye, phi)]
+
+    def logit_shift(self, rows: dict, subset_ids_K, shared: bool, fixed=None) -> jax.Array:
+        """B_k phi(h): how far the operators move the logits (K x B x C)."""
+        del fixed
+        return self.site_shift(self.features(rows, "h", "phi"), subset_ids_K, shared)
+
+    def steered_logits(self, rows: dict, subset_ids_K, shared: bool, fixed=None) -> jax.Array:
+        """logits + B_k phi(h) on cached rows ``{"h", "logits"}`` (or ``"phi"``): K x B x C."""
+        return rows["logits"] + self.logit_shift(rows, subset_ids_K, shared, fixed)
 
 
 class HiddenSiteOperators(nnx.Module):
@@ -154,22 +166,39 @@ class HiddenSiteOperators(nnx.Module):
         """Both bases on cached rows: ``{"psi": psi(u), "phi": phi(h)}``."""
         return {"psi": self.hidden.basis(rows["u"]), "phi": self.logit.basis(rows["h"])}
 
+    def linear_sites(self, rows: dict, fixed) -> list:
+        """Both sites' ``(module, L_BxOxC, features_BxR)`` at zero gates (``newton``): the
+        hidden site's logits move by ``act'(a) * (U psi)`` through ``W_head``, so its L is
+        ``diag(act'(a)) W_head``; the logit site's is the identity."""
+        psi = self.hidden.features(rows, "u", "psi")
+        a = rows["a"]
+        slope = jax.jvp(jax.nn.gelu, (a,), (jnp.ones_like(a),))[1]
+        l_hidden = slope[:, :, None] * fixed["w_head"][None]
+        return [(self.hidden, l_hidden, psi), *self.logit.linear_sites(rows)]
+
     def steered_logits(self, rows: dict, subset_ids_K, shared: bool, fixed) -> jax.Array:
         """Steered logits K x B x C on cached rows ``{"u", "a", "h", "logits"}`` (``"psi"`` /
         ``"phi"`` replace ``u`` / ``h`` when present); ``fixed`` holds the frozen output layer
         ``{"w_head": H x C}``."""
+        return rows["logits"] + self.logit_shift(rows, subset_ids_K, shared, fixed)
+
+    def logit_shift(self, rows: dict, subset_ids_K, shared: bool, fixed) -> jax.Array:
+        """The operators' change of the logits, K x B x C (``steered_logits`` minus the base
+        logits, computed without them so that small shifts keep their precision)."""
         psi = self.hidden.features(rows, "u", "psi")
         da = self.hidden.site_shift(psi, subset_ids_K, shared)
         dh = jax.nn.gelu(rows["a"] + da) - jax.nn.gelu(rows["a"])
         dz = dh @ fixed["w_head"]
-        phi = self.logit.features(rows, "h", "phi")
-        return rows["logits"] + dz + self.logit.site_shift(phi, subset_ids_K, shared)
+        return dz + self.logit.logit_shift(rows, subset_ids_K, shared)
 
 
-def whitened_basis(u_NxD, rank: int, scale: float) -> jax.Array:
+def whitened_basis(u_NxD, rank: int, scale: float, whiten: bool = True) -> jax.Array:
     """A data-dependent ``w_down`` (D x rank): the top principal directions of LN(u), scaled
     so that each basis feature has standard deviation ``scale`` over the rows (small: SiLU's
-    near-linear range). Refuses a rank above D."""
+    near-linear range). ``whiten=False`` keeps the directions' own spread instead (feature j's
+    standard deviation is ``scale * sqrt(lambda_j / mean(lambda))``), so that low-variance
+    directions stay small and a uniform gate damping penalises them more. Refuses a rank
+    above D."""
     u = layer_norm_noaffine(jnp.asarray(u_NxD, jnp.float32))
     d = u.shape[1]
     if rank > d:
@@ -178,7 +207,8 @@ def whitened_basis(u_NxD, rank: int, scale: float) -> jax.Array:
     cov = (centred.T @ centred) / max(u.shape[0] - 1, 1)
     evals, evecs = np.linalg.eigh(np.asarray(cov, np.float64))
     top = np.argsort(evals)[::-1][:rank]
-    w = evecs[:, top] / np.sqrt(np.maximum(evals[top], 1e-12))
+    spread = np.maximum(evals[top], 1e-12) if whiten else np.maximum(evals[top].mean(), 1e-12)
+    w = evecs[:, top] / np.sqrt(spread)
     return jnp.asarray(scale * w, jnp.float32)
 
 
@@ -208,6 +238,9 @@ class LogitHook:
         return cache["logits"] + delta_KxBxO
 
 
+HIDDEN_BASES = ("whitened", "pca")
+
+
 @dataclasses.dataclass(frozen=True)
 class HiddenHook:
     """Attach ``HiddenSiteOperators`` to an MLP: ``encode_fn(x)`` returns the cached rows
@@ -220,6 +253,7 @@ class HiddenHook:
     encode_fn: callable
     fixed: dict
     rank_hidden: int
+    basis: str = "whitened"  # or "pca": principal directions, not whitened
 
     def encode(self, x_BxF: jax.Array) -> dict[str, jax.Array]:
         return self.encode_fn(x_BxF)
@@ -234,5 +268,9 @@ class HiddenHook:
             rngs=nnx.Rngs(key),
             init_scale=config.basis_scale,
         )
-        ops.hidden.w_down[...] = whitened_basis(cache["u"], self.rank_hidden, config.basis_scale)
+        if self.basis not in HIDDEN_BASES:
+            raise ConfigError(f"hidden basis must be one of {HIDDEN_BASES}, got {self.basis!r}")
+        ops.hidden.w_down[...] = whitened_basis(
+            cache["u"], self.rank_hidden, config.basis_scale, whiten=self.basis == "whitened"
+        )
         return ops

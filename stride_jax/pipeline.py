@@ -40,10 +40,12 @@ def lasso_config(config) -> recover.LassoConfig:
 
 
 def stage1_defaults(**overrides) -> dict:
-    """The ``stage1`` block of a STRIDE config (classifier defaults, chosen on validation
-    digits); ``overrides`` replace keys (the language-model defaults start from these).
+    """The ``stage1`` block of a STRIDE config; ``overrides`` replace keys. These are the
+    Adam recipe (zero-gate start, 200 steps; chosen on validation digits), from which the
+    language-model defaults start; ``config.base_config`` applies ``NEWTON_RECIPE`` on top for
+    classifiers (one Gauss-Newton step, ``stride_jax.newton``).
 
-    The classifier defaults train every operator at every step (``subsets_per_step=0``) on
+    The Adam recipe trains every operator at every step (``subsets_per_step=0``) on
     all its members, with one shared stability batch, a small fidelity weight and an L2
     penalty on the gates: each operator then sits near the optimum of "a small step towards
     its subset, held back by the KL to the base model", where its loss drops add up over
@@ -52,6 +54,7 @@ def stage1_defaults(**overrides) -> dict:
     out = dict(
         rank=256,
         basis_scale=0.1,
+        init="zero",
         steps=200,
         log_every=50,
         ckpt_every=100,
@@ -84,13 +87,29 @@ def stage1_defaults(**overrides) -> dict:
     return out | overrides
 
 
-def lasso_defaults() -> dict:
+# The classifier recipe of ``config.base_config`` (chosen on validation digits and MNIST-5k,
+# experiments/RESULTS.md): stage 1 as one damped Gauss-Newton step (``newton``) with a light
+# fidelity weight, no Adam steps after it.
+NEWTON_RECIPE = dict(init="newton", steps=0, w_fidelity=3e-4, gate_l2=6e-5)
+
+
+def lasso_defaults(**overrides) -> dict:
     """The ``lasso`` block of a STRIDE config: ``recover.LassoConfig`` with a 6-point path of
     25 FISTA steps each down to 0.01 lambda_max. On the validation queries (responses of the
     default operators): digits 0.6807 vs 0.6809 for 4 points x 100 steps (which matched
     8 x 500 to 4 digits), MNIST-5k 0.6491 vs 0.6465, at 0.5x / 0.4x of the time; 4 x 25 equals
     4 x 100 on both; lam_frac 0.003 / 0.01 / 0.05 gave 0.652 / 0.653 / 0.637 on digits."""
-    return dataclasses.asdict(recover.LassoConfig(path_len=6, maxiter=25, lam_frac=0.01))
+    defaults = dict(path_len=6, maxiter=25, lam_frac=0.01)
+    return dataclasses.asdict(recover.LassoConfig(**(defaults | overrides)))
+
+
+def lasso_targets(y_QxT: np.ndarray, design: subsets.Design, config) -> np.ndarray:
+    """What the Lasso fits: the responses, times each subset's size with
+    ``config.size_weighted`` (the fidelity loss averages over S_k's members, so operator k
+    responds to ``sum_{i in S_k} b_i / |S_k|``; scaled, the rows fit ``A b`` exactly)."""
+    if not config.get("size_weighted", False):
+        return y_QxT
+    return y_QxT * np.asarray(design.sizes_T, y_QxT.dtype)[None]
 
 
 @dataclasses.dataclass
@@ -182,7 +201,11 @@ def score(hook, fitted: Fitted, query_set: Dataset, config, *, mesh=None) -> Sco
     t0 = time.time()
     lasso_key = _keys(config)[2]
     out = recover.lasso_scores(
-        fitted.design, y_QxT, lasso_config(config.lasso), key=lasso_key, mesh=mesh
+        fitted.design,
+        lasso_targets(y_QxT, fitted.design, config),
+        lasso_config(config.lasso),
+        key=lasso_key,
+        mesh=mesh,
     )
     scores = np.asarray(jax.device_get(out["scores_QxN"]), np.float32)
     seconds["lasso"] = time.time() - t0

@@ -21,7 +21,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from stride_jax import checkpoint, losses, sharding
+from stride_jax import checkpoint, losses, newton, sharding
 from stride_jax.errors import ConfigError
 from stride_jax.operators import SteeringOperators, layer_norm_noaffine
 from stride_jax.subsets import Design
@@ -349,7 +349,8 @@ def fit_operators(
     init_key, run_key = jax.random.split(key)
     make_ops = make_ops or default_operators(inputs, config, dims)
     build_chunk = build_chunk or build_train_chunk
-    graphdef, state = init_state(make_ops(init_key), tx)
+    ops = newton.initialise(make_ops(init_key), inputs, config)
+    graphdef, state = init_state(ops, tx)
     shardings = state_shardings(state, mesh, num_subsets)
     state = jax.device_put(state, shardings)
     ckpts = checkpoint.TrainCheckpoints(f"{workdir}/stage1_ckpt") if workdir else None
@@ -360,8 +361,10 @@ def fit_operators(
             )
             state = ckpts.restore(abstract)
             logging.info("stage 1: resumed from step %d", int(state["step"]))
-        chunk = build_chunk(graphdef, tx, inputs, config, mesh, shardings)
-        state, history = _train_loop(chunk, state, run_key, config, ckpts)
+        history = []
+        if int(state["step"]) < config.steps:
+            chunk = build_chunk(graphdef, tx, inputs, config, mesh, shardings)
+            state, history = _train_loop(chunk, state, run_key, config, ckpts)
     finally:
         if ckpts is not None:
             ckpts.close()

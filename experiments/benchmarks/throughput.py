@@ -6,6 +6,8 @@ Stage 2a: ``responses.response_matrix`` vs one jitted single-operator call per o
 same for a decoder's residual-stream operators, ``lm_stride.response_matrix``). Stage 2b:
 ``recover.lasso_scores`` on Q queries at once vs one query per call, and vs scikit-learn's
 ``Lasso`` per query. Ground truth: ``groundtruth.retrain_many`` vs M jitted ``mlp.fit`` calls.
+Stage 1 (Gauss-Newton): ``newton.curvature_and_gradients``'s Kronecker-structured curvature vs
+per-row ``jax.jacfwd`` Jacobians.
 Library functions are called exactly as a user calls them (their jits are cached). Variants are
 interleaved (one call of each per round), so read the RATIOS. Each gets one warm-up call
 (``first_s``; ``compile_est_s = first_s - median_s``), then REPS calls ending in block_until_ready.
@@ -31,11 +33,11 @@ import optax
 from absl import app, flags
 from flax import nnx
 
-from stride_jax import groundtruth, lm_stride, recover, responses, sharding, subsets
+from stride_jax import groundtruth, lm_stride, newton, recover, responses, sharding, subsets, train
 from stride_jax.config import base_config
 from stride_jax.data import load_digits
 from stride_jax.models import mlp, transformer
-from stride_jax.operators import LogitHook, SteeringOperators
+from stride_jax.operators import HiddenHook, LogitHook, SteeringOperators
 
 _OUT = flags.DEFINE_string("out", None, "Where to write the results JSON.", required=True)
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny sizes (whole run < 60 s), for smoke tests.")
@@ -45,15 +47,17 @@ FULL = {
     "lasso": dict(Q=64, N=1400, T=1000, d=5, k_true=20),
     "groundtruth": dict(M=16, n_train=1400, steps=None),  # steps None: base_config's
     "lm_responses": dict(Q=8, T=256, D=64, layers=2, L=64, V=77, r=16, op_chunk=64),
+    "newton": dict(N=1000, F=64, H=128, C=10, r_hidden=16, r=64, T=500),
 }
 QUICK = {
     "responses": dict(Q=16, T=64, D=32, C=10, r=8, batch_size=8),
     "lasso": dict(Q=4, N=200, T=100, d=5, k_true=5),
     "groundtruth": dict(M=4, n_train=200, steps=20),
     "lm_responses": dict(Q=2, T=16, D=16, layers=2, L=16, V=30, r=4, op_chunk=8),
+    "newton": dict(N=64, F=12, H=16, C=10, r_hidden=4, r=8, T=32),
 }
 REPS = 5
-BENCHES = ("responses", "lasso", "groundtruth", "lm_responses")
+BENCHES = ("responses", "lasso", "groundtruth", "lm_responses", "newton")
 
 
 def _compare(variants: dict, reps: int) -> dict:
@@ -230,6 +234,52 @@ def bench_lm_responses(s: dict) -> dict:
     return _report(s, tm, "loop_over_T", "fused", max_abs_diff_vs_loop=diff)
 
 
+def bench_newton(s: dict) -> dict:
+    """Stage 1's Gauss-Newton matrix for hidden + logit operators on an MLP: the library's
+    Kronecker-structured blocks (``newton.curvature_and_gradients``) vs per-row Jacobians from
+    ``jax.jacfwd`` through the steered logits, ``mean_n J_n^T M_n J_n``."""
+    n, f, hd, c, r_h, r, t = (s[k] for k in ("N", "F", "H", "C", "r_hidden", "r", "T"))
+    model = mlp.MLP(f, (hd,), c, rngs=nnx.Rngs(0))
+    gd, mp = nnx.split(model, nnx.Param)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(n, f)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, c, n), jnp.int32)
+    hook = HiddenHook(lambda v: mlp.hidden_site(gd, mp, v), mlp.head_weights(mp), r_h, "pca")
+    cache = jax.jit(hook.encode)(x)
+    cfg = ml_collections.ConfigDict(
+        dict(sketch="gaussian", sketch_dim=2, top_k=c, rank=r, basis_scale=0.1)
+    )
+    design = subsets.expander(jax.random.key(0), t, n, 5)
+    inputs = train.make_inputs(cache, y, design, cfg, jax.random.key(1), fixed=hook.fixed)
+    ops = hook.make_operators(jax.random.key(2), cache, t, cfg)
+    structured = jax.jit(lambda: newton.curvature_and_gradients(ops, inputs, cfg)[0])
+    w_head = hook.fixed["w_head"]
+    psi, phi = ops.hidden.basis(cache["u"]), ops.logit.basis(cache["h"])
+    p_hidden = hd * r_h
+
+    @jax.jit
+    def by_jacobians():
+        def logits(flat, n_):  # one row's logits as a function of one operator's gates
+            u_gate = flat[:p_hidden].reshape(hd, r_h)
+            b_gate = flat[p_hidden:].reshape(c, r)
+            a = cache["a"][n_] + u_gate @ psi[n_]
+            return cache["logits"][n_] + (
+                (jax.nn.gelu(a) - jax.nn.gelu(cache["a"][n_])) @ w_head + b_gate @ phi[n_]
+            )
+
+        zero = jnp.zeros(p_hidden + c * r)
+        jac_NxCxP = jax.vmap(lambda n_: jax.jacfwd(logits)(zero, n_))(jnp.arange(n))
+        prob = jax.nn.softmax(cache["logits"], -1)
+        m_NxCxC = jax.vmap(jnp.diag)(prob) - prob[:, :, None] * prob[:, None, :]
+        return jnp.einsum("ncp,ncd,ndq->pq", jac_NxCxP, m_NxCxC, jac_NxCxP) / n
+
+    tm = _compare({"structured": structured, "per_row_jacobians": by_jacobians}, REPS)
+    a, b = structured(), by_jacobians()
+    rel = float(jnp.abs(a - b).max() / jnp.abs(b).max())
+    sizes = s | {"P": p_hidden + c * r}
+    return _report(sizes, tm, "per_row_jacobians", "structured", max_rel_diff=rel)
+
+
 def _sh(*cmd: str) -> str:
     root = pathlib.Path(__file__).resolve().parents[2]
     return subprocess.run(cmd, cwd=root, capture_output=True, text=True).stdout.strip()
@@ -256,19 +306,22 @@ def machine() -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    """All three benchmarks; the dict ``--out`` gets. ``quick``: tiny sizes, Lasso maxiter 200
+    """All three benchmarks; the dict ``--out`` gets. ``quick``: tiny sizes, Lasso maxiter 200 and lam_frac 0.01
     (run to convergence, so that the smoke test's comparison with scikit-learn is tight)."""
     sizes = QUICK if quick else FULL
     t0 = time.perf_counter()
     mesh = sharding.make_mesh()
     lc = base_config().stride.lasso  # the default Lasso config (fixed lambda fraction)
-    lc.maxiter = 200 if quick else lc.maxiter
+    if quick:  # converged fits at a moderate lambda: the sklearn comparison is then tight (at
+        # the default lam_frac 0.003 on these 100 x 200 designs both solvers stop ~5e-3 apart)
+        lc.update(maxiter=200, lam_frac=0.01)
     cfg = recover.LassoConfig(**lc.to_dict())
     results = {"quick": quick, "reps": REPS, "machine": machine()}
     results["responses"] = bench_responses(sizes["responses"], mesh)
     results["lasso"] = bench_lasso(sizes["lasso"], cfg)
     results["groundtruth"] = bench_groundtruth(sizes["groundtruth"], mesh)
     results["lm_responses"] = bench_lm_responses(sizes["lm_responses"])
+    results["newton"] = bench_newton(sizes["newton"])
     results["total_s"] = time.perf_counter() - t0
     results["loadavg_1_5_15_end"] = list(os.getloadavg())
     return results

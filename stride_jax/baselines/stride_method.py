@@ -16,7 +16,8 @@ HOOKS = ("logits", "hidden")
 def hook(task: Task, cfg=None):
     """The classifier hook ``cfg.hook`` names: "logits" (penultimate features and logits, the
     paper's classifier variant) or "hidden" (also the MLP's last hidden pre-activation, with a
-    ``cfg.hidden_rank`` basis)."""
+    ``cfg.hidden_rank`` basis of ``cfg.hidden_basis``: "whitened" or "pca" principal
+    directions of the layer's input)."""
     kind = "logits" if cfg is None else cfg.hook
     if kind == "logits":
         return LogitHook(task.features, task.logits)
@@ -25,6 +26,7 @@ def hook(task: Task, cfg=None):
             lambda x: mlp.hidden_site(task.graphdef, task.params, x),
             mlp.head_weights(task.params),
             cfg.hidden_rank,
+            cfg.get("hidden_basis", "whitened"),
         )
     raise ConfigError(f"stride.hook must be one of {HOOKS}, got {kind!r}")
 

@@ -1,0 +1,198 @@
+"""A closed-form start for stage 1: one damped Gauss-Newton step from the zero gates.
+
+With the classifier defaults (a small fidelity weight against the stability KL and the gate
+L2), each operator's optimum lies close to the zero gates, where its part of the stage-1
+objective ``w_f fid_k(B) + w_s stab_k(B) + gate_l2 ||B||^2 / 2`` is nearly quadratic. Its
+minimiser is then one Newton step:
+
+    B_k = -w_f ((w_f + w_s) H + gate_l2 I)^-1 g_k
+
+with ``g_k`` the mean over S_k's members of the per-example fidelity gradient at zero gates and
+``H`` the Gauss-Newton matrix (the exact Hessian of the truncated KL at the base model)
+averaged over all training rows: it stands for both the members' CE curvature and the
+non-members' KL curvature (subsets are small next to N, and with ``top_k`` = the number of
+classes the two curvatures are the same matrix). ``H`` is shared by all T operators, so one
+Cholesky factorisation serves every subset, and the T right-hand sides are solved in one
+batched call. Adam steps on the real (nonlinear, linearity-regularised) objective then
+refine from there (``stage1.steps``; 0 keeps the Newton gates).
+
+The steered logits are linear in the gates at each site s: ``dlogits/dgates_s[o, r] =
+L_s[o, :] f_s[r]`` for a row, with ``f_s`` the site's basis features and ``L_s`` (O x C) the
+logits' sensitivity to the site's output (the identity at the logit site; ``diag(act'(a))
+W_head`` at a hidden site). Operators list their sites with ``linear_sites``; the blocks of
+``H`` are then ``mean_n (L_s M L_t^T)_n (x) (f_s f_t^T)_n``: a (O_s O_t) x (R_s R_t) matmul per
+pair of sites instead of materialising per-row Jacobians.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from flax import nnx
+
+from stride_jax.errors import ConfigError
+
+INITS = ("zero", "newton")
+
+
+def _fisher(top_idx_BxK, top_logp_BxK, num_classes: int) -> jax.Array:
+    """The truncated KL's Hessian in the logits at the base model: B x C x C
+    (``diag(p) - p p^T`` on the base top-K classes, zero elsewhere)."""
+    p = jnp.exp(top_logp_BxK)
+    m_top = jax.vmap(jnp.diag)(p) - p[:, :, None] * p[:, None, :]
+    e = jax.nn.one_hot(top_idx_BxK, num_classes, dtype=p.dtype)  # B x K x C
+    return jnp.einsum("bkc,bkl,bld->bcd", e, m_top, e)
+
+
+def _chunk_stats(ops, inputs, idx_B, valid_B):
+    """(H blocks summed over the chunk's rows, per-example fidelity gradients B x P)."""
+    rows = inputs.rows(idx_B)
+    sites = ops.linear_sites(rows, inputs.fixed)
+    logits = rows["logits"]
+    c = logits.shape[-1]
+    w = valid_B.astype(logits.dtype)
+    delta = jax.nn.softmax(logits, -1) - jax.nn.one_hot(inputs.y_N[idx_B], c, dtype=logits.dtype)
+    fisher = _fisher(inputs.top_idx_NxK[idx_B], inputs.top_logp_NxK[idx_B], c)
+    fisher = fisher * w[:, None, None]
+    blocks = {}
+    for s, (_, l_s, f_s) in enumerate(sites):
+        lm = jnp.einsum("boc,bcd->bod", l_s, fisher)
+        for t in range(s, len(sites)):
+            _, l_t, f_t = sites[t]
+            q = jnp.einsum("bod,bqd->boq", lm, l_t)
+            # One matmul over the rows: (O_s O_t) x B times B x (R_s R_t).
+            outer = f_s[:, :, None] * f_t[:, None, :]
+            blocks[(s, t)] = jnp.einsum("boq,bru->orqu", q, outer)
+    grads = [
+        (jnp.einsum("boc,bc->bo", l_s, delta)[:, :, None] * f_s[:, None, :]).reshape(
+            f_s.shape[0], -1
+        )
+        for _, l_s, f_s in sites
+    ]
+    return blocks, jnp.concatenate(grads, axis=1) * w[:, None]
+
+
+def _assemble(blocks, sizes) -> jax.Array:
+    """The symmetric P x P matrix from its upper blocks ``blocks[(s, t)]`` (O_s, R_s, O_t, R_t)."""
+    n = len(sizes)
+    rows = []
+    for s in range(n):
+        row = []
+        for t in range(n):
+            b = blocks[(s, t)] if s <= t else blocks[(t, s)].transpose(2, 3, 0, 1)
+            row.append(b.reshape(sizes[s], sizes[t]))
+        rows.append(jnp.concatenate(row, axis=1))
+    return jnp.concatenate(rows, axis=0)
+
+
+def _aggregate(x_NxP, inputs) -> jax.Array:
+    """Each subset's mean of its members' rows of ``x_NxP``: T x P (chunked over subsets)."""
+    n, p = x_NxP.shape
+    members = inputs.members_TxS
+    t = members.shape[0]
+    chunk = max(1, min(t, (64 << 20) // max(members.shape[1] * p, 1)))  # ~256 MB of gathers
+    n_chunks = -(-t // chunk)
+    padded = jnp.concatenate([members, jnp.full((n_chunks * chunk - t, members.shape[1]), n)])
+    x_pad = jnp.concatenate([x_NxP, jnp.zeros((1, p), x_NxP.dtype)])
+
+    def one(m_CxS):
+        sizes = jnp.maximum((m_CxS < n).sum(1, keepdims=True), 1)
+        return x_pad[m_CxS].sum(1) / sizes
+
+    out = jax.lax.map(one, padded.reshape(n_chunks, chunk, -1))
+    return out.reshape(-1, p)[:t]
+
+
+def curvature_and_gradients(ops, inputs, config, chunk: int = 256):
+    """(``H`` P x P, mean over the training rows; ``G`` N x P, the per-example fidelity
+    gradients at zero gates), streamed over row chunks of ``chunk``. A subset's gradient
+    ``g_k`` is the mean of its members' rows of G (``_aggregate``)."""
+    del config
+    n = inputs.y_N.shape[0]
+    n_chunks = -(-n // chunk)
+    idx = jnp.arange(n_chunks * chunk)
+    valid = idx < n
+    idx = jnp.minimum(idx, n - 1).reshape(n_chunks, chunk)
+    valid = valid.reshape(n_chunks, chunk)
+    shape_blocks, _ = jax.eval_shape(lambda: _chunk_stats(ops, inputs, idx[0], valid[0]))
+
+    def body(blocks, xs):
+        b, g_BxP = _chunk_stats(ops, inputs, *xs)
+        return jax.tree_util.tree_map(jnp.add, blocks, b), g_BxP
+
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shape_blocks)
+    blocks, g_CxBxP = jax.lax.scan(body, zeros, (idx, valid))
+    sites = ops.linear_sites(inputs.rows(idx[0, :1]), inputs.fixed)
+    sizes = [lo.shape[1] * f.shape[1] for _, lo, f in sites]
+    return _assemble(blocks, sizes) / n, g_CxBxP.reshape(n_chunks * chunk, -1)[:n]
+
+
+def newton_gates(ops, inputs, config) -> list[jax.Array]:
+    """The damped Gauss-Newton gates of every operator, one array (T x O_s x R_s) per site of
+    ``ops.linear_sites`` (in its order).
+
+    The step is linear in the gradients, so the solve runs on whichever is fewer: the T
+    subset gradients, or the N per-example gradients (then averaged over each subset)."""
+    h_PxP, g_NxP = curvature_and_gradients(ops, inputs, config)
+    n, p = g_NxP.shape
+    t = inputs.members_TxS.shape[0]
+    damped = (config.w_fidelity + config.w_stability) * h_PxP + config.gate_l2 * jnp.eye(p)
+    factor = jax.scipy.linalg.cho_factor(damped)
+
+    def solve(rhs_XxP):
+        return -config.w_fidelity * jax.scipy.linalg.cho_solve(factor, rhs_XxP.T).T
+
+    if t <= n:
+        b_TxP = solve(_aggregate(g_NxP, inputs))
+    else:
+        b_TxP = _aggregate(solve(g_NxP), inputs)
+    sites = ops.linear_sites(inputs.rows(jnp.zeros((1,), jnp.int32)), inputs.fixed)
+    out, start = [], 0
+    for _, l_s, f_s in sites:
+        o, r = l_s.shape[1], f_s.shape[1]
+        out.append(b_TxP[:, start : start + o * r].reshape(-1, o, r))
+        start += o * r
+    return out
+
+
+def check_config(config, ops) -> None:
+    if config.init not in INITS:
+        raise ConfigError(f"stage1.init must be one of {INITS}, got {config.init!r}")
+    if config.init == "newton":
+        if not hasattr(ops, "linear_sites"):
+            raise ConfigError(
+                f"stage1.init='newton' needs operators that list their linear sites; "
+                f"{type(ops).__name__} does not (use init='zero')"
+            )
+        if config.w_fidelity <= 0:
+            raise ConfigError("stage1.init='newton' needs stage1.w_fidelity > 0")
+        if config.gate_l2 <= 0 and config.w_stability <= 0:
+            raise ConfigError("stage1.init='newton' needs stage1.gate_l2 > 0 or w_stability > 0")
+
+
+def initialise(ops, inputs, config):
+    """Set ``ops``' gates to the Newton step (``config.init == 'newton'``); returns ``ops``."""
+    check_config(config, ops)
+    if config.init != "newton":
+        return ops
+    t0 = time.time()
+    graphdef, state = nnx.split(ops)
+
+    @jax.jit
+    def solve(state):
+        return newton_gates(nnx.merge(graphdef, state), inputs, config)
+
+    gates = jax.block_until_ready(solve(state))
+    sites = ops.linear_sites(inputs.rows(jnp.zeros((1,), jnp.int32)), inputs.fixed)
+    for (module, _, _), g in zip(sites, gates, strict=True):
+        module.gates[...] = g
+    logging.info(
+        "stage 1: Gauss-Newton start for %d operators (%d gate parameters each) in %.1fs",
+        gates[0].shape[0],
+        sum(g[0].size for g in gates),
+        time.time() - t0,
+    )
+    return ops

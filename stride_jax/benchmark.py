@@ -248,6 +248,12 @@ def run(config, workdir: str) -> dict:
         methods[name] = _method(
             ctx, name, lambda n=name, c=cfg, d=sub_dir: run_method(ctx, n, c, d), gt, cfg.to_dict()
         )
+    if "stride" in methods:  # paired over the same queries: method minus STRIDE
+        for name, entry in methods.items():
+            if name != "stride":
+                entry["delta_vs_stride"] = metrics.paired_difference(
+                    entry["per_query"], methods["stride"]["per_query"], n_boot=config.lds.n_boot
+                )
     ablations = {}
     for name in config.ablations:
         sub = config.stride.copy_and_resolve_references()

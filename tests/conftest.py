@@ -32,7 +32,11 @@ def tiny_config():
     c.model.update(hidden=(32,), steps=60)
     c.groundtruth.update(num_models=8, models_per_batch=4)
     c.stride.design.update(num_subsets=40, degree=3)
+    # Unit tests exercise the Adam path of stage 1 (init "zero", 40 steps): checkpoints,
+    # resume, sharding. The default Gauss-Newton start is covered by tests/test_newton.py,
+    # the README snippet and the digits_quick CLI run (test_tune), which keep base_config's.
     c.stride.stage1.update(
+        init="zero",
         rank=8,
         steps=40,
         log_every=10,

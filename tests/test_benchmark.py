@@ -52,6 +52,16 @@ def test_scores_match_a_direct_lds_of_saved_scores(finished):
     preds = gt["masks_MxN"].astype(np.float64) @ scores.T.astype(np.float64)
     rho = [spearmanr(preds[:, q], -gt["losses_MxQ"][:, q])[0] for q in range(scores.shape[0])]
     assert results["methods"]["stride"]["lds"] == pytest.approx(np.nanmean(rho), abs=1e-4)
+    # graddot's paired difference to STRIDE: the mean over queries valid for both of the
+    # per-query difference, recomputed here with scipy.
+    other = np.load(os.path.join(workdir, "scores_graddot.npy"))
+    preds_o = gt["masks_MxN"].astype(np.float64) @ other.T.astype(np.float64)
+    rho_o = [spearmanr(preds_o[:, q], -gt["losses_MxQ"][:, q])[0] for q in range(other.shape[0])]
+    diff = np.asarray(rho_o) - np.asarray(rho)
+    delta = results["methods"]["graddot"]["delta_vs_stride"]
+    assert delta["mean"] == pytest.approx(np.nanmean(diff), abs=1e-4)
+    assert delta["ci95"][0] <= delta["mean"] <= delta["ci95"][1]
+    assert "delta_vs_stride" not in results["methods"]["stride"]
 
 
 def test_rerun_reuses_cached_stages(finished, monkeypatch):

@@ -158,10 +158,16 @@ def newton_gates(ops, inputs, config) -> list[jax.Array]:
     return out
 
 
+def _init(config) -> str:
+    """``config.init``; stage-1 configs written before it existed mean the zero start."""
+    return config.get("init", "zero") if hasattr(config, "get") else config.init
+
+
 def check_config(config, ops) -> None:
-    if config.init not in INITS:
-        raise ConfigError(f"stage1.init must be one of {INITS}, got {config.init!r}")
-    if config.init == "newton":
+    init = _init(config)
+    if init not in INITS:
+        raise ConfigError(f"stage1.init must be one of {INITS}, got {init!r}")
+    if init == "newton":
         if not hasattr(ops, "linear_sites"):
             raise ConfigError(
                 f"stage1.init='newton' needs operators that list their linear sites; "
@@ -176,7 +182,7 @@ def check_config(config, ops) -> None:
 def initialise(ops, inputs, config):
     """Set ``ops``' gates to the Newton step (``config.init == 'newton'``); returns ``ops``."""
     check_config(config, ops)
-    if config.init != "newton":
+    if _init(config) != "newton":
         return ops
     t0 = time.time()
     graphdef, state = nnx.split(ops)

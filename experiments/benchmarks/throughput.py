@@ -306,8 +306,9 @@ def machine() -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    """All three benchmarks; the dict ``--out`` gets. ``quick``: tiny sizes, Lasso maxiter 200 and lam_frac 0.01
-    (run to convergence, so that the smoke test's comparison with scikit-learn is tight)."""
+    """All the benchmarks; the dict ``--out`` gets. ``quick``: tiny sizes, Lasso maxiter 200
+    and lam_frac 0.01 (run to convergence, so that the smoke test's comparison with
+    scikit-learn is tight)."""
     sizes = QUICK if quick else FULL
     t0 = time.perf_counter()
     mesh = sharding.make_mesh()

@@ -88,11 +88,7 @@ def validate(config) -> None:
         "lds.n_boot",
     )
     st = config.stride.stage1
-    if st.init not in newton.INITS:
-        raise ConfigError(
-            f"config.stride.stage1.init must be one of {newton.INITS}, got {st.init!r}"
-        )
-    if st.steps < 0 or (st.steps == 0 and st.init != "newton"):
+    if st.steps < 0 or (st.steps == 0 and newton.check_init(st) != "newton"):
         raise ConfigError(
             f"config.stride.stage1.steps must be > 0 (or 0 with stage1.init='newton'), "
             f"got {st.steps}"

@@ -106,11 +106,10 @@ def _aggregate(x_NxP, inputs) -> jax.Array:
     return out.reshape(-1, p)[:t]
 
 
-def curvature_and_gradients(ops, inputs, config, chunk: int = 256):
+def curvature_and_gradients(ops, inputs, chunk: int = 256):
     """(``H`` P x P, mean over the training rows; ``G`` N x P, the per-example fidelity
     gradients at zero gates), streamed over row chunks of ``chunk``. A subset's gradient
     ``g_k`` is the mean of its members' rows of G (``_aggregate``)."""
-    del config
     n = inputs.y_N.shape[0]
     n_chunks = -(-n // chunk)
     idx = jnp.arange(n_chunks * chunk)
@@ -125,8 +124,8 @@ def curvature_and_gradients(ops, inputs, config, chunk: int = 256):
 
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shape_blocks)
     blocks, g_CxBxP = jax.lax.scan(body, zeros, (idx, valid))
-    sites = ops.linear_sites(inputs.rows(idx[0, :1]), inputs.fixed)
-    sizes = [lo.shape[1] * f.shape[1] for _, lo, f in sites]
+    num_sites = max(s for s, _ in blocks) + 1
+    sizes = [blocks[(s, s)].shape[0] * blocks[(s, s)].shape[1] for s in range(num_sites)]
     return _assemble(blocks, sizes) / n, g_CxBxP.reshape(n_chunks * chunk, -1)[:n]
 
 
@@ -136,7 +135,7 @@ def newton_gates(ops, inputs, config) -> list[jax.Array]:
 
     The step is linear in the gradients, so the solve runs on whichever is fewer: the T
     subset gradients, or the N per-example gradients (then averaged over each subset)."""
-    h_PxP, g_NxP = curvature_and_gradients(ops, inputs, config)
+    h_PxP, g_NxP = curvature_and_gradients(ops, inputs)
     n, p = g_NxP.shape
     t = inputs.members_TxS.shape[0]
     damped = (config.w_fidelity + config.w_stability) * h_PxP + config.gate_l2 * jnp.eye(p)
@@ -163,11 +162,16 @@ def _init(config) -> str:
     return config.get("init", "zero") if hasattr(config, "get") else config.init
 
 
-def check_config(config, ops) -> None:
+def check_init(config) -> str:
+    """``config.init``, refused unless it is one of ``INITS``."""
     init = _init(config)
     if init not in INITS:
         raise ConfigError(f"stage1.init must be one of {INITS}, got {init!r}")
-    if init == "newton":
+    return init
+
+
+def check_config(config, ops) -> None:
+    if check_init(config) == "newton":
         if not hasattr(ops, "linear_sites"):
             raise ConfigError(
                 f"stage1.init='newton' needs operators that list their linear sites; "

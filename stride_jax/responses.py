@@ -1,9 +1,10 @@
 """Stage 2a: the (queries x T) response matrix in one fused, jitted, vmapped call.
 
 ``y_QxT[q, k] = CE_base(q) - CE_k(q)``: how much operator k (a stand-in for "trained more
-on subset S_k") lowers query q's loss. ``steered_logits`` evaluates all T operators on one
-query at once; ``response_matrix`` vmaps it over query micro-batches (``lax.map``) so that
-memory stays at (batch x T x C) however many queries there are.
+on subset S_k") lowers query q's loss. ``_responses_one`` evaluates all T operators' logit
+shifts (``ops.logit_shift``) on one query at once and turns them into drops (``ce_drop``);
+``response_matrix`` vmaps it over query micro-batches (``lax.map``) so that memory stays at
+(batch x T x C) however many queries there are.
 """
 
 from __future__ import annotations
@@ -12,17 +13,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from stride_jax import sharding
-
-
-def steered_logits(ops, cache_row: dict, fixed=None) -> jax.Array:
-    """logits_TxC of all T operators on one query (cache row: ``h`` (D,), ``logits`` (C,) and
-    whatever else the operators' hook caches)."""
-    rows = {k: v[None] for k, v in cache_row.items()}
-    return ops.steered_logits(rows, None, True, fixed)[:, 0]
 
 
 def ce_drop(logits_C: jax.Array, delta_TxC: jax.Array, y) -> jax.Array:
@@ -35,14 +28,10 @@ def ce_drop(logits_C: jax.Array, delta_TxC: jax.Array, y) -> jax.Array:
 
 
 def _responses_one(ops, cache_row, y, fixed):
-    if hasattr(ops, "logit_shift"):
-        rows = {k: v[None] for k, v in cache_row.items()}
-        return ce_drop(cache_row["logits"], ops.logit_shift(rows, None, True, fixed)[:, 0], y)
-    ce_base = optax.softmax_cross_entropy_with_integer_labels(cache_row["logits"], y)
-    logits_TxC = steered_logits(ops, cache_row, fixed)
-    y_T = jnp.broadcast_to(y, logits_TxC.shape[:1])
-    ce_T = optax.softmax_cross_entropy_with_integer_labels(logits_TxC, y_T)
-    return ce_base - ce_T
+    """y_T for one query (cache row: ``h`` (D,), ``logits`` (C,) and whatever else the
+    operators' hook caches): every operator's logit shift, then ``ce_drop``."""
+    rows = {k: v[None] for k, v in cache_row.items()}
+    return ce_drop(cache_row["logits"], ops.logit_shift(rows, None, True, fixed)[:, 0], y)
 
 
 @functools.lru_cache(maxsize=16)

@@ -349,13 +349,17 @@ def fit_operators(
     init_key, run_key = jax.random.split(key)
     make_ops = make_ops or default_operators(inputs, config, dims)
     build_chunk = build_chunk or build_train_chunk
-    ops = newton.initialise(make_ops(init_key), inputs, config)
-    graphdef, state = init_state(ops, tx)
-    shardings = state_shardings(state, mesh, num_subsets)
-    state = jax.device_put(state, shardings)
+    ops = make_ops(init_key)
+    newton.check_config(config, ops)
     ckpts = checkpoint.TrainCheckpoints(f"{workdir}/stage1_ckpt") if workdir else None
     try:
-        if ckpts is not None and ckpts.latest_step() is not None:
+        resume = ckpts is not None and ckpts.latest_step() is not None
+        if not resume:  # a restored state replaces the start, so do not compute it
+            ops = newton.initialise(ops, inputs, config)
+        graphdef, state = init_state(ops, tx)
+        shardings = state_shardings(state, mesh, num_subsets)
+        state = jax.device_put(state, shardings)
+        if resume:
             abstract = jax.tree_util.tree_map(
                 lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
             )

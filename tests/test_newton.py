@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from stride_jax import newton, sharding, subsets, train
+from stride_jax import newton, pipeline, sharding, subsets, train
 from stride_jax.errors import ConfigError
 from stride_jax.models import mlp
 from stride_jax.operators import HiddenHook, LogitHook
@@ -25,7 +25,7 @@ def _setup(hidden_hook: bool, n=80, t=8, deg=1, top_k=3, seed=0):
     x = jnp.asarray(rng.normal(size=(n, 7)).astype(np.float32))
     y = rng.integers(0, C, n).astype(np.int32)
     cfg = ml_collections.ConfigDict(
-        dict(
+        pipeline.stage1_defaults(
             sketch="gaussian",
             sketch_dim=2,
             top_k=top_k,
@@ -33,7 +33,6 @@ def _setup(hidden_hook: bool, n=80, t=8, deg=1, top_k=3, seed=0):
             basis_scale=0.5,
             init="newton",
             w_fidelity=0.05,
-            w_stability=1.0,
             gate_l2=1e-3,
         )
     )
@@ -102,7 +101,7 @@ def test_curvature_and_gradients_match_brute_force_jacobians(hidden_hook):
     jax.jacfwd of the steered logits) and g_k = mean over S_k of J_n^T (softmax - onehot),
     computed one row at a time in float64 numpy."""
     ops, inputs, cfg = _setup(hidden_hook)
-    h, per_example_g = jax.jit(lambda: newton.curvature_and_gradients(ops, inputs, cfg, chunk=32))()
+    h, per_example_g = jax.jit(lambda: newton.curvature_and_gradients(ops, inputs, chunk=32))()
     g = newton._aggregate(per_example_g, inputs)
     n, p = inputs.y_N.shape[0], _num_params(ops)
     jac_NxCxP = np.asarray(jax.jacfwd(_logits_fn(ops, inputs))(jnp.zeros(p)), np.float64)
@@ -174,19 +173,7 @@ def test_newton_gates_are_near_the_minimiser_of_the_stage1_objective(hidden_hook
 
 def test_fit_with_newton_start_and_no_steps_returns_the_newton_gates():
     ops, inputs, cfg = _setup(True)
-    cfg.update(
-        steps=0,
-        log_every=10,
-        warmup_steps=1,
-        lr=1e-3,
-        lr_muon=0.0,
-        lr_end_frac=0.1,
-        weight_decay=0.0,
-        subsets_per_step=0,
-        fidelity_rows="all",
-        stability_rows="shared",
-        ckpt_every=10,
-    )
+    cfg.steps = 0
     want = jax.jit(lambda: newton.newton_gates(ops, inputs, cfg))()
     hook_ops = lambda key: ops  # noqa: E731 - the operators built above, gates still zero
     _, params, history = train.fit_operators(
@@ -229,7 +216,7 @@ def test_newton_gates_solve_each_subset_like_a_dense_solve(t):
     """T <= N solves the T subset gradients, T > N the N per-example ones and averages: both
     equal numpy's dense solve of ((w_f + w_s) H + gate_l2 I) b_k = -w_f g_k per subset."""
     ops, inputs, cfg = _setup(True, n=40, t=t, deg=5)
-    h, per_example = jax.jit(lambda: newton.curvature_and_gradients(ops, inputs, cfg))()
+    h, per_example = jax.jit(lambda: newton.curvature_and_gradients(ops, inputs))()
     gates = jax.jit(lambda: newton.newton_gates(ops, inputs, cfg))()
     ours = np.concatenate([np.asarray(g).reshape(t, -1) for g in gates], axis=1)
     h = np.asarray(h, np.float64)
@@ -239,3 +226,24 @@ def test_newton_gates_solve_each_subset_like_a_dense_solve(t):
         g_k = np.asarray(per_example, np.float64)[row[row < n]].mean(0)
         want = -cfg.w_fidelity * np.linalg.solve(damped, g_k)
         np.testing.assert_allclose(ours[k], want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+def test_resume_restores_without_recomputing_the_newton_step(tmp_path, monkeypatch):
+    """A finished run's checkpoint replaces the start, so a rerun never solves the step
+    again, and it returns the same operators."""
+    ops, inputs, cfg = _setup(False)
+    cfg.update(steps=10, log_every=10, ckpt_every=10, warmup_steps=1)
+    mesh, workdir = sharding.make_mesh(), str(tmp_path)
+    first = train.fit_operators(
+        inputs, cfg, jax.random.key(0), mesh, workdir, make_ops=lambda key: ops
+    )[1]
+
+    def refuse(*_):
+        raise AssertionError("the Newton step ran although a checkpoint was restored")
+
+    monkeypatch.setattr(newton, "initialise", refuse)
+    fresh, _, _ = _setup(False)
+    again = train.fit_operators(
+        inputs, cfg, jax.random.key(0), mesh, workdir, make_ops=lambda key: fresh
+    )[1]
+    np.testing.assert_array_equal(again["gates"][...], first["gates"][...])

@@ -252,7 +252,7 @@ def bench_newton(s: dict) -> dict:
     design = subsets.expander(jax.random.key(0), t, n, 5)
     inputs = train.make_inputs(cache, y, design, cfg, jax.random.key(1), fixed=hook.fixed)
     ops = hook.make_operators(jax.random.key(2), cache, t, cfg)
-    structured = jax.jit(lambda: newton.curvature_and_gradients(ops, inputs, cfg)[0])
+    structured = jax.jit(lambda: newton.curvature_and_gradients(ops, inputs)[0])
     w_head = hook.fixed["w_head"]
     psi, phi = ops.hidden.basis(cache["u"]), ops.logit.basis(cache["h"])
     p_hidden = hd * r_h

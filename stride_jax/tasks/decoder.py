@@ -1,0 +1,137 @@
+"""The decoder task: a frozen NNX transformer (``models.transformer``) and its token rows.
+
+Rows are fixed-length token blocks (``data.TokenBlocks``): a whole example or one chunk of a
+long one; ``sum_to_examples`` adds chunk scores back up. A row's loss is the mean next-token
+cross-entropy over its target tokens (for SFT rows, the response tokens only). ``recipe`` is
+the ``lm_train`` config that made ``params`` from ``params0`` (a random init for
+pre-training, the pre-trained model for SFT), so ``retrain`` reproduces it on weighted rows
+and TracIn can replay its trajectory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from stride_jax.models import lm_train
+from stride_jax.task import Task, as_weights
+
+
+@dataclasses.dataclass
+class DecoderTask(Task):
+    """A frozen decoder (``transformer.Decoder`` graphdef + params) and its token rows.
+
+    ``model_config`` is its ``transformer.DecoderConfig``; ``tokenizer`` decodes rows to text
+    (text-similarity baselines, ``render``).
+    """
+
+    kind = "decoder"
+
+    model_config: object = None
+    recipe: object = None
+    params0: object = None
+    tokenizer: object = None
+
+    # --- rows ------------------------------------------------------------------------------
+
+    def arrays(self, rows) -> dict:
+        return lm_train.data_arrays(rows)
+
+    def data(self, blocks=None) -> dict:
+        """Device arrays of ``blocks`` (default: the training rows)."""
+        return self.arrays(self.train if blocks is None else blocks)
+
+    @property
+    def num_examples(self) -> int:
+        return self.train.num_examples
+
+    def sum_to_examples(self, scores_QxN) -> np.ndarray:
+        return self.train.sum_to_examples(scores_QxN)
+
+    def render(self, rows, i: int):
+        """Row i as text, with the scored (target) span marked by the loss mask."""
+        n = int(rows.attn_mask_NxL[i].sum())
+        ids = [int(t) for t in rows.tokens_NxL[i, :n]]
+        target = [bool(m) for m in rows.loss_mask_NxL[i, :n]]
+        text = self.tokenizer.decode(ids) if self.tokenizer is not None else str(ids)
+        key = rows.example_keys[int(rows.example_id_N[i])]
+        return {"text": text, "tokens": ids, "target": target, "id": str(key)}
+
+    # --- the model --------------------------------------------------------------------------
+
+    def loss(self, params, batch: dict) -> jax.Array:
+        return lm_train.example_losses(
+            self.graphdef, params, batch["tokens"], batch["attn"], batch["loss_mask"]
+        )
+
+    def output(self, params, batch: dict):
+        loss = self.loss(params, batch)
+        return -loss, jnp.ones_like(loss)
+
+    def default_param_pattern(self, select) -> str:
+        """The MLPs of the last ``select.layers`` blocks (default 1)."""
+        n = self.model_config.n_layers
+        layers = int((select or {}).get("layers", 1))
+        if not 1 <= layers <= n:
+            raise ValueError(f"layers must be in 1..{n} (the model's depth), got {layers}")
+        last = "|".join(str(i) for i in range(n - layers, n))
+        return rf"^layers/({last})/mlp/"
+
+    # --- the recipe ---------------------------------------------------------------------------
+
+    def retrain(self, key, weight_N=None):
+        """Params trained with the recipe from ``params0`` (optional row weights)."""
+        w = as_weights(weight_N, len(self.train))
+        return lm_train.jitted_fit(self.recipe, self.graphdef)(self.params0, key, self.data(), w)
+
+    def retrain_losses(self, keys_M, weights_MxN, rows, group: int = 1, on_group=None):
+        """losses_MxB on ``rows`` (a ``TokenBlocks`` or its arrays) of M decoders retrained
+        from ``params0`` on row weights, ``group`` at a time in one vmapped call; after each
+        group ``on_group(losses so far)`` (e.g. a partial save) may run."""
+        return retrain_losses(self, keys_M, weights_MxN, rows, group, on_group)
+
+    # --- STRIDE's site --------------------------------------------------------------------------
+
+    def site(self, config):
+        from stride_jax.stride import sites
+
+        return sites.residual_site(self, config)
+
+
+def retrain_losses(
+    task: DecoderTask, keys_M, weights_MxN, rows, group: int, on_group=None, done=()
+):
+    """See ``DecoderTask.retrain_losses``; ``done`` holds losses of models already trained."""
+    weights = jnp.asarray(weights_MxN, jnp.float32)
+    fn = _retrain_fn(task.recipe.to_json(), task.graphdef)
+    q = rows if isinstance(rows, dict) else task.arrays(rows)
+    data, out = task.data(), list(done)
+    for start in range(len(out), weights.shape[0], group):
+        stop = min(start + group, weights.shape[0])
+        losses = fn(task.params0, keys_M[start:stop], data, weights[start:stop], q)
+        out.extend(np.asarray(jax.device_get(losses), np.float32))
+        if on_group is not None:
+            on_group(np.stack(out), stop)
+    return np.stack(out)
+
+
+@functools.lru_cache(maxsize=4)
+def _retrain_fn(recipe_json: str, graphdef):
+    """Jitted: a group of models trained at once (vmap) -> their losses on the rows ``q``."""
+    recipe = ml_collections.ConfigDict(json.loads(recipe_json))
+
+    @jax.jit
+    def fn(params0, keys_G, data, weights_GxN, q):
+        def one(key, w):
+            p = lm_train.fit(recipe, graphdef, params0, key, data, w)
+            return lm_train.example_losses(graphdef, p, q["tokens"], q["attn"], q["loss_mask"])
+
+        return jax.vmap(one)(keys_G, weights_GxN)
+
+    return fn

@@ -1,26 +1,33 @@
-"""LDS benchmark: python -m experiments.lds_benchmark --workdir=DIR [--config=...].
+"""LDS benchmark, any task kind: python -m experiments.lds_benchmark --workdir=DIR [--config=...].
 
-Trains the base model, retrains the ground-truth models, runs the configured attribution
-methods and writes DIR/results.json, DIR/scores_<method>.npy and DIR/config.json.
+Builds the config's task (``config.task``: a classifier, e.g. experiments/configs/digits.py, or
+a decoder, e.g. lm_shakespeare.py), trains (or imports and fine-tunes) the base model, retrains
+the ground-truth models, runs the configured attribution methods and writes DIR/results.json,
+lds.png, table.md, scores_<method>.npy and config.json.
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from stride_jax import benchmark, cli
+from stride_jax.job import benchmark, cli
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/digits.py", "Run config file.", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+
+def define_flags(default_config: str = "experiments/configs/digits.py") -> None:
+    """Flags live here, not at import: the LM alias defines them with its own default."""
+    config_flags.DEFINE_config_file("config", default_config, "Run config file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    results = cli.run_job(benchmark.run, _CONFIG.value, _WORKDIR.value)
-    cli.print_summary(results, _WORKDIR.value)
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    # A decoder run also reports a bad checkpoint directory as one line.
+    extra = (ValueError, FileNotFoundError) if config.get("task") == "decoder" else ()
+    results = cli.run_job(benchmark.run, config, workdir, extra_errors=extra)
+    cli.print_summary(results, workdir)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -5,13 +5,13 @@ Character or BPE tokens (``--config.data.tokenizer``), a text file (``data.name=
 ``data.path=corpus.txt``), a JSONL corpus (``data.name=jsonl``) or the embedded Shakespeare.
 Checkpointed with orbax every ``ckpt_every`` steps (a killed run resumes); the result is a
 Hugging Face directory DIR/hf (config.json, model.safetensors, stride_tokenizer.json) that
-``lm_benchmark`` (``model.source=hf``) and transformers can load.
+the LDS job (``model.source=hf``) and transformers can load.
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from stride_jax import cli, lm_benchmark
+from stride_jax.job import cli, pretrain
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -25,9 +25,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=Tr
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    path = cli.run_job(
-        lm_benchmark.pretrain, _CONFIG.value, _WORKDIR.value, extra_errors=(ValueError,)
-    )
+    path = cli.run_job(pretrain.pretrain, _CONFIG.value, _WORKDIR.value, extra_errors=(ValueError,))
     print(f"model: {path}")
 
 

@@ -1,59 +1,37 @@
-"""Tune any method on validation queries: python -m experiments.tune --workdir=DIR --method=M.
+"""Tune any method on any task kind on validation queries:
+python -m experiments.tune --config=CONFIG --workdir=DIR --method=M --sweep=KEY=v1,v2,...
 
-The validation split replaces the queries (``data.query_split=val``), so tuning never sees the
-reported queries, and every method gets the same protocol: a grid over keys of its own config
-block (``config.stride`` or ``config.baselines.<method>``), e.g.
+Every method gets the same protocol (``stride_jax.job.tune``): a grid over keys of its own
+config block (``config.stride`` or ``config.baselines.<method>``), e.g.
 ``--method=stride --sweep=stage1.w_linearity=0,1,10 --sweep=lasso.lam_frac=0.02,0.05`` or
 ``--method=trak --sweep=proj_dim=512,2048 --sweep=damping=1e-4,1e-2``; the grid is the
-product. Prints one LDS line per point and writes DIR/tuning_<method>.json; put the chosen
-values into the config file.
+product. A classifier config is tuned on its validation split (``data.query_split=val``); a
+decoder config on the validation rows its ground-truth retrains already scored (the same
+workdir as the LM job). Prints one LDS line per point and writes DIR/tuning_<method>.json;
+put the chosen values into the config file.
 """
 
-import itertools
-import os
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from stride_jax import benchmark, checkpoint, cli
-
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/digits.py", "Config.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
-_METHOD = flags.DEFINE_string("method", "stride", "Registered method to tune.")
-_SWEEP = flags.DEFINE_multi_string("sweep", [], "<key>=v1,v2,... in the method's config.")
+from stride_jax.job import cli, tune
 
 
-def main(_):
-    logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(benchmark.only_stride_jax_info)
-    config = _CONFIG.value
-    config.data.query_split = "val"
-    config.methods = ()
-    benchmark.run(config, _WORKDIR.value)  # base model + ground truth on validation queries
-    ctx, gt = benchmark.context(config, _WORKDIR.value)
-    axes = cli.parse_sweep(_SWEEP.value)
-    rows = []
-    for values in itertools.product(*(v for _, v in axes)):
-        sub = benchmark.method_config(config, _METHOD.value).copy_and_resolve_references()
-        for (key, _), value in zip(axes, values, strict=True):
-            cli.set_path(sub, key, value)
-        name = "_".join(f"{k}={v}" for (k, _), v in zip(axes, values, strict=True)) or "default"
-        sweep_dir = cli.sweep_dir(_WORKDIR.value, _METHOD.value, name, sub)
-        scores, _ = benchmark.run_method(ctx, _METHOD.value, sub, sweep_dir)
-        res = benchmark.evaluate(scores, gt, config.lds.n_boot)
-        rows.append(
-            {
-                "point": dict(zip((k for k, _ in axes), values, strict=True)),
-                "lds": res["lds"],
-                "lds_ci95": res["lds_ci95"],
-            }
-        )
-        print(
-            f"{name}: LDS {res['lds']:.4f} [{res['lds_ci95'][0]:.3f}, {res['lds_ci95'][1]:.3f}]",
-            flush=True,
-        )
-    checkpoint.save_json(os.path.join(_WORKDIR.value, f"tuning_{_METHOD.value}.json"), rows)
+def define_flags(default_config: str = "experiments/configs/digits.py") -> None:
+    """Flags live here, not at import: tests import this module beside other binaries."""
+    config_flags.DEFINE_config_file("config", default_config, "Run config file.")
+    flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+    flags.DEFINE_string("method", "stride", "Registered method to tune.")
+    flags.DEFINE_multi_string("sweep", [], "<key>=v1,v2,... in the method's config.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    cli.run_job(tune.tune, f.config, f.workdir, f.method, f.sweep)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -2,25 +2,43 @@
 
 Typical use::
 
-    from stride_jax import LogitHook, attribute, base_config
-    scores = attribute(hook, train_set, query_set, base_config().stride)
+    import stride_jax
+
+    task = stride_jax.tasks.classifier(model, train=(x, y), queries=(xq, yq), retrain=recipe)
+    scores_QxE = stride_jax.attribute(task, method="stride")  # or "trak", "ekfac", ...
+    print(stride_jax.evaluate.lds(task, scores_QxE)["lds"])
+
+Importing the package is cheap: submodules (and the heavy stacks behind the language-model
+and text baselines: transformers, tokenizers, scikit-learn) load when first used.
 """
 
-from stride_jax.config import base_config
-from stride_jax.data import Dataset, Splits, load_digits, load_npz
-from stride_jax.operators import HiddenHook, HiddenSiteOperators, LogitHook, SteeringOperators
-from stride_jax.pipeline import Scores, attribute
+import importlib
 
-__all__ = [
-    "Dataset",
-    "HiddenHook",
-    "HiddenSiteOperators",
-    "LogitHook",
-    "Scores",
-    "Splits",
-    "SteeringOperators",
-    "attribute",
-    "base_config",
-    "load_digits",
-    "load_npz",
-]
+# name -> (module, attribute or None for the module itself)
+_EXPORTS = {
+    "attribute": ("stride_jax.api", "attribute"),
+    "method_config": ("stride_jax.api", "method_config"),
+    "tasks": ("stride_jax.tasks", None),
+    "methods": ("stride_jax.methods", None),
+    "evaluate": ("stride_jax.evaluate", None),
+    "Task": ("stride_jax.task", "Task"),
+    "Dataset": ("stride_jax.data.dataset", "Dataset"),
+    "Splits": ("stride_jax.data.dataset", "Splits"),
+    "load_digits": ("stride_jax.data.dataset", "load_digits"),
+    "load_npz": ("stride_jax.data.dataset", "load_npz"),
+    "make_splits": ("stride_jax.data.dataset", "make_splits"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'stride_jax' has no attribute {name!r}")
+    module, attr = _EXPORTS[name]
+    value = importlib.import_module(module)
+    return value if attr is None else getattr(value, attr)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

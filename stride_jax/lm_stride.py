@@ -8,9 +8,10 @@ into next-token predictions. Cross-entropy over the vocabulary runs in chunks
 the stability KL needs only the base model's top-K logits (cached) and the steered logits at
 those K token ids (one gathered dot product each).
 
-Stage 1 reuses ``train.fit_operators`` (optimizer, sharding, orbax resume) with the residual
-loss below; stage 2 evaluates all T operators per query in one jitted call (operators in
-chunks of ``op_chunk`` vmapped rows, queries with ``lax.map``), then the shared Lasso.
+Stage 1 is ``train.fit_operators`` (optimizer, losses, sharding, orbax resume) on
+``LMInputs``, which continue the steered residual stream through the upper layers; stage 2
+evaluates all T operators per query in one jitted call (operators in chunks of ``op_chunk``
+vmapped rows, queries with ``lax.map``), then the shared Lasso.
 Fidelity, stability and query losses all count only target tokens (``loss_mask``: for SFT the
 response tokens), and a row's loss is the mean over its target tokens.
 """
@@ -22,10 +23,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
-from stride_jax import losses, sharding, train
+from stride_jax import losses, train
 from stride_jax.models import transformer
 from stride_jax.operators import SteeringOperators
 
@@ -94,6 +94,42 @@ class LMInputs:
     subsets_NxD: jax.Array
     sketch_TxM: jax.Array
 
+    def _steered(self, ops: SteeringOperators, rows, ids, shared: bool):
+        """(residual + shift) of operators ``ids`` on rows ``rows`` (B shared by all K, or
+        K x B), flattened to K*B rows, with those rows' attention, tokens and loss masks."""
+        h = self.h_NxLxD[rows]
+        if shared:
+            h = h[None] + ops.shifts(ops.basis(h), ids)
+            rows = jnp.broadcast_to(rows, h.shape[:2])
+        else:
+            h = h + ops.shifts_per_row(ops.basis(h), ids)
+        flat = rows.reshape(-1)
+        h = h.reshape(-1, *h.shape[2:])
+        return h, self.attn_NxL[flat], self.tokens_NxL[flat], self.loss_mask_NxL[flat], flat
+
+    def steered_losses(self, ops, rows, ids, shared: bool) -> jax.Array:
+        """K x B mean target-token CE of the rows continued from the steered residual."""
+        h, attn, tok, lm, _ = self._steered(ops, rows, ids, shared)
+        ce = self.upper.row_losses(self.model_params, h, attn, tok, lm)
+        return ce.reshape(-1, rows.shape[-1])
+
+    def steered_kl(self, ops, rows, ids, shared: bool) -> jax.Array:
+        """K x B mean truncated top-K KL(base || steered) over each row's target positions."""
+        h, attn, _, lm, flat = self._steered(ops, rows, ids, shared)
+        kl = self.upper.row_kl(
+            self.model_params, h, attn, self.top_idx_NxLxK[flat], self.top_val_NxLxK[flat], lm
+        )
+        return kl.reshape(-1, rows.shape[-1])
+
+    def base_losses(self, rows) -> jax.Array:
+        return self.ce_base_N[rows]
+
+    def with_frozen_basis(self, ops) -> LMInputs:
+        """Unchanged: the basis is evaluated per sampled row (N x L x r features would be
+        large), frozen or not."""
+        del ops
+        return self
+
 
 def encode(graphdef, params, data: dict, layer: int, top_k: int, vocab_chunk: int, batch: int):
     """Base-model cache for rows ``data`` (tokens/attn/loss_mask N x L), ``batch`` at a time.
@@ -142,91 +178,6 @@ def make_inputs(upper: Upper, model_params, cache, data: dict, design, config, k
         subsets_NxD=jnp.asarray(design.subsets_NxD),
         sketch_TxM=train.sketched_design(design, config, key, pooled_NxD),
     )
-
-
-def _steered_rows(ops: SteeringOperators, inputs: LMInputs, rows_KxB, ids_K):
-    """(residual + own operator's shift) flattened to K*B rows, and those rows' indices."""
-    h = inputs.h_NxLxD[rows_KxB]
-    h = h + ops.shifts_per_row(ops.basis(h), ids_K)
-    flat = rows_KxB.reshape(-1)
-    return h.reshape(-1, *h.shape[2:]), flat
-
-
-def loss_terms(ops: SteeringOperators, inputs: LMInputs, batch, config) -> dict:
-    """Fidelity, stability and linearity (scalars) for one sampled batch."""
-    ids_K, mem_KxB, w_fid, non_KxB, w_stab, probe_P = batch
-    up, p, k = inputs.upper, inputs.model_params, ids_K.shape[0]
-    h, rows = _steered_rows(ops, inputs, mem_KxB, ids_K)
-    ce = up.row_losses(
-        p, h, inputs.attn_NxL[rows], inputs.tokens_NxL[rows], inputs.loss_mask_NxL[rows]
-    )
-    fid = losses.weighted_mean(ce.reshape(k, -1), w_fid).mean()
-    h, rows = _steered_rows(ops, inputs, non_KxB, ids_K)
-    kl = up.row_kl(
-        p,
-        h,
-        inputs.attn_NxL[rows],
-        inputs.top_idx_NxLxK[rows],
-        inputs.top_val_NxLxK[rows],
-        inputs.loss_mask_NxL[rows],
-    )
-    stab = losses.weighted_mean(kl.reshape(k, -1), w_stab).mean()
-    gate_l2 = train.gate_penalty(ops, ids_K, config)
-    if config.w_linearity == 0:
-        return {"fidelity": fid, "stability": stab, "linearity": jnp.zeros(()), "gate_l2": gate_l2}
-    lin_ids = None if config.linearity_over_all else ids_K
-    h_p = inputs.h_NxLxD[probe_P]
-    h_kp = h_p + ops.shifts(ops.basis(h_p), lin_ids)
-    kk, pp = h_kp.shape[:2]
-
-    def tile(x):
-        return jnp.broadcast_to(x, (kk, *x.shape)).reshape(kk * pp, *x.shape[1:])
-
-    ce_kp = up.row_losses(
-        p,
-        h_kp.reshape(kk * pp, *h_kp.shape[2:]),
-        tile(inputs.attn_NxL[probe_P]),
-        tile(inputs.tokens_NxL[probe_P]),
-        tile(inputs.loss_mask_NxL[probe_P]),
-    ).reshape(kk, pp)
-    sketch = inputs.sketch_TxM if lin_ids is None else inputs.sketch_TxM[lin_ids]
-    if config.intercept:
-        sketch = jnp.concatenate([sketch, jnp.ones((kk, 1))], axis=1)
-    drops = inputs.ce_base_N[probe_P][None] - ce_kp
-    return {
-        "fidelity": fid,
-        "stability": stab,
-        "linearity": losses.linearity(drops, sketch, config.ridge),
-        "gate_l2": gate_l2,
-    }
-
-
-def build_train_chunk(graphdef, tx, inputs: LMInputs, config, mesh, state_shardings):
-    """Jitted ``config.log_every`` steps; ``inputs`` travels as an argument, not a constant."""
-
-    def one_step(state, key, inputs):
-        batch = train.sample_batch(jax.random.fold_in(key, state["step"]), inputs, config)
-
-        def objective(params):
-            terms = loss_terms(nnx.merge(graphdef, params), inputs, batch, config)
-            return train.total_loss(terms, config), terms
-
-        (_, terms), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, terms
-
-    def chunk(state, key, inputs):
-        state, terms = jax.lax.scan(
-            lambda s, _: one_step(s, key, inputs), state, None, config.log_every
-        )
-        return state, jax.tree.map(jnp.mean, terms)
-
-    rep = sharding.replicated(mesh)
-    jitted = jax.jit(
-        chunk, in_shardings=(state_shardings, rep, rep), out_shardings=(state_shardings, rep)
-    )
-    return lambda state, key: jitted(state, key, inputs)
 
 
 def response_matrix(upper: Upper, model_params, ops_graphdef, ops_params, cache_q, data_q, config):

@@ -1,38 +1,16 @@
-"""Public entry point: STRIDE scores for every (query, training example) pair.
-
-``attribute(hook, train, query, config)`` runs the design, stage 1 (operators), stage 2a
-(responses) and stage 2b (Lasso) and returns ``Scores``. ``hook`` says where operators attach
-(``operators.LogitHook`` for a classifier: penultimate features + logits;
-``operators.HiddenHook``: also the last hidden layer of an MLP).
-"""
+"""STRIDE's config blocks and the pieces its method (``stride.method``) shares: the design
+of ``stride.design``, the Lasso's config and targets, the stage-1 and Lasso defaults."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from stride_jax import checkpoint, recover, responses, sharding, subsets, train
-from stride_jax.data import Dataset
+from stride_jax import recover, subsets
 from stride_jax.errors import ConfigError
-
-
-@dataclasses.dataclass
-class Scores:
-    """``scores_QxN`` (higher = the example lowers the query's loss), with diagnostics."""
-
-    scores_QxN: np.ndarray
-    responses_QxT: np.ndarray
-    lam_Q: np.ndarray
-    nnz_Q: np.ndarray
-    design: subsets.Design
-    history: list
-    seconds: dict
 
 
 def lasso_config(config) -> recover.LassoConfig:
@@ -112,21 +90,6 @@ def lasso_targets(y_QxT: np.ndarray, design: subsets.Design, config) -> np.ndarr
     return y_QxT * np.asarray(design.sizes_T, y_QxT.dtype)[None]
 
 
-@dataclasses.dataclass
-class Fitted:
-    """Stage-1 output: the design and the trained operators (query-independent)."""
-
-    design: subsets.Design
-    graphdef: object
-    params: object
-    history: list
-    seconds: dict
-
-
-def _keys(config):
-    return jax.random.split(jax.random.key(config.seed), 3)  # sketch, stage 1, Lasso
-
-
 def make_design(dc, n: int) -> subsets.Design:
     """The design of ``stride.design`` over n training examples; refuses empty subsets."""
     if n < 1:
@@ -147,86 +110,3 @@ def make_design(dc, n: int) -> subsets.Design:
         sizes.max(),
     )
     return design
-
-
-def fit(hook, train_set: Dataset, config, *, mesh=None, workdir: str | None = None) -> Fitted:
-    """Design + stage 1 (operators) on the training set; resumes from ``workdir``."""
-    mesh = mesh if mesh is not None else sharding.make_mesh()
-    if workdir:
-        checkpoint.guard_config(os.path.join(workdir, "stride"), config.to_dict())
-    design = make_design(config.design, len(train_set))
-    t0 = time.time()
-    cache_train = jax.jit(hook.encode)(jnp.asarray(train_set.x_NxF))
-    sketch_key, train_key, _ = _keys(config)
-    inputs = train.make_inputs(
-        cache_train, train_set.y_N, design, config.stage1, sketch_key, fixed=hook.fixed
-    )
-    graphdef, params, history = train.fit_operators(
-        inputs,
-        config.stage1,
-        train_key,
-        mesh,
-        workdir,
-        make_ops=lambda k: hook.make_operators(k, cache_train, design.num_subsets, config.stage1),
-    )
-    return Fitted(design, graphdef, params, history, {"stage1": time.time() - t0})
-
-
-def score(hook, fitted: Fitted, query_set: Dataset, config, *, mesh=None) -> Scores:
-    """Stage 2: responses of all T operators (one fused call), then the batched Lasso."""
-    mesh = mesh if mesh is not None else sharding.make_mesh()
-    if len(query_set) < 1:
-        raise ValueError("need at least one query")
-    seconds = dict(fitted.seconds)
-    t0 = time.time()
-    cache_query = jax.jit(hook.encode)(jnp.asarray(query_set.x_NxF))
-    y_QxT = responses.response_matrix(
-        fitted.graphdef,
-        fitted.params,
-        cache_query,
-        query_set.y_N,
-        mesh,
-        config.response_batch,
-        fixed=hook.fixed,
-    )
-    y_QxT = np.asarray(jax.device_get(y_QxT))
-    seconds["responses"] = time.time() - t0
-    logging.info(
-        "stride: responses %s in %.2fs (mean %.4g, std %.4g)",
-        y_QxT.shape,
-        seconds["responses"],
-        y_QxT.mean(),
-        y_QxT.std(),
-    )
-    t0 = time.time()
-    lasso_key = _keys(config)[2]
-    out = recover.lasso_scores(
-        fitted.design,
-        lasso_targets(y_QxT, fitted.design, config),
-        lasso_config(config.lasso),
-        key=lasso_key,
-        mesh=mesh,
-    )
-    scores = np.asarray(jax.device_get(out["scores_QxN"]), np.float32)
-    seconds["lasso"] = time.time() - t0
-    nnz = np.asarray(out["nnz_Q"])
-    logging.info(
-        "stride: Lasso in %.2fs; active set p50 %d of %d",
-        seconds["lasso"],
-        np.median(nnz),
-        fitted.design.num_examples,
-    )
-    return Scores(
-        scores, y_QxT, np.asarray(out["lam_Q"]), nnz, fitted.design, fitted.history, seconds
-    )
-
-
-def attribute(
-    hook, train_set: Dataset, query_set: Dataset, config, *, mesh=None, workdir: str | None = None
-) -> Scores:
-    """Run STRIDE with ``config`` (the ``stride`` block of a run config): ``fit`` + ``score``.
-
-    ``workdir`` (optional) holds the stage-1 checkpoints, so an interrupted call resumes.
-    """
-    fitted = fit(hook, train_set, config, mesh=mesh, workdir=workdir)
-    return score(hook, fitted, query_set, config, mesh=mesh)

@@ -101,6 +101,10 @@ class Task(abc.ABC):
         """Row scores (Q x rows) summed over each training example's rows: Q x examples."""
         return np.asarray(scores_QxN)
 
+    def example_weights(self, masks_MxE) -> np.ndarray:
+        """Row weights M x rows from example masks M x examples (each row takes its example's)."""
+        return np.asarray(masks_MxE)
+
     def render(self, rows, i: int):
         """What a person reads for row ``i`` of ``rows`` (an image tile or text)."""
         raise NotImplementedError(f"{type(self).__name__} cannot render rows")
@@ -164,6 +168,29 @@ class Task(abc.ABC):
     def site(self, config):
         """Where STRIDE's steering operators attach for the ``stride`` config ``config``."""
         raise NotImplementedError(f"{type(self).__name__} has no steering site")
+
+    # --- dense layers: what K-FAC / EK-FAC need ----------------------------------------------
+
+    def dense_layers(self, select=None) -> tuple[str, ...]:
+        """Module paths (e.g. ``"layers/1/mlp/fc"``) of the dense layers that K-FAC covers
+        among the parameters ``param_names(select)`` chooses, input to output."""
+        raise NotImplementedError(f"{type(self).__name__} exposes no dense layers")
+
+    def dense_io(self, params, batch: dict, layers, fisher: str = "empirical", key=None):
+        """Per-token inputs and output gradients of the dense ``layers`` on the rows ``batch``
+        (pure, jittable): ``(a_L, mask_BxT, terms)`` with, per layer l (I_l in, O_l out),
+
+        - ``a_L[l]``: B x T x I_l, the layer's inputs at the row's T tokens (a classifier row
+          is one token; its inputs end in a constant 1 when the layer's bias is covered);
+        - ``mask_BxT``: 1 at the real tokens (those the input factor E[a a^T] averages over);
+        - ``terms``: [(weight_B, g_L)] with ``g_L[l]`` B x T x O_l the gradients of the row's
+          loss w.r.t. the layer's outputs, for targets set by ``fisher``: "empirical" (the
+          data's, one term of weight 1), "sampled" (drawn from the model's predictive
+          distribution with ``key``, one term) or "true" (the exact expectation over it: one
+          term per class weighted by its probability; classifiers only).
+
+        The row's gradient w.r.t. the layer's kernel is ``sum_t a_t g_t^T``."""
+        raise NotImplementedError(f"{type(self).__name__} exposes no dense layers")
 
 
 def _map_rows(fn, data: dict, batch: int):

@@ -12,6 +12,7 @@ a run resumed from a checkpoint takes exactly the steps an uninterrupted run wou
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -27,15 +28,36 @@ from stride_jax.operators import SteeringOperators, layer_norm_noaffine
 from stride_jax.subsets import Design
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=[
+        "h_NxD",
+        "logits_NxC",
+        "y_N",
+        "members_TxS",
+        "subsets_NxD",
+        "sketch_TxM",
+        "top_idx_NxK",
+        "top_logp_NxK",
+        "extra_rows",
+        "fixed",
+    ],
+    meta_fields=[],
+)
 @dataclasses.dataclass(frozen=True)
 class Stage1Inputs:
-    """Cached base-model activations on the training set and the design.
+    """A classifier site's stage-1 inputs: cached base-model activations and the design.
 
     ``h_NxD`` features at the hook, ``logits_NxC`` base logits, ``y_N`` labels, ``sketch_TxM``
     the sketched design A P, ``top_idx_NxK`` / ``top_logp_NxK`` the base model's top-K classes
     and their renormalised log-probabilities (the stability loss's fixed side). ``extra_rows``
     holds further per-row activations a hook steers (``HiddenHook``: ``u``, ``a``) and
     ``fixed`` its frozen weights (or None).
+
+    Stage 1 reads every site's inputs through the same four methods (``lm_stride.LMInputs``
+    is the residual stream's): ``steered_losses`` / ``steered_kl`` (K x B per-row loss and
+    truncated KL of operators ``ids`` on rows ``rows``: one row set B shared by all K
+    operators, or K x B), ``base_losses`` (B) and ``with_frozen_basis``.
     """
 
     h_NxD: jax.Array
@@ -53,6 +75,28 @@ class Stage1Inputs:
         """The cached activations of rows ``idx`` (any index shape), as operators take them."""
         out = {"h": self.h_NxD[idx], "logits": self.logits_NxC[idx]}
         return out | {k: v[idx] for k, v in self.extra_rows.items()}
+
+    def steered_losses(self, ops, rows, ids, shared: bool) -> jax.Array:
+        logits = ops.steered_logits(self.rows(rows), ids, shared, self.fixed)
+        y = jnp.broadcast_to(self.y_N[rows], logits.shape[:-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+    def steered_kl(self, ops, rows, ids, shared: bool) -> jax.Array:
+        logits = ops.steered_logits(self.rows(rows), ids, shared, self.fixed)
+        return losses.top_k_kl(self.top_idx_NxK[rows], self.top_logp_NxK[rows], logits)
+
+    def base_losses(self, rows) -> jax.Array:
+        z = self.logits_NxC[rows]
+        return optax.softmax_cross_entropy_with_integer_labels(z, self.y_N[rows])
+
+    def with_frozen_basis(self, ops) -> Stage1Inputs:
+        """These inputs whose rows also carry the operators' basis features
+        (``ops.basis_rows``) of every training row, computed once: with a frozen basis
+        (``lr_muon = 0``) the steps then gather them instead of recomputing LN + projection
+        (and its unused gradient) per row."""
+        every = {"h": self.h_NxD, "logits": self.logits_NxC} | self.extra_rows
+        feats = jax.lax.stop_gradient(ops.basis_rows(every))
+        return dataclasses.replace(self, extra_rows=self.extra_rows | feats)
 
 
 def make_inputs(cache, y_N, design: Design, config, key: jax.Array, fixed=None) -> Stage1Inputs:
@@ -175,25 +219,22 @@ def gate_penalty(ops, ids_K, config) -> jax.Array:
     return 0.5 * ops.gate_sq_norms(ids).mean()
 
 
-def loss_terms(ops, inputs: Stage1Inputs, batch, config):
-    """The three losses and the gate penalty (scalars) for one sampled batch."""
+def loss_terms(ops, inputs, batch, config):
+    """The three losses and the gate penalty (scalars) for one sampled batch, on any site's
+    inputs (``Stage1Inputs``, ``lm_stride.LMInputs``)."""
     ids_K, mem_KxB, w_fid, non_KxB, w_stab, probe_P = batch
-    z, y, fixed = inputs.logits_NxC, inputs.y_N, inputs.fixed
     ids = None if all_subsets(config, inputs.members_TxS.shape[0]) else ids_K
-    fid_logits = ops.steered_logits(inputs.rows(mem_KxB), ids, False, fixed)
-    fid = losses.fidelity(fid_logits, y[mem_KxB], w_fid).mean()
+    fid = losses.weighted_mean(inputs.steered_losses(ops, mem_KxB, ids, False), w_fid).mean()
     shared = config.stability_rows == "shared"  # one row set: its basis is computed once
     rows = non_KxB[0] if shared else non_KxB
-    stab_logits = ops.steered_logits(inputs.rows(rows), ids, shared, fixed)
-    kl = losses.top_k_kl(inputs.top_idx_NxK[rows], inputs.top_logp_NxK[rows], stab_logits)
-    stab = losses.weighted_mean(kl, w_stab).mean()
+    stab = losses.weighted_mean(inputs.steered_kl(ops, rows, ids, shared), w_stab).mean()
+    terms = {"fidelity": fid, "stability": stab, "gate_l2": gate_penalty(ops, ids_K, config)}
+    if config.w_linearity == 0:
+        return terms | {"linearity": jnp.zeros(())}
     # Linearity over the batch's K subsets, or over all T operators (a far stronger test of
     # additivity: T rows against the M sketch columns, instead of K).
     lin_ids = None if config.linearity_over_all else ids_K
-    probe_logits = ops.steered_logits(inputs.rows(probe_P), lin_ids, True, fixed)
-    ce_base = optax.softmax_cross_entropy_with_integer_labels(z[probe_P], y[probe_P])
-    y_KxP = jnp.broadcast_to(y[probe_P], probe_logits.shape[:2])
-    ce_steer = optax.softmax_cross_entropy_with_integer_labels(probe_logits, y_KxP)
+    drops_KxP = inputs.base_losses(probe_P) - inputs.steered_losses(ops, probe_P, lin_ids, True)
     sketch_KxM = inputs.sketch_TxM if lin_ids is None else inputs.sketch_TxM[lin_ids]
     if config.intercept:
         sketch_KxM = jnp.concatenate([sketch_KxM, jnp.ones((sketch_KxM.shape[0], 1))], axis=1)
@@ -203,13 +244,7 @@ def loss_terms(ops, inputs: Stage1Inputs, batch, config):
         w_KxP = 1.0 - membership(
             inputs, jnp.broadcast_to(probe_P, (rows_K.shape[0], probe_P.shape[0])), rows_K
         )
-    lin = losses.linearity(ce_base - ce_steer, sketch_KxM, config.ridge, w_KxP)
-    return {
-        "fidelity": fid,
-        "stability": stab,
-        "linearity": lin,
-        "gate_l2": gate_penalty(ops, ids_K, config),
-    }
+    return terms | {"linearity": losses.linearity(drops_KxP, sketch_KxM, config.ridge, w_KxP)}
 
 
 def total_loss(terms, config):
@@ -239,20 +274,10 @@ def default_operators(inputs, config, dims=None):
     return make_ops
 
 
-def with_frozen_basis(ops, inputs: Stage1Inputs) -> Stage1Inputs:
-    """``inputs`` whose rows also carry the operators' basis features (``ops.basis_rows``) of
-    every training row, computed once: with a frozen basis (``lr_muon = 0``) the steps then
-    gather them instead of recomputing LN + projection (and its unused gradient) per row."""
-    every = {"h": inputs.h_NxD, "logits": inputs.logits_NxC} | inputs.extra_rows
-    feats = jax.lax.stop_gradient(ops.basis_rows(every))
-    return dataclasses.replace(inputs, extra_rows=inputs.extra_rows | feats)
-
-
-def build_train_chunk(graphdef, tx, inputs: Stage1Inputs, config, mesh, state_shardings):
+def build_train_chunk(graphdef, tx, inputs, config, mesh, state_shardings):
     """Jitted function running ``config.log_every`` steps; returns (state, mean loss terms).
-
-    With a frozen basis the basis features of all training rows are computed once per call
-    (``with_frozen_basis``)."""
+    ``inputs`` (any site's) travel as an argument, not a constant. With a frozen basis the
+    basis features of all training rows are computed once per call (``with_frozen_basis``)."""
 
     def one_step(state, key, inputs):
         step_key = jax.random.fold_in(key, state["step"])
@@ -267,18 +292,19 @@ def build_train_chunk(graphdef, tx, inputs: Stage1Inputs, config, mesh, state_sh
         params = optax.apply_updates(state["params"], updates)
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, terms
 
-    def chunk(state, key):
-        run_inputs = inputs
-        ops = nnx.merge(graphdef, state["params"])
-        if config.lr_muon == 0 and hasattr(ops, "basis_rows"):
-            run_inputs = with_frozen_basis(ops, inputs)
+    def chunk(state, key, inputs):
+        if config.lr_muon == 0:
+            inputs = inputs.with_frozen_basis(nnx.merge(graphdef, state["params"]))
         state, terms = jax.lax.scan(
-            lambda s, _: one_step(s, key, run_inputs), state, None, config.log_every
+            lambda s, _: one_step(s, key, inputs), state, None, config.log_every
         )
         return state, jax.tree_util.tree_map(jnp.mean, terms)
 
     rep = sharding.replicated(mesh)
-    return jax.jit(chunk, in_shardings=(state_shardings, rep), out_shardings=(state_shardings, rep))
+    jitted = jax.jit(
+        chunk, in_shardings=(state_shardings, rep, rep), out_shardings=(state_shardings, rep)
+    )
+    return lambda state, key: jitted(state, key, inputs)
 
 
 def state_shardings(state, mesh, num_subsets: int):
@@ -323,15 +349,13 @@ def fit_operators(
     workdir: str | None = None,
     *,
     dims=None,
-    build_chunk=None,
     make_ops=None,
 ):
     """Train the operators (resuming from ``workdir/stage1_ckpt`` if present).
 
     ``make_ops(key)`` builds the untrained operators (default: ``default_operators``, of
     ``dims`` = (feature dim, output dim) or the classifier's sizes from ``inputs``; a hook's
-    ``make_operators`` for other sites); ``build_chunk`` makes the jitted multi-step function
-    (default: the classifier's ``build_train_chunk``; lm_stride passes the residual-stream one).
+    ``make_operators`` for other sites).
     Returns (graphdef, params, history) where history lists per-chunk mean losses.
     """
     if config.steps % config.log_every:
@@ -348,7 +372,6 @@ def fit_operators(
     tx = make_optimizer(config)
     init_key, run_key = jax.random.split(key)
     make_ops = make_ops or default_operators(inputs, config, dims)
-    build_chunk = build_chunk or build_train_chunk
     ops = make_ops(init_key)
     newton.check_config(config, ops)
     ckpts = checkpoint.TrainCheckpoints(f"{workdir}/stage1_ckpt") if workdir else None
@@ -367,7 +390,7 @@ def fit_operators(
             logging.info("stage 1: resumed from step %d", int(state["step"]))
         history = []
         if int(state["step"]) < config.steps:
-            chunk = build_chunk(graphdef, tx, inputs, config, mesh, shardings)
+            chunk = build_train_chunk(graphdef, tx, inputs, config, mesh, shardings)
             state, history = _train_loop(chunk, state, run_key, config, ckpts)
     finally:
         if ckpts is not None:

@@ -22,12 +22,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
-from stride_jax.config import base_config  # noqa: E402
+from stride_jax.job.config import base_config  # noqa: E402
 
 
 def tiny_config():
     """A digits run small enough for unit tests (~10 s end to end)."""
-    c = base_config()
+    c = base_config("classifier")
     c.data.update(n_train=120, n_query=16)
     c.model.update(hidden=(32,), steps=60)
     c.groundtruth.update(num_models=8, models_per_batch=4)

@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-from stride_jax import benchmark
+from stride_jax.job import benchmark
 
 
 @pytest.mark.slow

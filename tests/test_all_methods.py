@@ -2,16 +2,17 @@
 
 import numpy as np
 
-from stride_jax import baselines, benchmark
+from stride_jax import methods
+from stride_jax.job import benchmark
 
 
 def test_every_method_runs_end_to_end(tiny, tmp_path):
-    tiny.methods = tuple(sorted(baselines.REGISTRY))
+    tiny.methods = tuple(methods.names("classifier"))
     tiny.baselines.trak.update(num_models=2, proj_dim=64)
     tiny.baselines.trak1.proj_dim = 64
     tiny.baselines.datamodel.update(num_models=8, models_per_batch=4)
     results = benchmark.run(tiny, str(tmp_path))
-    assert set(results["methods"]) == set(baselines.REGISTRY)
+    assert set(results["methods"]) == set(tiny.methods)
     for name, entry in results["methods"].items():
         assert np.isfinite(entry["lds"]), name
         assert set(entry["seconds_split"]) == {"fit", "score"}, name
@@ -31,16 +32,15 @@ def test_stride_hidden_hook_runs_and_matches_a_response_loop(tiny, tmp_path):
     import optax
     from flax import nnx
 
-    from stride_jax import pipeline
-    from stride_jax.baselines import stride_method
+    from stride_jax.stride import method
 
     tiny.stride.update(hook="hidden", hidden_rank=4)
     tiny.methods = ("stride",)
     ctx, _ = benchmark.context(tiny, str(tmp_path))
-    task = benchmark.task(ctx)
-    hook = stride_method.hook(task, tiny.stride)
-    fitted = pipeline.fit(hook, task.train, tiny.stride)
-    out = pipeline.score(hook, fitted, ctx.splits.query, tiny.stride)
+    task = ctx.task
+    fitted = method.fit(task, tiny.stride, reuse=False)
+    out = method.attribute_rows(task, fitted, ctx.splits.query, tiny.stride)
+    hook = fitted.site.hook
     assert out.scores_QxN.shape == (16, 120) and np.isfinite(out.scores_QxN).all()
     ops = nnx.merge(fitted.graphdef, fitted.params)
     cache = hook.encode(jnp.asarray(ctx.splits.query.x_NxF))

@@ -8,10 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from stride_jax import benchmark, checkpoint
+from stride_jax import checkpoint, groundtruth
 from stride_jax.checkpoint import CheckpointError
-from stride_jax.config import ConfigError
 from stride_jax.data import DataError
+from stride_jax.errors import ConfigError
+from stride_jax.job import benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,7 +72,7 @@ def test_rerun_reuses_cached_stages(finished, monkeypatch):
         raise AssertionError("a cached stage was recomputed")
 
     monkeypatch.setattr(benchmark, "run_method", forbidden)
-    monkeypatch.setattr(benchmark.groundtruth, "retrain_many", forbidden)
+    monkeypatch.setattr(groundtruth, "retrain_many", forbidden)
     assert benchmark.run(config, workdir)["methods"] == results["methods"]
 
 
@@ -134,6 +135,38 @@ def test_unknown_method_is_a_config_error(tiny, tmp_path):
     tiny.methods = ("stride", "magic")
     with pytest.raises(ConfigError, match="magic"):
         benchmark.run(tiny, str(tmp_path))
+
+
+def test_method_for_another_task_kind_is_refused_before_any_work(tiny, tmp_path):
+    tiny.methods = ("stride", "bm25")
+    with pytest.raises(ConfigError, match="'bm25' supports decoder tasks, not classifier"):
+        benchmark.run(tiny, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+    tiny.methods = ("stride",)
+    tiny.task = "regressor"
+    with pytest.raises(ConfigError, match="config.task must be one of"):
+        benchmark.run(tiny, str(tmp_path / "out"))
+
+
+def test_cli_runs_a_decoder_config_and_refuses_it_in_one_line(tmp_path):
+    """The one binary takes an LM config; a bad decoder setting is one line, no traceback."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.lds_benchmark",
+            f"--workdir={tmp_path / 'out'}",
+            "--config=experiments/configs/lm_shakespeare_quick.py",
+            "--config.model.source=pickle",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: model.source must be")
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_bad_input_prints_one_line_and_writes_nothing(tmp_path):

@@ -13,8 +13,9 @@ import safetensors.numpy
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
-from stride_jax.baselines import base, lm_embed
+from stride_jax import methods, tasks
 from stride_jax.data import corpora
+from stride_jax.methods import similarity as lm_embed
 from stride_jax.models import bert, transformer
 
 MINILM = pathlib.Path(__file__).resolve().parents[1] / "runs" / "models" / "minilm"
@@ -148,7 +149,15 @@ def tiny_task():
         max_len=32,
     )
     gd, p0 = transformer.build(cfg, jax.random.key(0))
-    return base.LMTask(cfg, gd, p0, sp.train, None, p0, tokenizer=sp.tokenizer), sp.query
+    task = tasks.DecoderTask(
+        graphdef=gd,
+        params=p0,
+        train=sp.train,
+        query=sp.query,
+        model_config=cfg,
+        tokenizer=sp.tokenizer,
+    )
+    return task, sp.query
 
 
 def _decoded(tokenizer, blocks) -> list[str]:
@@ -161,7 +170,7 @@ def test_minilm_scores_are_cosines_of_reference_embeddings(tiny_dir, tiny_task):
     task, query = tiny_task
     cfg = lm_embed.default_config("minilm")
     cfg.update(path=str(path), max_len=64, batch=16)  # 40 train rows: 3 batches, 1 padded
-    method = base.get_lm("minilm")
+    method = methods.get("minilm", "decoder")
     state = method.fit(task, cfg)
     scores_QxN = method.score(task, state, query, cfg)
     assert scores_QxN.shape == (len(query), len(task.train)) and scores_QxN.dtype == np.float32
@@ -189,7 +198,7 @@ def test_minilm_missing_folder_says_how_to_fetch(tiny_task, tmp_path):
     task, _ = tiny_task
     cfg = ml_collections.ConfigDict(dict(lm_embed.default_config("minilm"), path=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match=r"lacks config.json.*experiments.fetch_minilm"):
-        base.get_lm("minilm").fit(task, cfg)
+        methods.get("minilm", "decoder").fit(task, cfg)
 
 
 @pytest.mark.slow

@@ -2,16 +2,17 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import scipy.stats
 from conftest import tiny_config
 from sklearn.linear_model import Ridge
 
-from stride_jax import groundtruth, sharding, subsets
-from stride_jax.baselines import base, datamodel
-from stride_jax.data import load_digits
-from stride_jax.models import mlp
+from stride_jax import groundtruth, methods, sharding, subsets, tasks
+from stride_jax.data import Dataset, corpora, load_digits
+from stride_jax.methods import datamodel
+from stride_jax.models import mlp, transformer
 
 
 @pytest.mark.parametrize("m,n", [(30, 12), (12, 30)])  # primal (N <= M) and dual (M < N)
@@ -88,21 +89,22 @@ def test_datamodel_fit_score(setup):
     x, y = jnp.asarray(splits.train.x_NxF), jnp.asarray(splits.train.y_N)
     params = mlp.fit(c.model, jax.random.key(0), x, y, jnp.ones(60), splits.num_classes)
     graphdef, _ = mlp.abstract(c.model, x.shape[1], splits.num_classes)
-    task = base.Task(c.model, graphdef, params, splits.train, splits.num_classes, mesh=mesh)
-    cfg = datamodel.default_config()
+    task = tasks.mlp_task(c.model, graphdef, params, splits, mesh=mesh)
+    cfg = datamodel.default_config("classifier")
     cfg.update(num_models=40, models_per_batch=20, seed=11, ridge=2.0)
-    method = base.get("datamodel")
+    method = methods.get("datamodel", "classifier")
     state = method.fit(task, cfg)
-    masks = np.asarray(state["masks_MxN"])
+    masks = np.asarray(state["masks_MxE"])
     assert masks.shape == (40, 60) and (masks.sum(1) == 30).all()
     gt_masks = subsets.retention_masks(jax.random.split(jax.random.key(1))[0], 40, 60, 0.5)
     assert not np.array_equal(masks, gt_masks)  # own seed, not the ground truth's
     scores = method.score(task, state, splits.query, cfg)
     assert scores.shape == (8, 60) and scores.dtype == np.float32
-    # Reference: losses via groundtruth.query_losses, ridge via scikit-learn.
+    # Reference: retrains via groundtruth (same masks and keys), ridge via scikit-learn.
+    params_M = groundtruth.retrain_many(c.model, state["keys_M"], x, y, masks, 10, mesh, 20)
     losses = np.asarray(
         groundtruth.query_losses(
-            c.model, state["params_M"], jnp.asarray(splits.query.x_NxF), splits.query.y_N, 10
+            c.model, params_M, jnp.asarray(splits.query.x_NxF), splits.query.y_N, 10
         ),
         np.float64,
     )
@@ -117,4 +119,40 @@ def test_datamodel_fit_score(setup):
     assert not np.allclose(method.score(task, state, splits.query, cfg2), scores)
     # ... while another seed retrains.
     cfg2.seed = 12
-    assert not np.array_equal(np.asarray(method.fit(task, cfg2)["masks_MxN"]), masks)
+    assert not np.array_equal(np.asarray(method.fit(task, cfg2)["masks_MxE"]), masks)
+    # Other query rows than the task's: retrained with the same masks and keys.
+    q = splits.query
+    again = method.score(task, state, Dataset(q.x_NxF[:3], q.y_N[:3], q.ids_N[:3]), cfg)
+    np.testing.assert_allclose(again, scores[:3], rtol=1e-4, atol=1e-6)
+
+
+def test_datamodel_on_a_decoder_is_a_ridge_on_its_retrains():
+    sp = corpora.load_shakespeare(block_len=16, n_train=24, n_val=0, n_query=3, seed=0)
+    arch = transformer.DecoderConfig(
+        family="gpt2",
+        vocab_size=sp.tokenizer.vocab_size,
+        d_model=8,
+        n_layers=1,
+        n_heads=2,
+        max_len=16,
+    )
+    gd, p0 = transformer.build(arch, jax.random.key(0))
+    recipe = ml_collections.ConfigDict(
+        dict(steps=3, batch=8, lr=1e-2, warmup_steps=1, lr_end_frac=0.1, clip=1.0, weight_decay=0.0)
+    )
+    task = tasks.decoder((gd, p0), train=sp.train, queries=sp.query, recipe=recipe, params0=p0)
+    cfg = datamodel.default_config("decoder")
+    cfg.update(num_models=6, models_per_batch=3, ridge=1.0)
+    method = methods.get("datamodel", "decoder")
+    state = method.fit(task, cfg)
+    scores = method.score(task, state, sp.query, cfg)
+    assert scores.shape == (3, 24) and np.isfinite(scores).all()
+    masks = np.asarray(state["masks_MxE"], np.float64)
+    losses = np.stack(  # one retrain at a time, by the task's own recipe
+        [
+            np.asarray(task.row_losses(sp.query, task.retrain(k, task.example_weights(m[None])[0])))
+            for k, m in zip(state["keys_M"], masks, strict=True)
+        ]
+    )
+    want = np.stack([Ridge(alpha=1.0).fit(masks, -losses[:, q]).coef_ for q in range(3)])
+    np.testing.assert_allclose(task.sum_to_examples(scores), want, rtol=1e-3, atol=1e-5)

@@ -1,5 +1,6 @@
 """Influence functions: exact IF vs a float64 numpy finite-difference reference, K-FAC / EK-FAC
-vs dense Fisher influence (exact where the Kronecker factorisation is exact), API checks."""
+vs dense Fisher influence (exact where the Kronecker factorisation is exact), a user's own NNX
+module, API checks."""
 
 import functools
 
@@ -12,9 +13,13 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 from scipy.stats import spearmanr
 
-from stride_jax.baselines import base, graddot, influence
+from stride_jax import methods
 from stride_jax.data import Dataset
+from stride_jax.func import grads
+from stride_jax.methods import influence
 from stride_jax.models import mlp
+from stride_jax.task import TaskError
+from stride_jax.tasks import ClassifierTask
 
 
 def _dataset(x, y):
@@ -45,13 +50,21 @@ def make_task(hidden, n=10, n_query=6, in_dim=4, num_classes=3, seed=0, steps=10
     graphdef, _ = mlp.abstract(cfg, in_dim, num_classes)
     params = _fit(hidden, steps, num_classes, jax.random.key(seed), x[:n], y[:n])
     train, query = _dataset(x[:n], y[:n]), _dataset(x[n:], y[n:])
-    return base.Task(cfg, graphdef, params, train, num_classes), query
+    task = ClassifierTask(
+        graphdef=graphdef, params=params, train=train, query=query, num_classes=num_classes
+    )
+    return task, query
+
+
+def _config(name, **overrides):
+    cfg = influence.default_config(name, "classifier")
+    cfg.update(overrides)
+    return cfg
 
 
 def run(name, task, query, **overrides):
-    cfg = influence.default_config()
-    cfg.update(overrides)
-    method = base.get(name)
+    cfg = _config(name, **overrides)
+    method = methods.get(name, "classifier")
     out = method.score(task, method.fit(task, cfg), query, cfg)
     assert out.dtype == np.float32 and out.shape == (len(query), len(task.train))
     assert np.isfinite(out).all()
@@ -139,13 +152,13 @@ def generic():
 
 def test_exact_if_matches_float64_finite_differences(tiny):
     task, query = tiny
-    assert influence.num_params(task) == 4 * 3 + 3 + 3 * 3 + 3
+    assert grads.num_params(task.params, None) == 4 * 3 + 3 + 3 * 3 + 3
     ref, hess_ref = _np_exact_scores(task, query, damping=1e-2)
     # influence.hessian is in ravel_pytree order; map it to this file's packing order
     flat, unravel = ravel_pytree(task.params)
     perm = _pack(_np_weights(task, unravel(jnp.arange(flat.size, dtype=jnp.float32))))
     perm = perm.astype(int)
-    hess = np.asarray(influence.hessian(task, chunk=3))[np.ix_(perm, perm)]
+    hess = np.asarray(influence.hessian(task, None, chunk=3))[np.ix_(perm, perm)]
     np.testing.assert_allclose(hess, hess_ref, atol=1e-4 * np.abs(hess_ref).max())
     got = run("exact_if", task, query, damping=1e-2, chunk=3)
     np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
@@ -162,7 +175,14 @@ def test_exact_if_sign_self_influence_positive():
 # ------------------------------------------------ K-FAC / EK-FAC vs dense Fisher influence
 
 
-_grads = jax.jit(graddot.per_example_grads, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0)
+def _grads(graphdef, params, x_BxF, y_B):
+    """B x P per-example loss gradients (ravel_pytree order), by vmap of jax.grad."""
+
+    def loss(p, x, y):
+        return mlp.cross_entropy(mlp.apply(graphdef, p, x[None]), y[None])[0]
+
+    return jax.vmap(lambda x, y: ravel_pytree(jax.grad(loss)(params, x, y))[0])(x_BxF, y_B)
 
 
 def _dense_fisher_scores(task, query, damping, fisher="empirical"):
@@ -182,20 +202,26 @@ def _dense_fisher_scores(task, query, damping, fisher="empirical"):
     return g_q @ np.linalg.solve(fis + damping * np.eye(fis.shape[0]), g_tr.T)
 
 
-def test_manual_forward_matches_model():
-    # two hidden layers (untrained); jitted, since eager flax/jax ops compile one by one
-    cfg = _model_config((5, 4), 1)
-    graphdef, _ = mlp.abstract(cfg, 4, 3)
-
-    @jax.jit
-    def both(key, x):
-        params = nnx.split(mlp.build(cfg, 4, 3, key), nnx.Param)[1]
-        weights = influence.linears(graphdef, params)
-        _, _, logits = influence.layer_grads(weights, x, jnp.zeros(len(x), jnp.int32))
-        return logits, mlp.apply(graphdef, params, x)
-
-    ours, ref = both(jax.random.key(0), np.random.default_rng(0).normal(size=(7, 4)))
-    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+def test_dense_io_gives_per_example_layer_gradients():
+    # two hidden layers: a_l g_l^T per example is the gradient of [kernel; bias] of layer l
+    task, _ = make_task(hidden=(5, 4), n=7, steps=5)
+    layers = task.dense_layers()
+    assert layers == ("layers/0", "layers/1", "head")  # input to output
+    batch = task.arrays(task.train)
+    acts, mask, [(weight, g_layers)] = jax.jit(lambda p: task.dense_io(p, batch, layers))(
+        task.params
+    )
+    assert mask.shape == (7, 1) and np.all(np.asarray(weight) == 1)
+    per_example = jax.vmap(
+        lambda x, y: jax.grad(lambda p: task.loss(p, {"x": x[None], "y": y[None]})[0])(task.params)
+    )(batch["x"], batch["y"])
+    for path, a, g in zip(layers, acts, g_layers, strict=True):
+        node = per_example
+        for part in path.split("/"):
+            node = node[int(part) if part.isdigit() else part]
+        want = np.concatenate([node["kernel"][...], node["bias"][...][:, None]], axis=1)
+        got = np.einsum("bti,bto->bio", np.asarray(a), np.asarray(g))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", ["same_inputs", "single_example"])
@@ -247,8 +273,7 @@ def test_ekfac_eigenvalues_are_the_fisher_diagonal_in_the_kfac_eigenbasis(generi
     # EK-FAC's Lambda is diag(K^T F_l K) with K = Q_A (x) Q_S, hence the best approximation
     # K diag(.) K^T of the layer's Fisher block in Frobenius norm: at least as good as K-FAC.
     task, _ = generic
-    cfg = influence.default_config()
-    cfg.fisher = fisher
+    cfg = _config("ekfac", fisher=fisher, damping=0.0)  # the fitted Lambda, undamped
     ek, kf = influence.ekfac_fit(task, cfg), influence.kfac_fit(task, cfg)
     for i, block in enumerate(_layer_fisher_blocks(task, fisher)):
         k = np.kron(np.asarray(ek["qa"][i], np.float64), np.asarray(ek["qs"][i], np.float64))
@@ -287,12 +312,62 @@ def test_shapes_chunking_and_errors(tiny):
         a = run(name, task, query, chunk=3, fisher=fisher)
         b = run(name, task, query, chunk=1000, fisher=fisher)
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
-    assert {"exact_if", "kfac", "ekfac"} <= set(base.REGISTRY)
-    cfg = influence.default_config()
-    cfg.max_exact_params = influence.num_params(task) - 1
+    assert {"exact_if", "kfac", "ekfac"} <= set(methods.names("classifier"))
+    assert {"kfac", "ekfac"} <= set(methods.names("decoder"))
+    cfg = _config("exact_if", max_exact_params=grads.num_params(task.params, None) - 1)
     with pytest.raises(ValueError, match="max_exact_params"):
         influence.exact_fit(task, cfg)
-    cfg = influence.default_config()
-    cfg.fisher = "bogus"
     with pytest.raises(ValueError, match="fisher"):
-        influence.kfac_fit(task, cfg)
+        influence.kfac_fit(task, _config("kfac", fisher="bogus"))
+    # kfac on a restricted subset: the head alone (a whole Linear layer) is fine, half a layer
+    # (its kernel without its bias) is refused
+    head = run("kfac", task, query, params_filter="^head/")
+    assert np.abs(head).max() > 0
+    with pytest.raises(TaskError, match="whole nnx.Linear"):
+        influence.kfac_fit(task, _config("kfac", params_filter="kernel"))
+
+
+# ------------------------------------------------ a user's own NNX module
+
+
+class _NoBias(nnx.Module):
+    """Softmax regression without a bias, the layer held in a dict-like attribute."""
+
+    def __init__(self, rngs):
+        self.parts = nnx.Dict(out=nnx.Linear(4, 3, use_bias=False, rngs=rngs))
+
+    def __call__(self, x):
+        return self.parts["out"](x)
+
+
+class _Normed(nnx.Module):
+    def __init__(self, rngs):
+        self.norm, self.out = nnx.LayerNorm(4, rngs=rngs), nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(self.norm(x))
+
+
+def _user_task(module, same_x: bool):
+    task, query = make_task(hidden=(), n=10, same_x=same_x)
+    graphdef, params = nnx.split(module(nnx.Rngs(0)), nnx.Param)
+    user = ClassifierTask(
+        graphdef=graphdef, params=params, train=task.train, query=query, num_classes=3
+    )
+    return user, query
+
+
+def test_user_module_without_bias_matches_dense_fisher():
+    task, query = _user_task(_NoBias, same_x=True)
+    assert task.dense_layers() == ("parts/out",)
+    ref = _dense_fisher_scores(task, query, damping=1e-3)
+    for name in ("kfac", "ekfac"):
+        got = run(name, task, query, damping=1e-3)
+        np.testing.assert_allclose(got, ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+
+
+def test_user_module_with_other_parameters_is_refused():
+    task, query = _user_task(_Normed, same_x=False)
+    with pytest.raises(TaskError, match="norm/"):
+        influence.kfac_fit(task, _config("kfac"))
+    assert run("kfac", task, query, params_filter="^out/").shape == (len(query), 10)

@@ -14,8 +14,12 @@ from flax import nnx
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.metrics.pairwise import cosine_similarity
 
-from stride_jax.baselines import base, lm_ekfac, lm_grad, lm_simple, trak
+from stride_jax import methods, tasks
+from stride_jax.baselines import base
 from stride_jax.data import corpora
+from stride_jax.func import curvature, projections
+from stride_jax.methods import grad as grad_methods
+from stride_jax.methods import influence, similarity
 from stride_jax.models import lm_train, transformer
 
 RECIPE = dict(steps=300, batch=16, lr=1e-2, warmup_steps=10, lr_end_frac=0.1, clip=1.0)
@@ -47,20 +51,51 @@ def _cfg(module, name, **kw):
 
 
 CASES = [
-    (lm_grad, "graddot", {}),
-    (lm_grad, "trak", dict(num_models=2, proj_dim=64)),
-    (lm_grad, "logra", dict(init="pca", rank_in=4, rank_out=4)),
-    (lm_ekfac, "ekfac", {}),
-    (lm_simple, "repsim", {}),
-    (lm_simple, "tfidf", {}),
-    (lm_simple, "bm25", {}),
-    (lm_simple, "random", {}),
+    (methods, "graddot", {}),
+    (methods, "gradcos", {}),
+    (methods, "trak", dict(num_models=2, proj_dim=64)),
+    (methods, "logra", dict(init="pca", rank_in=4, rank_out=4)),
+    (methods, "ekfac", {}),
+    (methods, "kfac", {}),
+    (methods, "repsim", {}),
+    (methods, "tfidf", {}),
+    (methods, "bm25", {}),
+    (methods, "random", {}),
 ]
 
 
+@pytest.fixture(scope="module")
+def dec_task(setup):
+    """The same decoder and rows as a ``tasks.DecoderTask`` (the new method registry)."""
+    t, query = setup
+    new = tasks.DecoderTask(
+        graphdef=t.graphdef,
+        params=t.params,
+        train=t.train,
+        query=query,
+        model_config=t.model_config,
+        recipe=t.recipe,
+        params0=t.params0,
+        tokenizer=t.tokenizer,
+    )
+    return new, query
+
+
+def _new(name, task, query, **kw):
+    method = methods.get(name, "decoder")
+    cfg = method.default_config("decoder")
+    cfg.update(kw)
+    return method.score(task, method.fit(task, cfg), query, cfg)
+
+
 @pytest.mark.parametrize("module,name,kw", CASES, ids=[c[1] for c in CASES])
-def test_every_method_runs(setup, module, name, kw):
+def test_every_method_runs(setup, dec_task, module, name, kw):
     task, query = setup
+    if module is methods:  # ported to the task protocol
+        scores = _new(name, *dec_task, **kw)
+        assert scores.shape == (len(query), len(task.train)) and scores.dtype == np.float32
+        assert np.isfinite(scores).all() and scores.std() > 0
+        return
     cfg = _cfg(module, name, **kw)
     method = base.get_lm(name)
     scores = method.score(task, method.fit(task, cfg), query, cfg)
@@ -97,46 +132,46 @@ def _pick(g, pattern):
 MLP1 = "^layers/1/mlp/"
 
 
-def test_graddot_matches_loop(setup, ref):
-    task, query = setup
-    cfg, graddot = lm_grad.default_config("graddot"), base.get_lm("graddot")
-    got = graddot.score(task, graddot.fit(task, cfg), query, cfg)
+def test_graddot_matches_loop(dec_task, ref):
+    got = _new("graddot", *dec_task)
     want = _pick(ref[1], MLP1) @ _pick(ref[0], MLP1).T
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
 
 
-def test_tracin_is_lr_weighted_graddot_over_the_replayed_trajectory(setup):
+def test_tracin_is_lr_weighted_graddot_over_the_replayed_trajectory(dec_task):
     """Two checkpoints (the last is the base model): sum_c lr_c x graddot at theta_c."""
-    task, query = setup
-    cfg = _cfg(lm_grad, "tracin", num_checkpoints=2)
-    state = base.get_lm("tracin").fit(task, cfg)  # checks the replay ends at task.params
-    got = base.get_lm("tracin").score(task, state, query, cfg)
+    task, query = dec_task
+    tracin = methods.get("tracin", "decoder")
+    cfg = tracin.default_config("decoder")
+    cfg.num_checkpoints = 2
+    state = tracin.fit(task, cfg)  # checks the replay ends at task.params
+    got = tracin.score(task, state, query, cfg)
     r, t = task.recipe, np.arange(task.recipe.steps)  # warmup from 0, then cosine to the end lr
     cos = 0.5 * (1 + np.cos(np.pi * (t - r.warmup_steps) / (r.steps - r.warmup_steps)))
     end = r.lr * r.lr_end_frac
     lr_T = np.where(t < r.warmup_steps, r.lr * t / r.warmup_steps, end + (r.lr - end) * cos)
     np.testing.assert_allclose(state["lr_C"], [lr_T[:150].mean(), lr_T[150:].mean()], rtol=1e-5)
-    graddot = base.get_lm("graddot")
-    want = lr_T[150:].mean() * graddot.score(task, graddot.fit(task, cfg), query, cfg)
+    want = lr_T[150:].mean() * _new("graddot", task, query)
     mid = dataclasses.replace(task, params=state["ckpts"][0])
-    want = want + lr_T[:150].mean() * graddot.score(mid, graddot.fit(mid, cfg), query, cfg)
+    want = want + lr_T[:150].mean() * _new("graddot", mid, query)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
-def test_graddot_sign_copy_of_a_training_row_scores_itself_highest(setup):
-    task, _ = setup
+def test_graddot_sign_copy_of_a_training_row_scores_itself_highest(dec_task):
+    task, _ = dec_task
     rows = np.array([0, 17, 42, 99, 150, 151, 180, 199])  # 8 rows, as the query set
-    cfg, graddot = lm_grad.default_config("graddot"), base.get_lm("graddot")
-    scores = graddot.score(task, graddot.fit(task, cfg), task.train.subset(rows), cfg)
-    np.testing.assert_array_equal(scores.argmax(axis=1), rows)
+    for name in ("graddot", "gradcos"):
+        scores = _new(name, task, task.train.subset(rows))
+        np.testing.assert_array_equal(scores.argmax(axis=1), rows)
+    cos = _new("gradcos", task, task.train.subset(rows))
+    np.testing.assert_allclose(cos[np.arange(8), rows], 1.0, atol=1e-4)
 
 
-def test_trak_identity_projection_matches_numpy(setup, ref):
+def test_trak_identity_projection_matches_numpy(dec_task, ref):
     """Raw gradients of a params_filter subset (P = 96 < N; test_trak covers the dual solve)."""
-    task, query = setup
     pattern = "^layers/1/mlp/proj/bias|^layers/1/norm2/"
-    cfg = _cfg(lm_grad, "trak1", proj_dim=0, params_filter=pattern, damping=0.05, chunk=64)
-    got = base.get_lm("trak1").score(task, base.get_lm("trak1").fit(task, cfg), query, cfg)
+    kw = dict(proj_dim=0, params_filter=pattern, damping=0.05, chunk=64)
+    got = _new("trak1", *dec_task, **kw)
     g_tr, g_q = _pick(ref[0], pattern), _pick(ref[1], pattern)
     p = g_tr.shape[1]
     lam = 0.05 * np.trace(g_tr.T @ g_tr) / p
@@ -144,25 +179,27 @@ def test_trak_identity_projection_matches_numpy(setup, ref):
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
 
 
-def test_trak_streamed_projection_equals_stored_projection(setup):
-    """R regenerated block by block per chunk == R = trak.projection kept whole."""
-    task, query = setup
-    cfg = lm_grad.default_config("trak")
-    names, key, q = lm_grad.param_names(task, cfg), trak.projection_key(cfg, 0), task.data(query)
-    args = (task.graphdef, task.params, names, key, q, 64, cfg.chunk)
-    dense, streamed = lm_grad.trak_features(*args, True), lm_grad.trak_features(*args, False)
+def test_trak_streamed_projection_equals_stored_projection(dec_task):
+    """R regenerated block by block per row == R = projections.projection kept whole."""
+    task, query = dec_task
+    cfg = grad_methods.default_config("trak", "decoder")
+    names, key = task.param_names(cfg), projections.projection_key(cfg.seed, 0)
+    args = (task.params, key, task.arrays(query))
+    dense = grad_methods.trak_features(task, names, 64, cfg.chunk, True)(*args)[0]
+    streamed = grad_methods.trak_features(task, names, 64, cfg.chunk, False)(*args)[0]
     np.testing.assert_allclose(streamed, dense, rtol=1e-4, atol=1e-4 * np.abs(dense).max())
 
 
-def test_logra_features_are_projected_explicit_gradients(setup, ref):
-    task, _ = setup
-    cfg = _cfg(lm_grad, "logra", rank_in=3, rank_out=5, chunk=3)
-    paths = lm_grad.kernel_paths(lm_grad.param_names(task, cfg))
+def test_logra_features_are_projected_explicit_gradients(dec_task, ref):
+    task, _ = dec_task
+    cfg = grad_methods.default_config("logra", "decoder")
+    cfg.update(rank_in=3, rank_out=5, chunk=3)
+    paths = task.dense_layers(cfg)
     assert paths == ("layers/1/mlp/fc", "layers/1/mlp/proj")
-    projs = lm_grad.logra_projections(task, paths, cfg)
+    projs = grad_methods.logra_projections(task, paths, cfg)
     rows = task.train.subset(np.arange(5))
     phi = np.asarray(
-        lm_grad.logra_features(task.graphdef, task.params, paths, projs, task.data(rows), 3)
+        grad_methods.logra_features(task, paths, 3)(task.params, projs, task.arrays(rows))
     )
     for name, (p_in, p_out), cols in zip(
         ["fc", "proj"], projs, [slice(0, 15), slice(15, 30)], strict=True
@@ -172,11 +209,12 @@ def test_logra_features_are_projected_explicit_gradients(setup, ref):
         np.testing.assert_allclose(phi[:, cols], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-def test_ekfac_eigenvalues_and_large_damping_limit(setup, ref):
+def test_ekfac_eigenvalues_and_large_damping_limit(dec_task, ref):
     """Lambda against explicit per-row kernel gradients; damping -> inf gives graddot / lam."""
-    task, query = setup
-    cfg = lm_ekfac.default_config()
-    state = lm_ekfac.fit(task, cfg)
+    task, query = dec_task
+    cfg = influence.default_config("ekfac", "decoder")
+    state = influence.ekfac_fit(task, cfg)
+    assert state["layers"] == ("layers/1/mlp/fc", "layers/1/mlp/proj")
     want, damped = 0.0, []
     for i, name in enumerate(["fc", "proj"]):
         G = ref[0][f"layers/1/mlp/{name}/kernel"]
@@ -186,22 +224,27 @@ def test_ekfac_eigenvalues_and_large_damping_limit(setup, ref):
         damped.append(jnp.asarray(lam + 1e8 * lam.mean(), jnp.float32))
         g_q = ref[1][f"layers/1/mlp/{name}/kernel"].reshape(len(query), -1)
         want = want + g_q @ G.reshape(len(G), -1).T / (1e8 * lam.mean())
-    got = lm_ekfac.score(task, dict(state, lam=damped), query, cfg)
+    got = influence.kfac_score(task, dict(state, lam=damped), query, cfg)
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
     # fisher="sampled": same input factors A, output factors S from the model's own samples.
-    paths, data = state["paths"], task.data()
-    emp = lm_grad.covariances(task.graphdef, task.params, paths, data, cfg.chunk, None)
-    smp = lm_grad.covariances(task.graphdef, task.params, paths, data, cfg.chunk, jax.random.key(0))
+    chunks, w = curvature.chunked(task.arrays(task.train), cfg.chunk)
+
+    def factors(fisher, key):
+        def io(rows, k):
+            return task.dense_io(task.params, rows, state["layers"], fisher, k)
+
+        return curvature.kron_factors(io, chunks, w, key)
+
+    emp, smp = factors("empirical", None), factors("sampled", jax.random.key(0))
     for (a_e, s_e), (a_s, s_s) in zip(emp, smp, strict=True):
         np.testing.assert_allclose(a_s, a_e, rtol=1e-6)
         assert np.isfinite(s_s).all() and np.linalg.eigvalsh(s_s).min() > -1e-6
         assert not np.allclose(s_s, s_e)
 
 
-def test_repsim_matches_numpy(setup):
-    task, query = setup
-    cfg = lm_simple.default_config("repsim")
-    got = base.get_lm("repsim").score(task, base.get_lm("repsim").fit(task, cfg), query, cfg)
+def test_repsim_matches_numpy(dec_task):
+    task, query = dec_task
+    got = _new("repsim", task, query)
     model = nnx.merge(task.graphdef, task.params)
 
     tok = np.concatenate([query.tokens_NxL, task.train.tokens_NxL])
@@ -212,10 +255,9 @@ def test_repsim_matches_numpy(setup):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_tfidf_matches_sklearn(setup):
-    task, query = setup
-    cfg = lm_simple.default_config("tfidf")
-    got = base.get_lm("tfidf").score(task, base.get_lm("tfidf").fit(task, cfg), query, cfg)
+def test_tfidf_matches_sklearn(dec_task):
+    task, query = dec_task
+    got = _new("tfidf", task, query)
     decode = task.tokenizer.decode
     tr = [decode(t[t > 0].tolist()) for t in task.train.tokens_NxL]
     q = [decode(t[t > 0].tolist()) for t in query.tokens_NxL]
@@ -224,16 +266,15 @@ def test_tfidf_matches_sklearn(setup):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_bm25_matches_python_loop(setup):
-    task, query = setup
-    cfg = lm_simple.default_config("bm25")
-    got = base.get_lm("bm25").score(task, base.get_lm("bm25").fit(task, cfg), query, cfg)
+def test_bm25_matches_python_loop(dec_task):
+    task, query = dec_task
+    got = _new("bm25", task, query)
     words = TfidfVectorizer().build_analyzer()  # sklearn's default word tokens
-    docs = [words(s) for s in lm_simple.texts(task.tokenizer, task.train)]
+    docs = [words(s) for s in similarity.texts(task.tokenizer, task.train)]
     avgdl, n = sum(map(len, docs)) / len(docs), len(docs)
     df = collections.Counter(w for d in docs for w in set(d))
     want = np.zeros(got.shape)
-    for i, qtext in enumerate(lm_simple.texts(task.tokenizer, query)):
+    for i, qtext in enumerate(similarity.texts(task.tokenizer, query)):
         for j, d in enumerate(docs):
             tf = collections.Counter(d)
             for w in words(qtext):

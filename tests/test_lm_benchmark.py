@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from experiments.configs import lm_shakespeare_quick, sft_chitchat_quick
-from stride_jax import cli, lm_benchmark, lm_config
 from stride_jax.checkpoint import CheckpointError
 from stride_jax.data.tokenizer import CharTokenizer
 from stride_jax.errors import ConfigError
+from stride_jax.job import benchmark, cli, pretrain
+from stride_jax.job.config import pretrain_config
 from stride_jax.models import hf_import, transformer
 
 
@@ -31,12 +32,12 @@ def _check_results(workdir, methods):
 def test_sft_quick_config_end_to_end(tmp_path):
     """Pre-train here, fine-tune on chit-chat responses, retrain, score, LDS."""
     c = sft_chitchat_quick.get_config()
-    res = lm_benchmark.run(c, str(tmp_path))
+    res = benchmark.run(c, str(tmp_path))
     _check_results(str(tmp_path), c.methods)
     assert res["base_model"]["query_loss"] < res["base_model"]["start_query_loss"]
     assert 0 < res["noise_ceiling"]["lds"] <= 1
     # A restart reuses every cached stage and reproduces the numbers.
-    again = lm_benchmark.run(c, str(tmp_path))
+    again = benchmark.run(c, str(tmp_path))
     assert again["methods"]["stride"]["lds"] == res["methods"]["stride"]["lds"]
 
 
@@ -62,74 +63,74 @@ def test_user_hf_checkpoint_and_jsonl(tmp_path):
     c.model.update(source="hf", path=str(model_dir))
     c.groundtruth.noise_ceiling = False
     c.methods = ("repsim", "bm25", "random")  # STRIDE's path is covered by the SFT test
-    res = lm_benchmark.run(c, str(tmp_path / "run"))
+    res = benchmark.run(c, str(tmp_path / "run"))
     _check_results(str(tmp_path / "run"), c.methods)
     assert res["dataset"]["n_train_examples"] == 30
 
 
 def test_pretrain_resumes_to_the_same_model(tmp_path):
-    pc = lm_config.pretrain_config()
+    pc = pretrain_config()
     pc.data.update(block_len=16, n_train=64, n_query=8)
     pc.model.update(d_model=16, n_layers=1, n_heads=2, max_len=16)
     pc.train.update(steps=20, batch=4, warmup_steps=2)
     pc.ckpt_every = 10
-    first = lm_benchmark.pretrain(pc, str(tmp_path / "a"))
+    first = pretrain.pretrain(pc, str(tmp_path / "a"))
     ref = hf_import.load_hf(first)[2]
     # Simulate a job killed after step 10: drop the final output and checkpoint, restart.
     shutil.rmtree(first)
     shutil.rmtree(tmp_path / "a" / "pretrain_ckpt" / "20")
-    again = hf_import.load_hf(lm_benchmark.pretrain(pc, str(tmp_path / "a")))[2]
+    again = hf_import.load_hf(pretrain.pretrain(pc, str(tmp_path / "a")))[2]
     for x, y in zip(jax.tree.leaves(ref), jax.tree.leaves(again), strict=True):
         np.testing.assert_array_equal(x, y)
     # Another recipe in the same workdir is refused, not silently served the old model.
     pc.train.steps = 30
     with pytest.raises(CheckpointError, match="different config"):
-        lm_benchmark.pretrain(pc, str(tmp_path / "a"))
+        pretrain.pretrain(pc, str(tmp_path / "a"))
     pc.ckpt_every = 7
     with pytest.raises(ConfigError, match="ckpt_every=7 must be > 0 and divide"):
-        lm_benchmark.pretrain(pc, str(tmp_path / "b"))
+        pretrain.pretrain(pc, str(tmp_path / "b"))
 
 
 def test_bad_configs_are_refused(tmp_path):
     c = lm_shakespeare_quick.get_config()
     c.methods = ("nope",)
-    with pytest.raises(ValueError, match="unknown language-model attribution method 'nope'"):
-        lm_benchmark.run(c, str(tmp_path))
+    with pytest.raises(ConfigError, match="unknown attribution method 'nope'"):
+        benchmark.run(c, str(tmp_path))
     c = lm_shakespeare_quick.get_config()
     c.groundtruth.alpha = 1.5
     with pytest.raises(ConfigError, match="alpha"):
-        lm_benchmark.run(c, str(tmp_path))
+        benchmark.run(c, str(tmp_path))
     c = lm_shakespeare_quick.get_config()
     c.model.source = "pickle"
     with pytest.raises(ConfigError, match="model.source"):
-        lm_benchmark.run(c, str(tmp_path / "x"))
+        benchmark.run(c, str(tmp_path / "x"))
     c = lm_shakespeare_quick.get_config()
     c.model.source = "hf"
     with pytest.raises(ConfigError, match="cannot match a model"):
-        lm_benchmark.run(c, str(tmp_path / "z"))
+        benchmark.run(c, str(tmp_path / "z"))
     c = lm_shakespeare_quick.get_config()
     c.stride.op_chunk = 0
     with pytest.raises(ConfigError, match="op_chunk must be > 0"):
-        lm_benchmark.run(c, str(tmp_path / "z"))
+        benchmark.run(c, str(tmp_path / "z"))
     with pytest.raises(ConfigError, match="not of the form"):
         cli.parse_sweep(["lasso.lam_frac"])
     c = lm_shakespeare_quick.get_config()
     c.methods = ("minilm",)
     c.baselines.minilm.path = str(tmp_path / "no_model")
     with pytest.raises(ConfigError, match="fetch_minilm"):
-        lm_benchmark.run(c, str(tmp_path / "y"))
+        benchmark.run(c, str(tmp_path / "y"))
 
 
 def test_tune_lm_scores_validation_rows_with_the_same_retrains(tmp_path):
-    from experiments import tune_lm
+    from stride_jax.job import tune
 
     c = lm_shakespeare_quick.get_config()
     c.data.n_val = 6
     c.groundtruth.noise_ceiling = False
-    rows = tune_lm.tune(c, str(tmp_path), "repsim", ["chunk=4,8"])
+    rows = tune.tune(c, str(tmp_path), "repsim", ["chunk=4,8"])
     assert [r["point"] for r in rows] == [{"chunk": 4}, {"chunk": 8}]
     assert rows[0]["lds"] == pytest.approx(rows[1]["lds"], abs=1e-6)  # chunking changes nothing
     gt = np.load(tmp_path / "groundtruth.npz")
     assert gt["losses_val_MxV"].shape == (8, 6) and gt["losses_MxQ"].shape == (8, 8)
     with pytest.raises(ConfigError, match="unknown config key 'no_such_key'"):
-        tune_lm.tune(c, str(tmp_path), "repsim", ["no_such_key=1"])
+        tune.tune(c, str(tmp_path), "repsim", ["no_such_key=1"])

@@ -9,12 +9,12 @@ import pytest
 from flax import nnx
 
 from stride_jax import lm_stride, losses
-from stride_jax.baselines import lm_stride_method
-from stride_jax.baselines.base import LMTask
+from stride_jax.stride import defaults, method, sites
 from stride_jax.data import corpora
 from stride_jax.errors import ConfigError
 from stride_jax.models import lm_train, transformer
 from stride_jax.operators import SteeringOperators
+from stride_jax.tasks.decoder import DecoderTask
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,17 @@ def tiny_lm():
     params = lm_train.jitted_fit(recipe, gd)(
         p0, jax.random.key(0), lm_train.data_arrays(sp.train), jnp.ones(len(sp.train))
     )
-    return sp, LMTask(cfg, gd, params, sp.train, recipe, p0, tokenizer=sp.tokenizer)
+    task = DecoderTask(
+        graphdef=gd,
+        params=params,
+        train=sp.train,
+        query=sp.query,
+        model_config=cfg,
+        recipe=recipe,
+        params0=p0,
+        tokenizer=sp.tokenizer,
+    )
+    return sp, task
 
 
 def test_chunked_ce_matches_full_vocabulary_ce():
@@ -122,7 +132,7 @@ def test_zero_init_operators_do_not_move_the_model(tiny_lm):
 
 def test_fit_lowers_fidelity_and_scores_are_finite(tiny_lm):
     sp, task = tiny_lm
-    cfg = lm_stride_method.default_config()
+    cfg = defaults.decoder()
     cfg.design.update(num_subsets=16, degree=2)
     cfg.stage1.update(
         steps=20,
@@ -135,16 +145,16 @@ def test_fit_lowers_fidelity_and_scores_are_finite(tiny_lm):
         warmup_steps=2,
         lr=0.05,
     )
-    fitted = lm_stride_method.fit(task, cfg)
-    scores = lm_stride_method.score(task, fitted, sp.query, cfg)
+    fitted = method.fit(task, cfg)
+    scores = method.score(task, fitted, sp.query, cfg)
     assert scores.shape == (len(sp.query), len(sp.train))
     assert np.isfinite(scores).all()
     assert fitted.history[-1]["fidelity"] < float(task.row_losses(sp.train).mean())
     # A Lasso-only change reuses the trained operators (cheap tuning sweeps over the Lasso).
     other = cfg.copy_and_resolve_references()
     other.lasso.lam_frac = 0.2
-    assert lm_stride_method.fit(task, other) is fitted
-    assert not np.allclose(lm_stride_method.score(task, fitted, sp.query, other), scores)
+    assert method.fit(task, other) is fitted
+    assert not np.allclose(method.score(task, fitted, sp.query, other), scores)
 
 
 def test_retrain_ignores_zero_weight_rows(tiny_lm):
@@ -161,22 +171,23 @@ def test_retrain_ignores_zero_weight_rows(tiny_lm):
 
 
 def test_vmapped_retrains_equal_sequential(tiny_lm):
-    from stride_jax import lm_benchmark
+    from stride_jax.tasks.decoder import retrain_losses
 
     sp, task = tiny_lm
     masks = np.random.default_rng(0).random((2, len(sp.train))) < 0.5
     keys = jax.random.split(jax.random.key(3), 2)
-    got = lm_benchmark.retrain_losses(task, keys, masks, sp.query, group=2)
+    weights = masks[:, sp.train.example_id_N]
+    got = retrain_losses(task, keys, weights, task.data(sp.query), group=2)
     for m in range(2):
         p = task.retrain(keys[m], masks[m].astype(np.float32))
         np.testing.assert_allclose(got[m], task.row_losses(sp.query, p), rtol=2e-5, atol=2e-5)
 
 
 def test_hook_layer_range():
-    cfg = lm_stride_method.default_config()
-    assert lm_stride_method.hook_layer(cfg, 3) == 2  # default: two thirds of the depth
+    cfg = defaults.decoder()
+    assert sites.hook_layer(cfg, 3) == 2  # default: two thirds of the depth
     cfg.layer = 3
-    assert lm_stride_method.hook_layer(cfg, 3) == 3  # the final residual is allowed
+    assert sites.hook_layer(cfg, 3) == 3  # the final residual is allowed
     cfg.layer = 4
     with pytest.raises(ConfigError, match="stride layer must be in 0..3"):
-        lm_stride_method.hook_layer(cfg, 3)
+        sites.hook_layer(cfg, 3)

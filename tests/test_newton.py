@@ -199,7 +199,7 @@ def test_bad_newton_settings_are_refused():
 
 
 def test_steps_zero_needs_the_newton_start(tiny):
-    from stride_jax.config import validate
+    from stride_jax.job.config import validate
 
     tiny.stride.stage1.update(steps=0, init="zero")
     with pytest.raises(ConfigError, match="stage1.steps"):

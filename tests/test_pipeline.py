@@ -1,34 +1,55 @@
-"""attribute(): the public entry point, used directly from JAX code."""
+"""STRIDE through the public API on a user model: workdir resume and guards, bad designs."""
+
+import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from stride_jax import attribute, checkpoint, load_digits
-from stride_jax.config import ConfigError
-from stride_jax.operators import LogitHook
+import stride_jax
+from stride_jax import checkpoint
+from stride_jax.errors import ConfigError
+from stride_jax.stride import method
 
 
-def _linear_hook(num_features=64, num_classes=10):
-    w = jnp.asarray(np.random.default_rng(0).normal(size=(num_features, num_classes)) * 0.1)
-    return LogitHook(lambda x: jnp.tanh(x), lambda x: x @ w)
+def _linear_task(n_train, n_query, workdir=None):
+    """A fixed random linear classifier (tanh features) on digits: no training needed."""
+
+    class Linear(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(np.random.default_rng(0).normal(size=(64, 10)) * 0.1)
+
+        def features(self, x):
+            return jnp.tanh(x)
+
+        def __call__(self, x):
+            return x @ self.w[...]
+
+    splits = stride_jax.load_digits(n_train=n_train, n_query=n_query)
+    task = stride_jax.tasks.classifier(
+        Linear(), train=splits.train, queries=splits.query, num_classes=10
+    )
+    return dataclasses.replace(task, workdir=workdir)
 
 
 def test_workdir_of_another_config_is_refused(tiny, tmp_path):
-    splits = load_digits(n_train=60, n_query=5)
-    out = attribute(_linear_hook(), splits.train, splits.query, tiny.stride, workdir=str(tmp_path))
+    task = _linear_task(60, 5, str(tmp_path))
+    out = method.attribute_rows(
+        task, method.fit(task, tiny.stride, reuse=False), task.query, tiny.stride
+    )
     assert out.scores_QxN.shape == (5, 60) and out.responses_QxT.shape == (5, 40)
-    again = attribute(
-        _linear_hook(), splits.train, splits.query, tiny.stride, workdir=str(tmp_path)
+    again = method.attribute_rows(
+        task, method.fit(task, tiny.stride, reuse=False), task.query, tiny.stride
     )
     np.testing.assert_array_equal(out.scores_QxN, again.scores_QxN)  # resumed: same scores
     tiny.stride.stage1.lr = 0.5
     with pytest.raises(checkpoint.CheckpointError, match="different config"):
-        attribute(_linear_hook(), splits.train, splits.query, tiny.stride, workdir=str(tmp_path))
+        method.fit(task, tiny.stride, reuse=False)
 
 
 def test_design_with_empty_subsets_is_a_config_error(tiny):
-    splits = load_digits(n_train=30, n_query=2)
+    task = _linear_task(30, 2)
     tiny.stride.design.update(num_subsets=40, degree=1)  # 30 examples cannot fill 40 subsets
     with pytest.raises(ConfigError, match="subsets are empty"):
-        attribute(_linear_hook(), splits.train, splits.query, tiny.stride)
+        stride_jax.attribute(task, config=tiny.stride)

@@ -21,9 +21,8 @@ import jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, "tests")
 from conftest import tiny_config
 from stride_jax import groundtruth, sharding
-from stride_jax.baselines import stride_method
-from stride_jax.benchmark import Context, base_model, task
-from stride_jax.pipeline import attribute
+from stride_jax.stride import method
+from stride_jax.job import models
 from stride_jax.data import load
 
 assert len(jax.devices()) == 4, jax.devices()
@@ -35,10 +34,9 @@ results = {}
 for shape in [(1, 1), (2, 2), (1, 4)]:  # (data, ops): both axes, ops alone
     mesh = sharding.make_mesh(*shape)
     with tempfile.TemporaryDirectory() as d:
-        ctx = Context(config, d, splits, mesh)
-        base_model(ctx)
-        hook = stride_method.hook(task(ctx))
-        out = attribute(hook, splits.train, splits.query, config.stride, mesh=mesh)
+        task, _ = models.base_task(config, splits, mesh, d)
+        fitted = method.fit(task, config.stride, reuse=False)
+        out = method.attribute_rows(task, fitted, splits.query, config.stride)
         gt = groundtruth.retrain_many(
             config.model, jax.random.split(jax.random.key(0), 4), jnp.asarray(splits.train.x_NxF),
             jnp.asarray(splits.train.y_N), np.ones((4, len(splits.train)), bool),

@@ -9,9 +9,12 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from stride_jax.baselines import base, tracin
+from stride_jax import methods
 from stride_jax.data import Dataset
+from stride_jax.errors import ConfigError
+from stride_jax.methods import grad as grad_methods
 from stride_jax.models import mlp
+from stride_jax.tasks import ClassifierTask
 
 CFG = ml_collections.ConfigDict(dict(hidden=(4,), steps=20, lr=3e-2, weight_decay=1e-2, seed=3))
 
@@ -26,7 +29,14 @@ def _task(train, key_seed=CFG.seed):
     x, y = jnp.asarray(train.x_NxF), jnp.asarray(train.y_N)
     fit = jax.jit(lambda k: mlp.fit(CFG, k, x, y, jnp.ones(len(y)), 3))
     graphdef, _ = mlp.abstract(CFG, 5, 3)
-    return base.Task(CFG, graphdef, fit(jax.random.key(key_seed)), train, 3)
+    return ClassifierTask(
+        graphdef=graphdef,
+        params=fit(jax.random.key(key_seed)),
+        train=train,
+        num_classes=3,
+        logits_fn=mlp.apply,
+        model_config=CFG,
+    )
 
 
 def test_trajectory_replays_fit():
@@ -68,9 +78,9 @@ def test_trajectory_replays_fit():
 def test_scores_match_python_loop():
     train, query = _data(12, 0), _data(3, 1)
     task = _task(train)
-    cfg = tracin.default_config()
+    cfg = grad_methods.default_config("tracin", "classifier")
     cfg.update(num_checkpoints=3, chunk=5)
-    method = base.get("tracin")
+    method = methods.get("tracin", "classifier")
     state = method.fit(task, cfg)
     got = method.score(task, state, query, cfg)
 
@@ -83,7 +93,7 @@ def test_scores_match_python_loop():
 
     want = np.zeros((3, 12))
     for c in range(3):
-        p = jax.tree.map(lambda a, c=c: a[c], state.ckpts)
+        p = state["ckpts"][c]
         g_tr = [
             np.asarray(grad(p, xi, yi), np.float64)
             for xi, yi in zip(train.x_NxF, train.y_N, strict=True)
@@ -91,12 +101,22 @@ def test_scores_match_python_loop():
         for q in range(3):
             g_q = np.asarray(grad(p, query.x_NxF[q], query.y_N[q]), np.float64)
             for i in range(12):
-                want[q, i] += float(state.lr_C[c]) * g_q @ g_tr[i]
+                want[q, i] += float(state["lr_C"][c]) * g_q @ g_tr[i]
     assert got.shape == (3, 12) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
 
 
 def test_fit_rejects_params_from_another_recipe():
     task = _task(_data(12, 0), key_seed=CFG.seed + 1)
-    with pytest.raises(ValueError, match="does not reproduce"):
-        tracin.fit(task, tracin.default_config())
+    tracin = methods.get("tracin", "classifier")
+    with pytest.raises(ConfigError, match="does not reproduce"):
+        tracin.fit(task, grad_methods.default_config("tracin", "classifier"))
+
+
+def test_trajectory_needs_the_mlp_recipe():
+    task = _task(_data(12, 0))
+    task.model_config = None
+    with pytest.raises(ConfigError, match="trajectory"):
+        methods.get("tracin", "classifier").fit(
+            task, grad_methods.default_config("tracin", "classifier")
+        )

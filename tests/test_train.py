@@ -80,7 +80,7 @@ def test_frozen_basis_rows_give_the_same_losses_and_gate_gradients(tiny):
     ops = SteeringOperators(10, 4, 8, 20, rngs=nnx.Rngs(0))
     ops.gates[...] = 0.3 * jax.random.normal(jax.random.key(2), ops.gates[...].shape)
     graphdef, params = nnx.split(ops, nnx.Param)
-    cached = train.with_frozen_basis(ops, inputs)
+    cached = inputs.with_frozen_basis(ops)
     assert cached.extra_rows["phi"].shape == (60, 8)
     batch = train.sample_batch(jax.random.key(3), inputs, cfg)
 

@@ -23,9 +23,11 @@ from jax.flatten_util import ravel_pytree
 from scipy.stats import spearmanr
 from sklearn.datasets import load_digits
 
-from stride_jax.baselines import base, trak
+from stride_jax import methods
 from stride_jax.data import Dataset
+from stride_jax.methods import grad as grad_methods
 from stride_jax.models import mlp
+from stride_jax.tasks import ClassifierTask
 
 N_TRAIN, N_QUERY, HIDDEN, CLASSES = 60, 8, 16, 10
 DAMPING = 1.0  # our absolute ridge lambda
@@ -50,7 +52,9 @@ def _task(train):
     x, y = jnp.asarray(train.x_NxF), jnp.asarray(train.y_N)
     params = jax.jit(lambda k: mlp.fit(cfg, k, x, y, jnp.ones(len(y)), CLASSES))(jax.random.key(0))
     graphdef, _ = mlp.abstract(cfg, train.x_NxF.shape[1], CLASSES)
-    return base.Task(cfg, graphdef, params, train, CLASSES)
+    return ClassifierTask(
+        graphdef=graphdef, params=params, train=train, num_classes=CLASSES, logits_fn=mlp.apply
+    )
 
 
 def _torch_model(torch, params):
@@ -89,9 +93,10 @@ def test_trak_matches_traker(tmp_path):
     num_params = ravel_pytree(task.params)[0].shape[0]
 
     # Ours: no projection, one model, absolute ridge DAMPING.
-    cfg = trak.default_config("trak1")
+    cfg = grad_methods.default_config("trak1", "classifier")
     cfg.update(dict(proj_dim=0, damping=DAMPING, num_models=1, chunk=32))
-    ours_QxN = base.get("trak1").score(task, base.get("trak1").fit(task, cfg), query, cfg)
+    trak1 = methods.get("trak1", "classifier")
+    ours_QxN = trak1.score(task, trak1.fit(task, cfg), query, cfg)
 
     # The torch copy computes the same logits.
     model, state = _torch_model(torch, task.params)

@@ -34,8 +34,8 @@ from absl import app, flags
 from flax import nnx
 
 from stride_jax import groundtruth, lm_stride, newton, recover, responses, sharding, subsets, train
-from stride_jax.config import base_config
 from stride_jax.data import load_digits
+from stride_jax.job.config import base_config
 from stride_jax.models import mlp, transformer
 from stride_jax.operators import HiddenHook, LogitHook, SteeringOperators
 
@@ -117,7 +117,7 @@ def bench_responses(s: dict, mesh) -> dict:
 
 
 def bench_lasso(s: dict, cfg: recover.LassoConfig) -> dict:
-    """Lasso section. ``cfg`` is the default: ``stride_jax.config.base_config().stride.lasso``."""
+    """Lasso section. ``cfg`` is the default: ``job.config.base_config().stride.lasso``."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import Lasso
 
@@ -161,7 +161,7 @@ def bench_lasso(s: dict, cfg: recover.LassoConfig) -> dict:
 
 
 def bench_groundtruth(s: dict, mesh) -> dict:
-    mc = base_config().model
+    mc = base_config("classifier").model
     mc.steps = s["steps"] or mc.steps
     splits = load_digits(0, s["n_train"], 100)
     x, y = jnp.asarray(splits.train.x_NxF), jnp.asarray(splits.train.y_N)
@@ -312,7 +312,7 @@ def run(quick: bool = False) -> dict:
     sizes = QUICK if quick else FULL
     t0 = time.perf_counter()
     mesh = sharding.make_mesh()
-    lc = base_config().stride.lasso  # the default Lasso config (fixed lambda fraction)
+    lc = base_config("classifier").stride.lasso  # the default Lasso config (fixed lambda)
     if quick:  # converged fits at a moderate lambda: the sklearn comparison is then tight (at
         # the default lam_frac 0.003 on these 100 x 200 designs both solvers stop ~5e-3 apart)
         lc.update(maxiter=200, lam_frac=0.01)

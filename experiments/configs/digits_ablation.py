@@ -4,11 +4,11 @@ responses): with the default Gauss-Newton start and no Adam steps the linearity 
 part, so its ablation would be the default itself."""
 
 from stride_jax import pipeline
-from stride_jax.config import ABLATION_NAMES, base_config
+from stride_jax.job.config import ABLATION_NAMES, base_config
 
 
 def get_config():
-    c = base_config()
+    c = base_config("classifier")
     c.stride.stage1 = pipeline.stage1_defaults()
     c.stride.design.num_subsets = 1000
     c.stride.lasso = pipeline.lasso_defaults()

@@ -1,10 +1,10 @@
 """The digits pipeline made small enough for a smoke run (< 3 minutes on 2 CPU cores)."""
 
-from stride_jax.config import base_config
+from stride_jax.job.config import base_config
 
 
 def get_config():
-    c = base_config()
+    c = base_config("classifier")
     c.data.n_train = 400
     c.data.n_query = 50
     c.groundtruth.num_models = 20

@@ -1,10 +1,10 @@
 """Pre-training attribution: a character-level GPT on Shakespeare (2,000 training blocks of
 64 characters, 100 held-out query blocks), 64 retrains at alpha 0.5 from the same init."""
 
-from stride_jax.lm_config import LM_METHODS, base_config
+from stride_jax.job.config import LM_METHODS, base_config
 
 
 def get_config():
-    c = base_config()
+    c = base_config("decoder")
     c.methods = LM_METHODS
     return c

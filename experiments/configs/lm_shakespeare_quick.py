@@ -1,10 +1,10 @@
 """lm_shakespeare made tiny for the default test suite (seconds on 2 CPU cores)."""
 
-from stride_jax.lm_config import base_config
+from stride_jax.job.config import base_config
 
 
 def get_config():
-    c = base_config()
+    c = base_config("decoder")
     c.data.update(block_len=32, n_train=64, n_val=0, n_query=8)
     c.model.update(d_model=16, n_layers=2, n_heads=2, max_len=32)
     c.train.update(steps=40, batch=8, warmup_steps=5)

@@ -8,11 +8,11 @@ The recipe (100 full-batch AdamW steps, weight decay 0.01) stops at train CE ~0.
 retrains, so it is left to `--config.methods` on a machine that can afford it.
 """
 
-from stride_jax.config import base_config
+from stride_jax.job.config import base_config
 
 
 def get_config():
-    c = base_config()
+    c = base_config("classifier")
     c.data.update(name="mnist5k", n_train=4300, n_query=500)
     c.model.update(hidden=(128,), steps=100)
     c.groundtruth.models_per_batch = 20

@@ -2,11 +2,11 @@
 on chit-chat prompt/response pairs (loss on response tokens only); retrains fine-tune the
 same pre-trained model on alpha-subsets of the pairs."""
 
-from stride_jax.lm_config import LM_METHODS, base_config, recipe
+from stride_jax.job.config import LM_METHODS, base_config, recipe
 
 
 def get_config():
-    c = base_config()
+    c = base_config("decoder")
     c.data.update(name="chitchat", block_len=64, n_train=1000, n_val=50, n_query=100)
     c.model.source = "pretrain"
     # The pre-trained model's tokenizer is used for the SFT data (unknown characters refused).

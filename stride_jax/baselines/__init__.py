@@ -10,19 +10,6 @@ import sys
 
 import ml_collections
 
-from stride_jax.baselines import (  # noqa: F401  (importing registers the methods)
-    datamodel,
-    influence,
-    lm_ekfac,
-    lm_embed,
-    lm_grad,
-    lm_simple,
-    lm_stride_method,
-    simple,
-    stride_method,
-    tracin,
-    trak,
-)
 from stride_jax.baselines.base import REGISTRY, Method, Task, as_scores, get, register
 
 __all__ = ["REGISTRY", "Method", "Task", "as_scores", "default_configs", "get", "register"]

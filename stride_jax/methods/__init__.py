@@ -30,7 +30,15 @@ from stride_jax.errors import ConfigError
 from stride_jax.task import KINDS
 
 # Modules whose import registers methods (order = registration order).
-MODULES = ("stride_jax.methods.legacy",)
+MODULES = (
+    "stride_jax.stride.method",
+    "stride_jax.methods.similarity",
+    "stride_jax.methods.simple",
+    "stride_jax.methods.datamodel",
+    "stride_jax.methods.grad",
+    "stride_jax.methods.influence",
+    "stride_jax.methods.legacy",
+)
 
 
 @dataclasses.dataclass(frozen=True)

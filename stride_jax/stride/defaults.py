@@ -27,9 +27,51 @@ def classifier() -> ml_collections.ConfigDict:
     )
 
 
-def default(kind: str) -> ml_collections.ConfigDict:
-    if kind == "classifier":
-        return classifier()
-    from stride_jax.baselines import lm_stride_method
+def decoder() -> ml_collections.ConfigDict:
+    """Defaults for a small decoder on CPU; ``layer=-1`` means round(2/3 of the depth).
 
-    return lm_stride_method.default_config()
+    Stage 1 (600 steps, 10 member rows per subset) was chosen on the 100 validation blocks of
+    lm_shakespeare (``experiments/tune_lm.py``): LDS 0.129 against 0.092 for 300 steps of 4
+    rows; hook layer 0 / 1 / 2 gave -0.001 / 0.092 / 0.091, stability weight 10 gave 0.083,
+    Lasso lam_frac 0.01 / 0.05 / 0.2 gave 0.095 / 0.092 / 0.097.
+    """
+    return ml_collections.ConfigDict(
+        dict(
+            seed=3,
+            layer=-1,
+            vocab_chunk=8192,
+            encode_batch=16,
+            op_chunk=64,
+            query_batch=1,
+            design=dict(kind="expander", num_subsets=1000, degree=5, seed=2),
+            stage1=pipeline.stage1_defaults(
+                rank=16,
+                basis_scale=1.0,
+                steps=600,
+                log_every=50,
+                ckpt_every=300,
+                warmup_steps=30,
+                lr=1e-2,
+                lr_muon=0.02,
+                lr_end_frac=0.1,
+                subsets_per_step=32,
+                fidelity_rows="sample",
+                fidelity_batch=10,
+                stability_rows="per_subset",
+                stability_batch=4,
+                probe_batch=4,
+                top_k=16,
+                sketch_dim=16,
+                linearity_over_all=False,
+                w_fidelity=1.0,
+                w_linearity=1.0,
+                gate_l2=0.0,
+            ),
+            lasso=pipeline.lasso_defaults() | dict(lam_frac=0.05, maxiter=500),
+        )
+    )
+
+
+def default(kind: str) -> ml_collections.ConfigDict:
+    """The ``stride`` block for a task kind ("classifier" or "decoder")."""
+    return classifier() if kind == "classifier" else decoder()

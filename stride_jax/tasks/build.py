@@ -8,7 +8,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from stride_jax.data import Dataset, DataError, make_splits
+from stride_jax.data import DataError, Dataset, make_splits
 from stride_jax.task import TaskError
 from stride_jax.tasks.classifier import ClassifierTask, default_features, default_logits
 

@@ -106,3 +106,72 @@ class ClassifierTask(Task):
         from stride_jax.stride import sites
 
         return sites.classifier_site(self, config)
+
+    # --- the base model's trajectory (TracIn) ----------------------------------------------
+
+    def trajectory(self, num_checkpoints: int):
+        """(params after each of C evenly spaced segments of the recipe, lr_C): the MLP recipe
+        replayed from ``key(model_config.seed)`` with all-ones weights (how the benchmark
+        trains the base model); lr_c is the mean scheduled learning rate over segment c
+        (``mlp.fit_trajectory``). The last checkpoint is the replayed final model."""
+        if self.model_config is None:
+            raise ConfigError(
+                "TracIn needs the base model's trajectory, which this classifier task cannot "
+                "replay: only the library's MLP (tasks.mlp_task, with model_config) can"
+            )
+        from stride_jax.models import mlp
+
+        c, b, n = self.model_config, self.arrays(self.train), len(self.train)
+        fn = jax.jit(
+            lambda k: mlp.fit_trajectory(
+                c, k, b["x"], b["y"], jnp.ones(n), self.num_classes, num_checkpoints
+            )
+        )
+        _, stacked, lr_C = fn(jax.random.key(c.seed))
+        ckpts = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(num_checkpoints)]
+        return ckpts, lr_C
+
+    # --- many retrains at once ------------------------------------------------------------------
+
+    def retrain_losses(self, keys_M, weights_MxN, rows, group: int = 1) -> np.ndarray:
+        """losses_MxB on ``rows`` of M retrains. The MLP (``model_config`` set) trains
+        ``group`` models per vmapped step with the models sharded over the mesh
+        (``groundtruth.retrain_many``, as the ground truth does); other models loop."""
+        if self.model_config is None:
+            return super().retrain_losses(keys_M, weights_MxN, rows, group)
+        from stride_jax import groundtruth, sharding
+
+        mesh = self.mesh if self.mesh is not None else sharding.make_mesh()
+        b, q = self.arrays(self.train), self.arrays(rows)
+        params_M = groundtruth.retrain_many(
+            self.model_config, keys_M, b["x"], b["y"], weights_MxN, self.num_classes, mesh, group
+        )
+        losses_MxB = groundtruth.query_losses(
+            self.model_config, params_M, q["x"], q["y"], self.num_classes, group
+        )
+        return np.asarray(jax.device_get(losses_MxB), np.float32)
+
+    # --- dense layers (K-FAC / EK-FAC) ---------------------------------------------------------
+
+    def dense_layers(self, select=None) -> tuple[str, ...]:
+        """The module's ``nnx.Linear`` layers (kernel and bias) among the chosen parameters."""
+        from stride_jax.tasks import dense
+
+        self._check_plain_forward()
+        names = self.param_names(select)
+        return dense.linear_layers(self.graphdef, self.params, names, self.train.x_NxF.shape[1])
+
+    def dense_io(self, params, batch: dict, layers, fisher: str = "empirical", key=None):
+        from stride_jax.tasks import dense
+
+        self._check_plain_forward()
+        return dense.dense_io(self.graphdef, params, batch, layers, fisher, key)
+
+    def _check_plain_forward(self) -> None:
+        from stride_jax.models import mlp
+
+        if self.logits_fn not in (default_logits, mlp.apply):
+            raise ConfigError(
+                "kfac/ekfac tap the module's nnx.Linear layers in its own forward pass "
+                "(module(x)); this task's custom logits_fn hides it"
+            )

@@ -54,6 +54,9 @@ class DecoderTask(Task):
     def sum_to_examples(self, scores_QxN) -> np.ndarray:
         return self.train.sum_to_examples(scores_QxN)
 
+    def example_weights(self, masks_MxE) -> np.ndarray:
+        return np.asarray(masks_MxE)[:, self.train.example_id_N]
+
     def render(self, rows, i: int):
         """Row i as text, with the scored (target) span marked by the loss mask."""
         n = int(rows.attn_mask_NxL[i].sum())
@@ -102,6 +105,64 @@ class DecoderTask(Task):
         from stride_jax.stride import sites
 
         return sites.residual_site(self, config)
+
+    # --- dense layers (K-FAC / EK-FAC) ---------------------------------------------------------
+
+    def dense_layers(self, select=None) -> tuple[str, ...]:
+        """The dense kernels among the chosen parameters (default: the last MLP's ``fc`` and
+        ``proj``); their biases are left out."""
+        from stride_jax.func import layers
+
+        return layers.kernel_paths(self.param_names(select))
+
+    def dense_io(self, params, batch: dict, layers, fisher: str = "empirical", key=None):
+        """Token-level inputs and output gradients (``func.layers.layer_io``); a padding token
+        has mask 0 (and zero output gradient)."""
+        from stride_jax.func import layers as func_layers
+
+        if fisher not in ("empirical", "sampled"):
+            raise ValueError(
+                f"fisher must be 'empirical' or 'sampled' for a decoder, got {fisher!r}"
+            )
+        k = key if fisher == "sampled" else None
+        io = func_layers.layer_io(self.graphdef, params, layers, batch, k)
+        ones = jnp.ones(batch["tokens"].shape[0], jnp.float32)
+        mask = batch["attn"].astype(jnp.float32)
+        return [a for a, _ in io], mask, [(ones, [g for _, g in io])]
+
+    # --- the base model's trajectory (TracIn) ----------------------------------------------
+
+    def trajectory(self, num_checkpoints: int):
+        """(params after each of C evenly spaced segments of the recipe, lr_C): the recipe
+        replayed from ``params0`` with key(seed) and all-ones weights (``lm_train.run_steps``
+        segment by segment); lr_c is the mean scheduled learning rate over segment c."""
+        import optax
+
+        from stride_jax.models import mlp
+
+        recipe = self.recipe
+        ends_C = mlp.checkpoint_steps(recipe.steps, num_checkpoints)
+        run = jax.jit(
+            lambda s, d, w, k, n: lm_train.run_steps(recipe, self.graphdef, s, k, d, w, n)[0],
+            static_argnums=4,
+        )
+        state = {**lm_train.init_state(recipe, self.params0), "step": jnp.int32(0)}
+        data, w, key = self.data(), jnp.ones(len(self.train)), jax.random.key(self.seed)
+        ckpts, start = [], 0
+        for end in ends_C:
+            state = run(state, data, w, key, int(end - start))
+            ckpts.append(state["params"])
+            start = int(end)
+        schedule = optax.warmup_cosine_decay_schedule(  # as lm_train.make_optimizer's
+            0.0,
+            recipe.lr,
+            max(recipe.warmup_steps, 1),
+            max(recipe.steps, recipe.warmup_steps + 1),
+            recipe.lr * recipe.lr_end_frac,
+        )
+        lr_T = np.asarray(schedule(np.arange(recipe.steps)), np.float64)
+        lr_C = [lr_T[a:b].mean() for a, b in zip([0, *ends_C[:-1]], ends_C, strict=True)]
+        return ckpts, np.asarray(lr_C)
 
 
 def retrain_losses(

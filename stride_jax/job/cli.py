@@ -9,19 +9,19 @@ import sys
 
 from absl import logging
 
-from stride_jax import benchmark
 from stride_jax.checkpoint import CheckpointError
 from stride_jax.data import DataError
 from stride_jax.errors import ConfigError
+from stride_jax.task import TaskError
 
-USER_ERRORS = (DataError, ConfigError, CheckpointError)
+USER_ERRORS = (DataError, ConfigError, CheckpointError, TaskError)
 
 
 def run_job(job, *args, extra_errors: tuple = ()):
     """``job(*args)`` with INFO progress from this package; a user error (bad data, config or
     workdir) prints one line naming the problem and exits 1 instead of a traceback."""
     logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(benchmark.only_stride_jax_info)
+    logging.get_absl_handler().addFilter(only_stride_jax_info)
     try:
         return job(*args)
     except (*USER_ERRORS, *extra_errors) as e:
@@ -31,7 +31,7 @@ def run_job(job, *args, extra_errors: tuple = ()):
 
 def print_summary(results: dict, workdir: str) -> None:
     """The LDS table, the noise ceiling and where results.json is."""
-    print(benchmark.format_table(results))
+    print(format_table(results))
     if "noise_ceiling" in results:
         nc = results["noise_ceiling"]
         print(
@@ -76,3 +76,38 @@ def sweep_dir(workdir: str, method: str, name: str, method_config) -> str:
     whole resolved config, so points of sweeps over different base settings never collide."""
     digest = hashlib.sha256(method_config.to_json(sort_keys=True).encode()).hexdigest()[:8]
     return os.path.join(workdir, "sweep", method, f"{name}-{digest}")
+
+
+def only_stride_jax_info(record) -> bool:
+    """Log filter: keep warnings from everywhere, INFO only from this package's progress."""
+    return record.levelno > 20 or "stride_jax" in record.pathname
+
+
+def _delta(d) -> str:
+    if d is None:
+        return ""
+    return f"{d['mean']:+.4f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+
+
+def format_table(results: dict) -> str:
+    """The LDS table printed at the end of a run: one row per method and ablation."""
+    rows = [("method", "LDS", "95% CI", "Pearson", "Kendall", "seconds", "vs stride (paired CI)")]
+    entries = list(results["methods"].items())
+    entries += [
+        (f"stride w/o {k}" if k.startswith("no_") else f"stride {k}", v)
+        for k, v in results.get("ablations", {}).items()
+    ]
+    for name, r in entries:
+        rows.append(
+            (
+                name.replace("w/o no_", "w/o "),
+                f"{r['lds']:.4f}",
+                f"[{r['lds_ci95'][0]:.3f}, {r['lds_ci95'][1]:.3f}]",
+                f"{r['lds_pearson']:.4f}",
+                f"{r['lds_kendall']:.4f}",
+                f"{r['seconds']:.1f}",
+                _delta(r.get("delta_vs_stride")),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)

@@ -1,0 +1,1 @@
+"""Pure numerics shared by attribution methods: per-row gradients, projections, layer taps."""

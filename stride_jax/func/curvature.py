@@ -1,0 +1,159 @@
+"""Curvature of the training loss: Kronecker factors (K-FAC / EK-FAC) and the dense Hessian.
+
+K-FAC works from a task's dense layers (``Task.dense_io``): per layer the inputs a_t and the
+output gradients g_t at every token t of a row, so the row's kernel gradient is
+G = sum_t a_t g_t^T. With ``io(rows, key) -> (a_L, mask_BxT, terms)`` (``dense_io`` bound to
+its params and layers) these functions build, over all training rows ``chunk`` at a time:
+
+- ``kron_factors``: A = E_tokens[a a^T] over real tokens, S = E_tokens[g g^T] (summed over the
+  Fisher terms with their weights), both divided by the number of real tokens;
+- ``eigenbases``: the eigendecompositions of A and S (Q_A, Q_S);
+- ``ekfac_eigenvalues``: Lambda_ij = E_rows[(Q_A^T G Q_S)_ij^2], the exact diagonal of the
+  row-gradient Fisher in the Kronecker eigenbasis (George et al. 2018); a row of one token
+  (a classifier's) has G = a g^T of rank one, so Lambda is E[(Q_A^T a)^2 (Q_S^T g)^2];
+- ``precondition``: Q_A [(Q_A^T V Q_S) / Lambda] Q_S^T for gradient matrices V.
+
+``hessian``: the dense P x P Hessian of a weighted mean loss over flat parameters, column
+block by column block with Hessian-vector products (exact influence on tiny models).
+
+Rows come in padded chunks with row weights (``chunked``): a padding row adds nothing.
+``key`` (sampled Fisher targets) is folded with the chunk index, so the factors and the
+eigenvalue refit see the same targets.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from stride_jax.func.grads import HIGHEST, num_rows, padded_chunks
+
+
+def chunked(data: dict, chunk: int) -> tuple[dict, jax.Array]:
+    """(rows as K x C x ..., w_KxC: 1 for the real rows, 0 for the padding). Build them
+    outside ``jit`` and pass them in: weights that XLA sees as constants change its fusion,
+    hence the round-off."""
+    w = padded_chunks({"w": jnp.ones(num_rows(data), jnp.float32)}, chunk)["w"]
+    return padded_chunks(data, chunk), w
+
+
+def _scan(body, init, chunks: dict, w: jax.Array, key):
+    """``body(acc, rows, w_C, key_or_None) -> (acc, rows counted)`` over the chunks;
+    returns (acc, total count)."""
+
+    def step(acc, xs):
+        rows, w_C, c = xs
+        return body(acc, rows, w_C, None if key is None else jax.random.fold_in(key, c))
+
+    acc, n_K = jax.lax.scan(step, init, (chunks, w, jnp.arange(w.shape[0])))
+    return acc, n_K.sum()
+
+
+def _shapes(io, chunks: dict):
+    """[(I_l, O_l)] per layer, from an abstract call of ``io`` on one chunk."""
+    rows = jax.tree.map(lambda a: a[0], chunks)
+    a_L, _, terms = jax.eval_shape(io, rows, None)
+    return [(a.shape[-1], g.shape[-1]) for a, g in zip(a_L, terms[0][1], strict=True)]
+
+
+def kron_factors(io, chunks: dict, w_KxC, key=None) -> list[tuple[jax.Array, jax.Array]]:
+    """[(A_IxI, S_OxO)] per layer: E[a a^T] over real tokens, E[g g^T] per real token."""
+
+    def outer(u_BxTxD, wt_BxT):  # sum over rows and tokens of wt u u^T
+        if u_BxTxD.shape[1] == 1:  # one token per row: a plain matmul
+            return (u_BxTxD[:, 0] * wt_BxT).T @ u_BxTxD[:, 0]
+        return jnp.einsum("bti,btj->ij", u_BxTxD * wt_BxT[..., None], u_BxTxD)
+
+    def body(acc, rows, w_C, k):
+        a_L, mask, terms = io(rows, k)
+        m = mask * w_C[:, None]
+        out = []
+        for i, (a_acc, s_acc) in enumerate(acc):
+            s_new = sum(outer(g[i], (wt * w_C)[:, None]) for wt, g in terms)
+            out.append((a_acc + outer(a_L[i], m), s_acc + s_new))
+        return out, m.sum()
+
+    init = [(jnp.zeros((i, i)), jnp.zeros((o, o))) for i, o in _shapes(io, chunks)]
+    acc, n_tok = _scan(body, init, chunks, w_KxC, key)
+    return [(a / n_tok, s / n_tok) for a, s in acc]
+
+
+def eigenbases(factors):
+    """([eigenvalues of A], [Q_A], [eigenvalues of S], [Q_S]) of the symmetrised factors."""
+    ea = [jnp.linalg.eigh(0.5 * (a + a.T)) for a, _ in factors]
+    es = [jnp.linalg.eigh(0.5 * (s + s.T)) for _, s in factors]
+    return [e[0] for e in ea], [e[1] for e in ea], [e[0] for e in es], [e[1] for e in es]
+
+
+def kfac_eigenvalues(la, ls) -> list[jax.Array]:
+    """K-FAC's Lambda_IxO = lambda_A lambda_S^T (round-off negatives clipped to 0)."""
+    return [jnp.maximum(a, 0)[:, None] * jnp.maximum(s, 0) for a, s in zip(la, ls, strict=True)]
+
+
+def row_grads(a_BxTxI, g_BxTxO) -> jax.Array:
+    """G_BxIxO = sum_t a_t g_t^T: each row's kernel gradient."""
+    return jnp.einsum("bti,bto->bio", a_BxTxI, g_BxTxO, precision=HIGHEST)
+
+
+def ekfac_eigenvalues(io, chunks: dict, w_KxC, qa, qs, key=None) -> list[jax.Array]:
+    """EK-FAC's Lambda_IxO = E_rows[(Q_A^T G Q_S)^2] per layer (the Fisher terms summed)."""
+
+    def layer(a, g, wt, q_a, q_s):
+        if a.shape[1] == 1:  # one token per row: G = a g^T has rank one
+            return ((a[:, 0] @ q_a) ** 2 * wt[:, None]).T @ (g[:, 0] @ q_s) ** 2
+        rot = jnp.einsum("ai,nab,bj->nij", q_a, row_grads(a, g), q_s, precision=HIGHEST)
+        return (rot**2 * wt[:, None, None]).sum(0)
+
+    def body(acc, rows, w_C, k):
+        a_L, _, terms = io(rows, k)
+        out = [
+            u + sum(layer(a_L[i], g[i], wt * w_C, qa[i], qs[i]) for wt, g in terms)
+            for i, u in enumerate(acc)
+        ]
+        return out, w_C.sum()
+
+    init = [jnp.zeros((i, o)) for i, o in _shapes(io, chunks)]
+    lam, n_rows = _scan(body, init, chunks, w_KxC, key)
+    return [m / n_rows for m in lam]
+
+
+def precondition(qa, qs, lam, grads_L):
+    """Per layer Q_A [(Q_A^T V Q_S) / Lambda] Q_S^T for a batch of V (Q x I x O); ``lam`` is
+    already damped."""
+    out = []
+    for v, q_a, q_s, m in zip(grads_L, qa, qs, lam, strict=True):
+        rot = jnp.einsum("ai,qab,bj->qij", q_a, v, q_s) / m
+        out.append(jnp.einsum("ai,qij,bj->qab", q_a, rot, q_s))
+    return out
+
+
+def dense_dots(a_L, g_L, pre_L) -> jax.Array:
+    """scores_BxQ = sum over layers of <G_b, P_q> for rows given by their factors (a, g) and
+    preconditioned query gradients P (Q x I x O); G is formed only for multi-token rows."""
+    out = 0
+    for a, g, p in zip(a_L, g_L, pre_L, strict=True):
+        if a.shape[1] == 1:
+            out = out + jnp.einsum("bi,qio,bo->bq", a[:, 0], p, g[:, 0], precision=HIGHEST)
+        else:
+            out = out + jnp.einsum("bio,qio->bq", row_grads(a, g), p, precision=HIGHEST)
+    return out
+
+
+def hessian(loss_fn, flat_P: jax.Array, chunks: dict, w_KxC, hvp_batch: int) -> jax.Array:
+    """H_PxP of the mean over rows of ``loss_fn(flat_P, rows) -> B`` (symmetrised), one chunk
+    of rows at a time, P Hessian-vector products per chunk (``hvp_batch`` at a time)."""
+    p = flat_P.size
+    n = w_KxC.sum()
+    eye = jnp.eye(p, dtype=flat_P.dtype)
+
+    def body(h, rows, w_C, _):
+        def loss(f):
+            return (loss_fn(f, rows) * w_C).sum() / n
+
+        def hvp(v):
+            return jax.jvp(jax.grad(loss), (flat_P,), (v,))[1]
+
+        return h + jax.lax.map(hvp, eye, batch_size=min(hvp_batch, p)), w_C.sum()
+
+    h, _ = _scan(body, jnp.zeros((p, p), flat_P.dtype), chunks, w_KxC, None)
+    return 0.5 * (h + h.T)

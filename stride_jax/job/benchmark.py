@@ -1,0 +1,167 @@
+"""The LDS benchmark job, for every task kind: data -> task -> base model -> ground truth ->
+attribution methods -> LDS (with bootstrap CIs), paired deltas vs STRIDE, ablations, the noise
+ceiling -> ``results.json``, ``lds.png`` and ``table.md``.
+
+What differs by kind (loading data, the base model, the retrains) is in ``job.models``;
+everything else is one code path. Every stage caches its output in the workdir beside a copy
+of the config slice that made it; a restart reuses what matches and refuses what does not (a
+different config needs a new workdir). Stage-1 training resumes from its orbax checkpoint.
+All randomness is keyed by config seeds, so a killed job restarted gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+from absl import logging
+
+from stride_jax import checkpoint, methods, metrics, profiling, sharding
+from stride_jax.apps import report
+from stride_jax.job import cache, models
+from stride_jax.job.config import validate
+from stride_jax.methods import datamodel
+
+ABLATIONS = {
+    "no_fidelity": lambda c: c.stage1.update(w_fidelity=0.0),
+    "no_stability": lambda c: c.stage1.update(w_stability=0.0),
+    "no_linearity": lambda c: c.stage1.update(w_linearity=0.0),
+    "bernoulli_design": lambda c: c.design.update(kind="bernoulli"),
+}
+
+
+@dataclasses.dataclass
+class Context:
+    """One run's config, workdir, data splits, device mesh, and the base model as a task."""
+
+    config: object
+    workdir: str
+    splits: object
+    mesh: object
+    task: object = None
+    base_stats: dict = None
+
+
+def method_config(config, name: str):
+    """A method's own config block: ``config.stride`` or ``config.baselines.<name>``."""
+    return config.stride if name == "stride" else config.baselines[name]
+
+
+def context(config, workdir: str):
+    """Validate, load data, then the base model and ground truth (reused when cached).
+    Returns ``(ctx, gt)``; bad config or data fail before the workdir is created."""
+    validate(config)
+    splits = models.load_data(config, workdir)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.ops)
+    ctx = Context(config, workdir, splits, mesh)
+    ctx.task, ctx.base_stats = models.base_task(config, splits, mesh, workdir)
+    return ctx, models.ground_truth(config, ctx.task, splits, workdir)
+
+
+def run_method(ctx: Context, name: str, cfg, workdir: str | None = None, query=None):
+    """Fit and score one registered method on ``query`` rows (default: the queries); returns
+    (scores over training EXAMPLES, float32; timing / memory metadata)."""
+    method = methods.get(name, ctx.config.task)
+    task = dataclasses.replace(ctx.task, workdir=workdir)
+    query = ctx.splits.query if query is None else query
+    with profiling.PeakMemory() as mem:
+        t0 = time.time()
+        state = profiling.block_all(method.fit(task, cfg))  # async dispatch: time the work
+        t1 = time.time()
+        rows = methods.as_scores(method.score(task, state, query, cfg))
+        t2 = time.time()
+    scores = np.asarray(task.sum_to_examples(rows), np.float32)
+    return scores, {"seconds_split": {"fit": t1 - t0, "score": t2 - t1}, "peak_mb": mem.peak_mb}
+
+
+def evaluate(scores_QxN, gt, n_boot: int) -> dict:
+    """LDS (Spearman, with CI), Pearson and Kendall variants, score statistics."""
+    res = metrics.lds(scores_QxN, gt["masks_MxN"], gt["losses_MxQ"], n_boot=n_boot)
+    out = {
+        "lds": res["lds"],
+        "lds_ci95": list(res["ci95"]),
+        "num_valid_queries": res["num_valid"],
+        "per_query": res["per_query"],
+    }
+    for kind in ("pearson", "kendall"):
+        out[f"lds_{kind}"] = metrics.lds(
+            scores_QxN, gt["masks_MxN"], gt["losses_MxQ"], kind=kind, n_boot=n_boot
+        )["lds"]
+    out["score_stats"] = metrics.score_stats(scores_QxN)
+    return out
+
+
+def scored(ctx: Context, label: str, method: str, cfg, sub_dir: str, gt) -> dict:
+    """Run (or reuse, if made with the same config) one method's scores and evaluate them."""
+
+    def compute():
+        logging.info(
+            "%s: scoring %d queries x %d training rows",
+            label,
+            len(ctx.splits.query),
+            len(ctx.splits.train),
+        )
+        return run_method(ctx, method, cfg, sub_dir)
+
+    scores, meta = cache.scores(ctx.workdir, label, compute, cfg.to_dict())
+    result = {**evaluate(scores, gt, ctx.config.lds.n_boot), **meta}
+    lo, hi = result["lds_ci95"]
+    logging.info(
+        "%s: LDS %.4f [%.4f, %.4f] in %.1fs", label, result["lds"], lo, hi, result["seconds"]
+    )
+    return result
+
+
+def noise_ceiling(ctx: Context, gt) -> dict:
+    """LDS of a second set of retrains (same subsets, other seeds) used as the prediction."""
+    c = ctx.config
+    other = models.ceiling_losses(c, ctx.task, ctx.splits, ctx.workdir, gt)
+    res = datamodel.retrain_agreement(other, gt["losses_MxQ"], n_boot=c.lds.n_boot)
+    logging.info("noise ceiling: LDS %.4f [%.4f, %.4f]", res["lds"], *res["ci95"])
+    return {"lds": res["lds"], "lds_ci95": list(res["ci95"])}
+
+
+def run(config, workdir: str) -> dict:
+    """The whole job; returns and writes ``workdir/results.json`` (and the report)."""
+    ctx, gt = context(config, workdir)
+    checkpoint.save_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+    entries = {}
+    for name in config.methods:
+        cfg = method_config(config, name)
+        entries[name] = scored(ctx, name, name, cfg, os.path.join(workdir, name), gt)
+    ablations = {}
+    for name in config.ablations:
+        sub = config.stride.copy_and_resolve_references()
+        with sub.unlocked():
+            ABLATIONS[name](sub)
+        sub_dir = os.path.join(workdir, "ablations", name)
+        ablations[name] = scored(ctx, f"ablation_{name}", "stride", sub, sub_dir, gt)
+    if "stride" in entries:  # paired over the same queries: method (or ablation) minus STRIDE
+        base = entries["stride"]["per_query"]
+        for entry in [*entries.values(), *ablations.values()]:
+            if entry is not entries["stride"]:
+                entry["delta_vs_stride"] = metrics.paired_difference(
+                    entry["per_query"], base, n_boot=config.lds.n_boot
+                )
+    for entry in [*entries.values(), *ablations.values()]:
+        entry.pop("per_query")
+    results = {
+        "dataset": models.describe(config, ctx.splits),
+        "ground_truth": {
+            "num_models": config.groundtruth.num_models,
+            "alpha": config.groundtruth.alpha,
+        },
+        "base_model": ctx.base_stats,
+        "methods": entries,
+    }
+    if ablations:
+        results["ablations"] = ablations
+    if config.groundtruth.noise_ceiling:
+        results["noise_ceiling"] = noise_ceiling(ctx, gt)
+    checkpoint.save_json(os.path.join(workdir, "results.json"), results)
+    report.write_report(results, workdir)
+    return results

@@ -1,0 +1,64 @@
+"""Workdir stage caches, each tied to the config slice that made it.
+
+A stage's output is reused on a restart only when the config that would make it is the one
+recorded beside it; another config in the same workdir is refused (``CheckpointError``: use a
+new workdir) rather than silently served stale numbers. Outputs are written atomically
+(``checkpoint``), and scores record their config only once saved, so a killed job leaves no
+claim a restart would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from stride_jax import checkpoint
+
+
+def guarded(workdir: str, name: str, config_slice: dict) -> str:
+    """Path of the cached stage output ``name``; refuses a cache built from another config."""
+    path = os.path.join(workdir, name)
+    checkpoint.guard_config(path, config_slice)
+    return path
+
+
+def save_tree(path: str, tree) -> None:
+    """A pytree's leaves as ``p0, p1, ...`` in one .npz (its structure comes from the reader)."""
+    leaves = jax.tree.leaves(tree)
+    checkpoint.save_arrays(path, **{f"p{i}": np.asarray(x) for i, x in enumerate(leaves)})
+
+
+def load_tree(path: str, like):
+    """The pytree saved by ``save_tree``, with the structure of ``like``."""
+    flat = checkpoint.load_arrays(path)
+    leaves, treedef = jax.tree.flatten(like)
+    return jax.tree.unflatten(treedef, [jnp.asarray(flat[f"p{i}"]) for i in range(len(leaves))])
+
+
+def scores(workdir: str, name: str, compute, config_slice: dict):
+    """``(scores, meta)`` of ``compute()`` (which returns the same pair), cached as
+    ``scores_<name>.npy`` / ``.meta.json`` and tied to ``config_slice`` (the method's config):
+    cached scores made with another config are refused, not reused. ``meta["seconds"]`` is
+    the wall time of ``compute``."""
+    path = os.path.join(workdir, f"scores_{name}.npy")
+    meta_path = os.path.join(workdir, f"scores_{name}.meta.json")
+    if os.path.exists(path) and os.path.exists(meta_path):
+        checkpoint.guard_config(path, config_slice)
+        out = np.load(path)
+        with open(meta_path) as f:
+            meta = json.load(f)
+        logging.info("%s: reusing %s", name, path)
+        return out, meta
+    t0 = time.time()
+    out, meta = compute()
+    meta["seconds"] = time.time() - t0
+    checkpoint.save_npy(path, out)
+    checkpoint.record_config(path, config_slice)
+    checkpoint.save_json(meta_path, meta)
+    return out, meta

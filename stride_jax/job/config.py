@@ -1,0 +1,214 @@
+"""Run-config defaults and validation (configs themselves live in experiments/configs).
+
+``base_config(kind)`` is the full set of keys every run config of a task kind has; config
+files override values, never add keys (ml_collections rejects unknown keys on the command
+line). The top-level ``task`` key ("classifier" | "decoder") says which kind the job builds.
+A classifier run trains the library MLP on features; a decoder run trains a small decoder
+from scratch (``model.source='scratch'``) or fine-tunes a pre-trained one (``'pretrain'``,
+``'hf'``, ``'gguf'``) on prompt/response examples; ``train`` is then the one recipe of the
+base decoder and of every ground-truth retrain. ``validate`` refuses unknown methods (and
+methods that do not support the kind), ablations and out-of-range values before any work.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from stride_jax import methods, newton
+from stride_jax.errors import ConfigError
+from stride_jax.stride import defaults as stride_defaults
+from stride_jax.task import KINDS
+
+__all__ = ["ConfigError", "base_config", "pretrain_config", "validate"]
+
+DEFAULT_METHODS = ("stride", "graddot")
+ABLATION_NAMES = ("no_fidelity", "no_stability", "no_linearity", "bernoulli_design")
+LM_METHODS = (
+    "stride",
+    "graddot",
+    "tracin",
+    "trak1",
+    "trak",
+    "logra",
+    "ekfac",
+    "repsim",
+    "minilm",
+    "tfidf",
+    "bm25",
+    "random",
+)
+
+
+def recipe(**overrides) -> dict:
+    """The decoder training recipe (``models.lm_train``), with ``overrides``."""
+    r = dict(steps=400, batch=16, lr=3e-3, warmup_steps=40, lr_end_frac=0.1, clip=1.0)
+    r.update(weight_decay=0.01, seed=0)
+    r.update(overrides)
+    return r
+
+
+def arch(**overrides) -> dict:
+    """A small decoder architecture (``models.transformer.DecoderConfig`` fields), with
+    ``overrides``."""
+    a = dict(family="gpt2", d_model=64, n_layers=2, n_heads=4, max_len=64, seed=0)
+    a.update(overrides)
+    return a
+
+
+def pretrain_config() -> ml_collections.ConfigDict:
+    """experiments/pretrain_lm.py's config: a character GPT on all of Shakespeare but 200
+    held-out blocks (``data.name='textfile'`` with ``data.path`` takes any UTF-8 text file;
+    'jsonl' a JSONL corpus; ``data.tokenizer`` 'char' or a tokenizer path for BPE)."""
+    return ml_collections.ConfigDict(
+        dict(
+            data=dict(
+                name="shakespeare",
+                path="",
+                tokenizer="char",
+                block_len=64,
+                n_train=None,
+                n_val=0,
+                n_query=200,
+                seed=0,
+            ),
+            model=arch(),
+            train=recipe(steps=1000),
+            ckpt_every=250,
+        )
+    )
+
+
+def _classifier_blocks(c: ml_collections.ConfigDict) -> None:
+    c.data = dict(name="digits", path="", seed=0, n_train=1400, n_query=200, query_split="query")
+    # Base-model recipe, shared by every ground-truth retrain: full-batch AdamW, 150 steps,
+    # weight decay; stops at train CE ~0.11 (query CE ~0.10), so it does not memorise.
+    c.model = dict(hidden=(128,), steps=150, lr=3e-3, weight_decay=1e-2, seed=0)
+    # The noise ceiling retrains the same subsets with seeds from ``ceiling_seed``.
+    c.groundtruth = dict(
+        num_models=100, alpha=0.5, seed=1, models_per_batch=50, noise_ceiling=True, ceiling_seed=7
+    )
+
+
+def _decoder_blocks(c: ml_collections.ConfigDict) -> None:
+    c.data = dict(
+        name="shakespeare",
+        path="",
+        tokenizer="char",
+        block_len=64,
+        n_train=2000,
+        n_val=100,
+        n_query=100,
+        seed=0,
+    )
+    c.model = dict(source="scratch", path="", **arch())
+    # Used only by model.source='pretrain': pre-train a decoder here, then fine-tune it.
+    c.pretrain = pretrain_config()
+    c.train = recipe()
+    c.groundtruth = dict(
+        num_models=64, alpha=0.5, seed=1, models_per_batch=16, noise_ceiling=True, ceiling_seed=7
+    )
+
+
+def base_config(kind: str = "classifier") -> ml_collections.ConfigDict:
+    """Every key of a run config of task kind ``kind``, with its default."""
+    if kind not in KINDS:
+        raise ConfigError(f"task must be one of {KINDS}, got {kind!r}")
+    c = ml_collections.ConfigDict()
+    c.task = kind
+    (_classifier_blocks if kind == "classifier" else _decoder_blocks)(c)
+    c.stride = stride_defaults.default(kind)
+    c.baselines = methods.default_configs(kind)
+    c.methods = DEFAULT_METHODS if kind == "classifier" else ("stride",)
+    c.ablations = ()
+    c.mesh = dict(data=1, ops=1)
+    c.lds = dict(n_boot=1000)
+    return c
+
+
+def _positive(config, *paths):
+    for path in paths:
+        value = config
+        for part in path.split("."):
+            value = value[part]
+        if not value > 0:
+            raise ConfigError(f"config.{path} must be > 0, got {value}")
+
+
+def validate(config) -> None:
+    """Raise ``ConfigError`` naming the first bad key (before any work is done)."""
+    kind = config.get("task")
+    if kind not in KINDS:
+        raise ConfigError(f"config.task must be one of {KINDS}, got {kind!r}")
+    for name in config.methods:
+        methods.get(name, kind)  # unknown, or not for this kind: a ConfigError naming both
+        if name != "stride" and name not in config.baselines:
+            raise ConfigError(f"config.baselines has no block for method {name!r}")
+    for name in config.ablations:
+        if name not in ABLATION_NAMES:
+            raise ConfigError(
+                f"config.ablations has unknown ablation {name!r}; known: {ABLATION_NAMES}"
+            )
+    if not 0.0 < config.groundtruth.alpha <= 1.0:
+        raise ConfigError(
+            f"config.groundtruth.alpha must be in (0, 1], got {config.groundtruth.alpha}"
+        )
+    _positive(config, "groundtruth.num_models", "groundtruth.models_per_batch", "lds.n_boot")
+    (_validate_classifier if kind == "classifier" else _validate_decoder)(config)
+
+
+def _validate_classifier(config) -> None:
+    _positive(
+        config,
+        "model.steps",
+        "model.lr",
+        "stride.design.num_subsets",
+        "stride.design.degree",
+        "stride.stage1.rank",
+        "stride.stage1.log_every",
+        "stride.stage1.ckpt_every",
+        "stride.lasso.lam_frac",
+        "stride.lasso.maxiter",
+        "stride.response_batch",
+    )
+    st = config.stride.stage1
+    if st.steps < 0 or (st.steps == 0 and newton.check_init(st) != "newton"):
+        raise ConfigError(
+            f"config.stride.stage1.steps must be > 0 (or 0 with stage1.init='newton'), "
+            f"got {st.steps}"
+        )
+    if config.stride.design.kind not in ("expander", "bernoulli"):
+        raise ConfigError(
+            f"config.stride.design.kind must be 'expander' or 'bernoulli', got "
+            f"{config.stride.design.kind!r}"
+        )
+
+
+def _validate_decoder(config) -> None:
+    if "minilm" in config.methods:  # fail now, not after the retrains
+        path = config.baselines.minilm.path
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise ConfigError(
+                f"method 'minilm' needs the MiniLM encoder in {path!r}: run "
+                "`python -m experiments.fetch_minilm` (or set baselines.minilm.path)"
+            )
+    if config.model.source not in ("scratch", "pretrain", "hf", "gguf"):
+        raise ConfigError(
+            f"model.source must be scratch, pretrain, hf or gguf, got {config.model.source!r}"
+        )
+    if config.data.tokenizer == "char" and config.model.source != "scratch":
+        raise ConfigError(
+            "data.tokenizer='char' builds a new character vocabulary, which cannot match a "
+            f"model from model.source={config.model.source!r}: use 'pretrained' or the "
+            "model's tokenizer path"
+        )
+    if config.data.tokenizer == "pretrained" and config.model.source != "pretrain":
+        raise ConfigError("data.tokenizer='pretrained' needs model.source='pretrain'")
+    s = config.stride
+    for key in ("op_chunk", "vocab_chunk", "query_batch", "encode_batch"):
+        if not s[key] > 0:
+            raise ConfigError(f"config.stride.{key} must be > 0, got {s[key]}")
+    if s.stage1.steps % s.stage1.log_every:
+        raise ConfigError("config.stride.stage1.steps must be a multiple of stage1.log_every")
+    _positive(config, "train.steps", "train.batch")

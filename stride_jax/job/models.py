@@ -1,0 +1,308 @@
+"""What the job does differently per task kind, in one place: loading the data, building the
+base model (as a ``Task``), its statistics, and the ground-truth retrains.
+
+- classifier: features from ``data.load`` (digits, MNIST-5k, a user's .npz); the library MLP
+  trained with its full-batch recipe (``config.model``); the ground truth's M retrains run in
+  one jitted, mesh-sharded call (``groundtruth``).
+- decoder: token blocks from ``data.corpora``; a decoder trained from scratch or fine-tuned
+  from a pre-trained start (``model.source``: 'scratch' | 'pretrain' | 'hf' | 'gguf') with
+  ``config.train``; ground-truth retrains start from the same point and also score the
+  validation rows, so tuning needs no retraining of its own (``task.retrain_losses``, groups
+  of models vmapped, resumable from a partial file).
+
+Every stage output is cached in the workdir and tied to the config slice that makes it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from stride_jax import checkpoint, groundtruth, subsets, tasks
+from stride_jax.data import corpora, load
+from stride_jax.errors import ConfigError
+from stride_jax.job import cache
+from stride_jax.job.pretrain import decoder_config, pretrain
+from stride_jax.models import hf_import, mlp, transformer
+from stride_jax.tasks import decoder as decoder_task
+
+# --- data -----------------------------------------------------------------------------------
+
+
+def load_data(config, workdir: str):
+    """The run's splits. Refuses bad data before any file is written, except that a decoder
+    run whose tokenizer is the one pre-trained here (``data.tokenizer='pretrained'``) must
+    pre-train first."""
+    if config.task == "classifier":
+        splits = load(config.data)
+        logging.info(
+            "data: %s, %d train, %d query, %d classes",
+            splits.name,
+            len(splits.train),
+            len(splits.query),
+            splits.num_classes,
+        )
+        return splits
+    data_config = config.data
+    if config.data.tokenizer == "pretrained":
+        hf_dir = pretrain(config.pretrain, os.path.join(workdir, "pretrained"))
+        data_config = ml_collections.ConfigDict(
+            dict(config.data.to_dict(), tokenizer=os.path.join(hf_dir, "stride_tokenizer.json"))
+        )
+    splits = corpora.load_text(data_config)
+    logging.info(
+        "data: %s, %d train rows (%d examples), %d query rows, block %d, vocab %d",
+        splits.name,
+        len(splits.train),
+        splits.train.num_examples,
+        len(splits.query),
+        splits.train.block_len,
+        splits.tokenizer.vocab_size,
+    )
+    return splits
+
+
+def describe(config, splits) -> dict:
+    """The ``dataset`` block of results.json."""
+    if config.task == "classifier":
+        return {"name": splits.name, "n_train": len(splits.train), "n_query": len(splits.query)}
+    return {
+        "name": splits.name,
+        "n_train_examples": splits.train.num_examples,
+        "n_train_rows": len(splits.train),
+        "n_query": len(splits.query),
+        "block_len": splits.train.block_len,
+    }
+
+
+# --- the base model ---------------------------------------------------------------------------
+
+
+def base_task(config, splits, mesh, workdir: str):
+    """``(task, stats)``: the base model trained with the kind's recipe (or reloaded from
+    ``base_model.npz``) as a ``Task``, and its train / query statistics (logged)."""
+    if config.task == "classifier":
+        task, like, recipe = _classifier_task(config, splits, mesh)
+    else:
+        task, like, recipe = _decoder_task(config, splits, mesh, workdir)
+    path = cache.guarded(workdir, "base_model.npz", recipe)
+    if os.path.exists(path):
+        task.params = cache.load_tree(path, like)
+        logging.info("base model: reusing %s", path)
+    else:
+        t0 = time.time()
+        task.params = task.retrain(jax.random.key(task.seed))
+        logging.info("base model: trained in %.1fs", time.time() - t0)
+        cache.save_tree(path, task.params)
+    stats = _classifier_stats(task, splits) if config.task == "classifier" else _lm_stats(task)
+    return task, stats
+
+
+def _classifier_task(config, splits, mesh):
+    """(the untrained MLP task, its abstract params, the config slice of its recipe)."""
+    graphdef, abstract = mlp.abstract(config.model, splits.train.x_NxF.shape[1], splits.num_classes)
+    task = tasks.mlp_task(config.model, graphdef, None, splits, mesh=mesh)
+    recipe = {"data": config.data.to_dict(), "model": config.model.to_dict()}
+    return task, abstract, recipe
+
+
+def _classifier_stats(task, splits) -> dict:
+    """Mean cross-entropy and accuracy on the training and query sets."""
+    stats = {}
+    for split, ds in (("train", splits.train), ("query", splits.query)):
+        logits = task.logits(jnp.asarray(ds.x_NxF))
+        stats[f"{split}_loss"] = float(mlp.cross_entropy(logits, ds.y_N).mean())
+        stats[f"{split}_accuracy"] = float((logits.argmax(-1) == ds.y_N).mean())
+    logging.info(
+        "base model: train loss %.4f acc %.4f | query loss %.4f acc %.4f",
+        stats["train_loss"],
+        stats["train_accuracy"],
+        stats["query_loss"],
+        stats["query_accuracy"],
+    )
+    return stats
+
+
+def _start_model(config, splits, workdir: str):
+    """(architecture, graphdef, params0) the decoder recipe starts from."""
+    mc = config.model
+    if mc.source == "scratch":
+        cfg = decoder_config(mc, splits.tokenizer.vocab_size)
+        return (cfg, *transformer.build(cfg, jax.random.key(mc.seed)))
+    if mc.source == "pretrain":
+        return hf_import.load_hf(pretrain(config.pretrain, os.path.join(workdir, "pretrained")))
+    if mc.source == "hf":
+        return hf_import.load_hf(mc.path)
+    if mc.source == "gguf":
+        from stride_jax.models import gguf_import
+
+        return gguf_import.load_gguf(mc.path)
+    raise ConfigError(f"model.source must be scratch, pretrain, hf or gguf, got {mc.source!r}")
+
+
+def _decoder_task(config, splits, mesh, workdir: str):
+    """(the untrained decoder task, its start params, the config slice of its recipe); refuses
+    a model whose vocabulary or context the data do not fit."""
+    cfg, graphdef, params0 = _start_model(config, splits, workdir)
+    if cfg.vocab_size < splits.tokenizer.vocab_size:
+        raise ConfigError(
+            f"the model's vocabulary ({cfg.vocab_size}) is smaller than the tokenizer's "
+            f"({splits.tokenizer.vocab_size}): model and tokenizer do not match"
+        )
+    if splits.train.block_len > cfg.max_len:
+        raise ConfigError(f"data.block_len exceeds the model's max_len {cfg.max_len}")
+    c = config
+    recipe = {"data": c.data.to_dict(), "model": c.model.to_dict(), "train": c.train.to_dict()}
+    if c.model.source == "pretrain":
+        recipe["pretrain"] = c.pretrain.to_dict()
+    task = decoder_task.DecoderTask(
+        graphdef=graphdef,
+        params=None,
+        train=splits.train,
+        query=splits.query,
+        mesh=mesh,
+        seed=c.train.seed,
+        model_config=cfg,
+        recipe=c.train,
+        params0=params0,
+        tokenizer=splits.tokenizer,
+    )
+    return task, params0, recipe
+
+
+def _lm_stats(task) -> dict:
+    """Mean row losses of the base decoder (and, on the queries, of its start)."""
+    stats = {
+        "train_loss": float(task.row_losses(task.train).mean()),
+        "query_loss": float(task.row_losses(task.query).mean()),
+        "start_query_loss": float(task.row_losses(task.query, task.params0).mean()),
+        "num_params": int(sum(x.size for x in jax.tree.leaves(task.params))),
+    }
+    logging.info(
+        "base model: train loss %.4f, query loss %.4f (before training: %.4f), %d params",
+        *stats.values(),
+    )
+    return stats
+
+
+# --- ground truth -----------------------------------------------------------------------------
+
+
+def ground_truth(config, task, splits, workdir: str) -> dict:
+    """``{"masks_MxN", "losses_MxQ"}`` (and, for a decoder with validation rows,
+    ``"losses_val_MxV"``) of the M ground-truth retrains; cached in groundtruth.npz."""
+    if config.task == "classifier":
+        cache.guarded(workdir, "groundtruth.npz", _classifier_gt_slice(config))
+        return groundtruth.build(config.groundtruth, config.model, splits, task.mesh, workdir)
+    return _decoder_gt(
+        config, task, splits, workdir, config.groundtruth.seed + 1000, "groundtruth.npz"
+    )
+
+
+def ceiling_losses(config, task, splits, workdir: str, gt) -> np.ndarray:
+    """losses_MxQ of the ground truth's subsets retrained with other seeds (from
+    ``groundtruth.ceiling_seed``): the noise ceiling's prediction; cached."""
+    if config.task != "classifier":
+        seed = config.groundtruth.ceiling_seed + 1000
+        return _decoder_gt(config, task, splits, workdir, seed, "noise_ceiling.npz")["losses_MxQ"]
+    gc = config.groundtruth
+    slice_ = {**_classifier_gt_slice(config), "ceiling_seed": gc.ceiling_seed}
+    path = cache.guarded(workdir, "noise_ceiling.npz", slice_)
+    if os.path.exists(path):
+        return checkpoint.load_arrays(path)["losses_MxQ"]
+    logging.info(
+        "noise ceiling: retraining the %d ground-truth subsets with other seeds", gc.num_models
+    )
+    masks = np.asarray(gt["masks_MxN"])
+    params = groundtruth.retrain_many(
+        config.model,
+        jax.random.split(jax.random.key(gc.ceiling_seed), masks.shape[0]),
+        jnp.asarray(splits.train.x_NxF),
+        jnp.asarray(splits.train.y_N),
+        masks,
+        splits.num_classes,
+        task.mesh,
+        gc.models_per_batch,
+    )
+    losses = groundtruth.query_losses(
+        config.model,
+        params,
+        splits.query.x_NxF,
+        splits.query.y_N,
+        splits.num_classes,
+        gc.models_per_batch,
+    )
+    losses = np.asarray(jax.device_get(losses), np.float32)
+    checkpoint.save_arrays(path, losses_MxQ=losses)
+    return losses
+
+
+def _classifier_gt_slice(config) -> dict:
+    """The settings that change the classifier ground truth's numbers (not batching)."""
+    gt = config.groundtruth
+    return {
+        "data": config.data.to_dict(),
+        "model": config.model.to_dict(),
+        "groundtruth": {"num_models": gt.num_models, "alpha": gt.alpha, "seed": gt.seed},
+    }
+
+
+def _decoder_gt(config, task, splits, workdir: str, seed: int, name: str) -> dict:
+    """Masks (M x examples) and query (and validation) row losses of M decoder retrains with
+    init/batch keys from ``seed``; cached as ``name`` and resumable from its partial file."""
+    c, gt = config, config.groundtruth
+    path = cache.guarded(
+        workdir,
+        name,
+        {
+            "data": c.data.to_dict(),
+            "model": c.model.to_dict(),
+            "train": c.train.to_dict(),
+            "gt": {"num_models": gt.num_models, "alpha": gt.alpha, "seed": gt.seed},
+            "seed": seed,
+        },
+    )
+    if os.path.exists(path):
+        return checkpoint.load_arrays(path)
+    masks = subsets.retention_masks(
+        jax.random.key(gt.seed), gt.num_models, splits.train.num_examples, gt.alpha
+    )
+    keys = jax.random.split(jax.random.key(seed), gt.num_models)
+    logging.info(
+        "ground truth: retraining %d decoders (%d at a time)", gt.num_models, gt.models_per_batch
+    )
+    # Validation rows are scored by the same retrains, so tuning (job.tune) needs no
+    # retraining of its own and never sees the reported queries.
+    rows = [task.arrays(splits.query)]
+    if splits.val is not None:
+        rows.append(task.arrays(splits.val))
+    evaluated = jax.tree.map(lambda *a: jnp.concatenate(a), *rows)
+    partial, t0 = path + ".partial.npz", time.time()
+    done = checkpoint.load_arrays(partial)["losses"] if os.path.exists(partial) else ()
+
+    def on_group(losses, stop):
+        checkpoint.save_arrays(partial, losses=losses)
+        logging.info("ground truth: %d/%d models (%.1f s)", stop, gt.num_models, time.time() - t0)
+
+    weights = task.example_weights(np.asarray(masks))
+    losses = decoder_task.retrain_losses(
+        task, keys, weights, evaluated, gt.models_per_batch, on_group, done
+    )
+    q = len(splits.query)
+    logging.info(
+        "ground truth: %s in %.1fs, mean query loss %.4f",
+        name,
+        time.time() - t0,
+        losses[:, :q].mean(),
+    )
+    out = {"masks_MxN": np.asarray(masks), "losses_MxQ": losses[:, :q]}
+    if splits.val is not None:
+        out["losses_val_MxV"] = losses[:, q:]
+    checkpoint.save_arrays(path, **out)
+    return out

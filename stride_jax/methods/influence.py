@@ -1,0 +1,183 @@
+"""Influence functions (Koh & Liang 2017): exact (tiny models), K-FAC and EK-FAC, any task.
+
+Sign. Upweighting training row i by eps in the mean training loss moves the optimum by
+``-eps H^-1 g_i`` and so changes the query loss by ``-eps g_q^T H^-1 g_i`` (Koh & Liang's
+I_up,loss). The score is its negative, ``score(q, i) = + g_q^T H^-1 g_i``: positive means
+upweighting i lowers the query loss (i helps), as for every method.
+
+- ``exact_if``: H = Hessian of the mean training loss (``task.loss``) over the parameters
+  ``task.param_names(cfg)`` chooses (a classifier: all of them), built column block by
+  column block with Hessian-vector products, plus ``damping * I``; LU-factorised once in
+  float64 on the host. H need not be positive definite (the base model is not at an exact
+  minimum and is trained with weight decay): where ``lambda + damping`` is near 0 the scores
+  blow up; raise ``damping`` then. Refuses more than ``max_exact_params`` parameters. The code
+  needs only ``task.loss``, but it is registered for classifiers: no decoder's parameter
+  subset is small enough for a dense Hessian by default.
+- ``kfac`` / ``ekfac``: block-diagonal over the task's dense layers (``task.dense_layers``:
+  every ``nnx.Linear`` of a classifier, bias folded in as an input column of ones; a
+  decoder's last MLP kernels), from token-level inputs a and output gradients g
+  (``task.dense_io``; ``stride_jax.func.curvature``). Per layer A = E[a a^T], S = E[g g^T],
+  eigenbases Q_A, Q_S, and for a row gradient V: ``F^-1 V = Q_A [(Q_A^T V Q_S) / (Lambda +
+  lam)] Q_S^T`` with Lambda = lambda_A lambda_S^T (K-FAC) or, for EK-FAC (George et al.
+  2018), the refitted Lambda_ij = E_rows[(Q_A^T G Q_S)_ij^2], the exact diagonal of the layer's
+  Fisher block in the Kronecker eigenbasis. The damping ``lam`` is added to Lambda, i.e. to the
+  approximate Fisher itself, so K-FAC and EK-FAC equal the dense (F + lam I)^-1 when the
+  factorisation is exact: ``lam = damping`` or, with ``relative_damping``, ``damping x
+  mean(Lambda)`` per layer (as Kronfluence; the decoder default).
+- ``fisher``: "empirical" (default) takes g from the data's targets, the very gradients being
+  scored; "true" (classifiers) the exact expectation over the model's predictive distribution
+  (C backward passes: the Gauss-Newton matrix of softmax cross-entropy); "sampled" targets
+  drawn from it (``seed``; one per token). Scored gradients always use the data's targets.
+
+Rows are processed ``chunk`` at a time; training gradients stay in the factored form
+(a, g) for one-token rows and are formed as G only per chunk otherwise.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import scipy.linalg
+from jax.flatten_util import ravel_pytree
+
+from stride_jax import methods
+from stride_jax.errors import ConfigError
+from stride_jax.func import curvature, grads
+
+FISHERS = ("empirical", "true", "sampled")
+
+# Classifier damping chosen on digits' validation queries with experiments/tune.py (K-FAC LDS:
+# 1e-5 0.645, 1e-4 0.661, 1e-3 0.642, 0.1 0.392, 10 0.287); exact IF keeps 1e-3 (tiny models).
+_CLASSIFIER_DAMPING = {"kfac": 1e-4, "ekfac": 1e-4, "exact_if": 1e-3}
+
+
+def default_config(name: str, kind: str) -> ml_collections.ConfigDict:
+    """``name``'s defaults for a task ``kind`` (those of the per-kind code it replaces)."""
+    if kind == "classifier":
+        cfg = dict(damping=_CLASSIFIER_DAMPING[name], fisher="empirical", chunk=256)
+        cfg.update(max_exact_params=5000)
+        if name != "exact_if":
+            cfg.update(relative_damping=False)
+    else:
+        cfg = dict(layers=1, params_filter="", chunk=16, damping=0.1, fisher="empirical", seed=0)
+        cfg.update(relative_damping=True)
+    return ml_collections.ConfigDict(cfg)
+
+
+def _check_fisher(cfg) -> None:
+    if cfg.fisher not in FISHERS:
+        raise ValueError(f"fisher must be one of {FISHERS}, got {cfg.fisher!r}")
+
+
+# ---------------------------------------------------------------- exact influence
+
+
+def _flat_loss(task, names):
+    """(flat_P of the chosen params, ``loss(flat_P, rows) -> B`` with the others fixed)."""
+    chosen, merge = grads.partition(task.params, names)
+    flat, unravel = ravel_pytree(chosen)
+    return flat, lambda f, rows: task.loss(merge(unravel(f)), rows)
+
+
+def hessian(task, names=None, chunk: int = 256) -> jax.Array:
+    """H_PxP of the mean training loss over the chosen params (flattened as ``grads``)."""
+    flat, loss = _flat_loss(task, names)
+    chunk = max(1, int(chunk))
+    chunks, w = curvature.chunked(task.arrays(task.train), chunk)
+    return jax.jit(lambda f, c, w: curvature.hessian(loss, f, c, w, chunk))(flat, chunks, w)
+
+
+def exact_fit(task, cfg):
+    names = task.param_names(cfg)
+    p = grads.num_params(task.params, names)
+    if p > cfg.max_exact_params:
+        raise ConfigError(
+            f"exact_if: {p} parameters > max_exact_params={cfg.max_exact_params}; the dense "
+            "P x P Hessian is only for tiny models (use kfac / ekfac, or a smaller params_filter)"
+        )
+    h = np.asarray(hessian(task, names, cfg.chunk), np.float64)
+    return {"names": names, "lu": scipy.linalg.lu_factor(h + cfg.damping * np.eye(p))}
+
+
+def exact_score(task, state, query, cfg):
+    names, chunk = state["names"], max(1, int(cfg.chunk))
+
+    def row_grads(rows):
+        return grads.loss_grads(task, task.params, names, rows)
+
+    g_QxP = jax.jit(lambda d: grads.map_rows(row_grads, d, chunk))(task.arrays(query))
+    pre_PxQ = scipy.linalg.lu_solve(state["lu"], np.asarray(g_QxP, np.float64).T)
+    pre_PxQ = jnp.asarray(pre_PxQ, jnp.float32)  # (H + damping I)^-1 g_q
+    fn = jax.jit(lambda d, pre: grads.map_rows(lambda r: row_grads(r) @ pre, d, chunk).T)
+    return methods.as_scores(fn(task.arrays(task.train), pre_PxQ))
+
+
+# ---------------------------------------------------------------- K-FAC / EK-FAC
+
+
+def _io(task, params, layers, fisher):
+    return lambda rows, key: task.dense_io(params, rows, layers, fisher, key)
+
+
+def _kfac_fit(task, cfg, eigen_correct: bool):
+    _check_fisher(cfg)
+    layers, chunk = task.dense_layers(cfg), max(1, int(cfg.chunk))
+    key = jax.random.key(cfg.get("seed", 0)) if cfg.fisher == "sampled" else None
+    io = _io(task, task.params, layers, cfg.fisher)
+    chunks, w = curvature.chunked(task.arrays(task.train), chunk)
+    factors = jax.jit(lambda c, w, k: curvature.kron_factors(io, c, w, k))(chunks, w, key)
+    la, qa, ls, qs = curvature.eigenbases(factors)
+    if eigen_correct:
+        fn = jax.jit(lambda c, w, a, s, k: curvature.ekfac_eigenvalues(io, c, w, a, s, k))
+        lam = fn(chunks, w, qa, qs, key)
+    else:
+        lam = curvature.kfac_eigenvalues(la, ls)
+    if cfg.relative_damping:
+        lam = [m + cfg.damping * m.mean() for m in lam]
+    else:
+        lam = [m + cfg.damping for m in lam]
+    return {"layers": layers, "qa": qa, "qs": qs, "lam": lam}
+
+
+def kfac_fit(task, cfg):
+    return _kfac_fit(task, cfg, eigen_correct=False)
+
+
+def ekfac_fit(task, cfg):
+    return _kfac_fit(task, cfg, eigen_correct=True)
+
+
+def kfac_score(task, state, query, cfg):
+    """scores_QxN = sum over layers of <(F + lam)^-1 G_q, G_i>: query gradients
+    preconditioned once (Q x I x O per layer), training rows ``chunk`` at a time."""
+    io = _io(task, task.params, state["layers"], "empirical")
+    chunk = max(1, int(cfg.chunk))
+
+    def row_grads(rows):
+        a_L, _, [(_, g_L)] = io(rows, None)
+        return [curvature.row_grads(a, g) for a, g in zip(a_L, g_L, strict=True)]
+
+    def dots(rows, pre):
+        a_L, _, [(_, g_L)] = io(rows, None)
+        return curvature.dense_dots(a_L, g_L, pre)
+
+    @jax.jit
+    def fn(train, q, qa, qs, lam):
+        pre = curvature.precondition(qa, qs, lam, grads.map_rows(row_grads, q, chunk))
+        return grads.map_rows(lambda r: dots(r, pre), train, chunk).T
+
+    out = fn(task.arrays(task.train), task.arrays(query), state["qa"], state["qs"], state["lam"])
+    return methods.as_scores(out)
+
+
+def _defaults(name):
+    return lambda kind: default_config(name, kind)
+
+
+methods.register(
+    "exact_if", exact_fit, exact_score, default_config=_defaults("exact_if"), kinds=("classifier",)
+)
+methods.register("kfac", kfac_fit, kfac_score, default_config=_defaults("kfac"))
+methods.register("ekfac", ekfac_fit, kfac_score, default_config=_defaults("ekfac"))

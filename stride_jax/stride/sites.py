@@ -1,0 +1,159 @@
+"""Where STRIDE's steering operators attach: one ``Site`` per task kind.
+
+A site is everything STRIDE's stages need to know about the model, and nothing else:
+
+- ``encode(rows) -> cache``: the frozen base model run once on a row set; the cache (a dict
+  of arrays, leading axis = rows) holds the hidden state at the site and what the continuation
+  needs (base logits, top-K logits, base losses...);
+- ``stage1_inputs(cache, design, key) -> inputs``: the cache of the training rows bundled with
+  the design and the linearity sketch, what ``train.fit_operators`` reads;
+- ``operator_kwargs(cache, num_subsets)``: how ``train.fit_operators`` builds the untrained
+  operators and the jitted training chunk for this site;
+- ``responses(ops_graphdef, ops_params, cache_q, rows_q, mesh) -> y_QxT``: every operator's
+  loss drop on every query row, in one fused call (the continuation from the steered state).
+
+``ClassifierSite`` steers a classifier's logits (``operators.LogitHook``: the paper's
+classifier variant) or also an MLP's last hidden layer (``operators.HiddenHook``);
+``ResidualSite`` adds the operators to a decoder's residual stream after a layer
+(``lm_stride``). What is still classifier-only is said here, once: the Gauss-Newton stage 1
+(``stage1.init="newton"``, ``newton.py``) needs sites whose steered outputs are linear in the
+gates (``linear_sites``); the residual stream's continuation through the upper layers has no
+such structure yet, so ``ResidualSite`` refuses it with a ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from stride_jax import lm_stride, newton, responses, train
+from stride_jax.errors import ConfigError
+from stride_jax.operators import HiddenHook, LogitHook
+
+HOOKS = ("logits", "hidden")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierSite:
+    """Operators on a classifier's logits (and optionally an MLP's last hidden layer)."""
+
+    task: object
+    cfg: object
+    hook: object
+
+    def encode(self, rows) -> dict:
+        return jax.jit(self.hook.encode)(jnp.asarray(rows.x_NxF))
+
+    def stage1_inputs(self, cache, design, key):
+        y_N = self.task.train.y_N
+        return train.make_inputs(cache, y_N, design, self.cfg.stage1, key, fixed=self.hook.fixed)
+
+    def operator_kwargs(self, cache, num_subsets: int) -> dict:
+        def make_ops(key):
+            return self.hook.make_operators(key, cache, num_subsets, self.cfg.stage1)
+
+        return {"make_ops": make_ops}
+
+    def responses(self, ops_graphdef, ops_params, cache_q, rows_q, mesh):
+        return responses.response_matrix(
+            ops_graphdef,
+            ops_params,
+            cache_q,
+            rows_q.y_N,
+            mesh,
+            self.cfg.response_batch,
+            fixed=self.hook.fixed,
+        )
+
+
+def classifier_site(task, cfg) -> ClassifierSite:
+    """The site ``cfg.hook`` names: "logits" (penultimate features and logits) or "hidden"
+    (also the MLP's last hidden pre-activation, with a ``cfg.hidden_rank`` basis of
+    ``cfg.hidden_basis``: "whitened" or "pca" principal directions of the layer's input)."""
+    kind = cfg.get("hook", "logits")
+    if kind == "logits":
+        return ClassifierSite(task, cfg, LogitHook(task.features, task.logits))
+    if kind == "hidden":
+        from stride_jax.models import mlp
+
+        if task.model_config is None:
+            raise ConfigError(
+                "stride.hook='hidden' steers the last hidden layer of the library's MLP "
+                "(models.mlp); this model is not one: use stride.hook='logits'"
+            )
+        hook = HiddenHook(
+            lambda x: mlp.hidden_site(task.graphdef, task.params, x),
+            mlp.head_weights(task.params),
+            cfg.hidden_rank,
+            cfg.get("hidden_basis", "whitened"),
+        )
+        return ClassifierSite(task, cfg, hook)
+    raise ConfigError(f"stride.hook must be one of {HOOKS}, got {kind!r}")
+
+
+def hook_layer(cfg, n_layers: int) -> int:
+    """Residual stream after ``cfg.layer`` blocks (0: the embeddings; n_layers: the final
+    residual, only the final norm and the head above it); ``layer < 0`` means round(2/3 of the
+    depth)."""
+    layer = round(2 * n_layers / 3) if cfg.layer < 0 else int(cfg.layer)
+    if not 0 <= layer <= n_layers:
+        raise ConfigError(f"stride layer must be in 0..{n_layers} (the model has {n_layers})")
+    return layer
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidualSite:
+    """Operators added to a decoder's residual stream after layer ``upper.layer``, at every
+    token; the layers above run once per operator (``lm_stride``)."""
+
+    task: object
+    cfg: object
+    upper: lm_stride.Upper
+
+    def encode(self, rows) -> dict:
+        c = self.cfg
+        return lm_stride.encode(
+            self.task.graphdef,
+            self.task.params,
+            self.task.arrays(rows),
+            self.upper.layer,
+            c.stage1.top_k,
+            c.vocab_chunk,
+            c.encode_batch,
+        )
+
+    def stage1_inputs(self, cache, design, key):
+        data = self.task.arrays(self.task.train)
+        return lm_stride.make_inputs(
+            self.upper, self.task.params, cache, data, design, self.cfg.stage1, key
+        )
+
+    def operator_kwargs(self, cache, num_subsets: int) -> dict:
+        d = self.task.model_config.d_model
+        return {"dims": (d, d)}
+
+    def responses(self, ops_graphdef, ops_params, cache_q, rows_q, mesh):
+        del mesh
+        return lm_stride.response_matrix(
+            self.upper,
+            self.task.params,
+            ops_graphdef,
+            ops_params,
+            cache_q,
+            self.task.arrays(rows_q),
+            self.cfg,
+        )
+
+
+def residual_site(task, cfg) -> ResidualSite:
+    if newton.check_init(cfg.stage1) == "newton":
+        raise ConfigError(
+            "stride.stage1.init='newton' (the Gauss-Newton stage 1) is implemented for "
+            "classifier sites only; decoder (residual-stream) operators use init='zero'"
+        )
+    if cfg.stage1.probe_mask_members:
+        raise ConfigError("stage1.probe_mask_members is not supported for language models")
+    layer = hook_layer(cfg, task.model_config.n_layers)
+    return ResidualSite(task, cfg, lm_stride.Upper(task.graphdef, layer, cfg.vocab_chunk))

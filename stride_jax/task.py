@@ -33,6 +33,10 @@ The steering site (``site(config)``): where STRIDE's operators attach, with ``en
 the cached hidden state there) and the continuation from a steered state to outputs, losses
 and top-K logits. See ``stride_jax.stride.sites``.
 
+Dense layers (``dense_layers(select)``, ``dense_io(params, batch, layers, fisher, key)``):
+the per-token inputs and output gradients of the chosen dense layers, from which K-FAC and
+EK-FAC build their Kronecker factors (``stride_jax.func.curvature``).
+
 The recipe: ``retrain(key, row_weights_N)`` trains a model with the task's own recipe on
 weighted rows (0/1 masks in practice) and returns its params; ``retrain_losses(keys_M,
 weights_MxN, batch)`` does that for M models and returns their losses on the rows ``batch``.

@@ -14,7 +14,7 @@ from stride_jax.data import corpora
 from stride_jax.errors import ConfigError
 from stride_jax.models import lm_train, transformer
 from stride_jax.operators import SteeringOperators
-from stride_jax.tasks.decoder import DecoderTask
+from stride_jax.tasks.decoder_task import DecoderTask
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +171,7 @@ def test_retrain_ignores_zero_weight_rows(tiny_lm):
 
 
 def test_vmapped_retrains_equal_sequential(tiny_lm):
-    from stride_jax.tasks.decoder import retrain_losses
+    from stride_jax.tasks.decoder_task import retrain_losses
 
     sp, task = tiny_lm
     masks = np.random.default_rng(0).random((2, len(sp.train))) < 0.5

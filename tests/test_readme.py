@@ -11,12 +11,23 @@ def _readme():
         return f.read()
 
 
-def test_readme_python_snippet_runs(capsys):
+def _python_blocks():
     blocks = re.findall(r"```python\n(.*?)```", _readme(), re.S)
-    assert blocks, "README has no python block"
-    exec(compile(blocks[0], "README.md", "exec"), {})
+    assert len(blocks) >= 2, "README lacks its classifier and decoder python blocks"
+    return blocks
+
+
+def test_readme_own_model_snippet_runs(capsys):
+    exec(compile(_python_blocks()[0], "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "(20, 300)" in out and "most helpful training ids" in out
+    lds = float(re.search(r"LDS (-?[0-9.]+)", out).group(1))
+    assert lds > 0.3, out  # STRIDE on a trained net: far above the random floor (~0)
+
+
+def test_readme_decoder_snippet_runs(capsys):
+    exec(compile(_python_blocks()[1], "README.md", "exec"), {})
+    assert "(4, 32)" in capsys.readouterr().out
 
 
 def test_ci_runs_the_readme_test_command():

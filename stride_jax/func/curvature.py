@@ -31,8 +31,8 @@ from stride_jax.func.grads import HIGHEST, num_rows, padded_chunks
 
 def chunked(data: dict, chunk: int) -> tuple[dict, jax.Array]:
     """(rows as K x C x ..., w_KxC: 1 for the real rows, 0 for the padding). Build them
-    outside ``jit`` and pass them in: weights that XLA sees as constants change its fusion,
-    hence the round-off."""
+    outside ``jit`` and pass them in: XLA fuses weights it sees as constants differently,
+    which changes the round-off (and ill-conditioned curvature amplifies it)."""
     w = padded_chunks({"w": jnp.ones(num_rows(data), jnp.float32)}, chunk)["w"]
     return padded_chunks(data, chunk), w
 

@@ -30,7 +30,7 @@ from stride_jax.errors import ConfigError
 from stride_jax.job import cache
 from stride_jax.job.pretrain import decoder_config, pretrain
 from stride_jax.models import hf_import, mlp, transformer
-from stride_jax.tasks import decoder as decoder_task
+from stride_jax.tasks import decoder_task
 
 # --- data -----------------------------------------------------------------------------------
 

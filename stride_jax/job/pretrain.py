@@ -20,7 +20,7 @@ from stride_jax.data import DataError, corpora
 from stride_jax.data.tokenizer import CharTokenizer, load_tokenizer
 from stride_jax.errors import ConfigError
 from stride_jax.models import hf_import, lm_train, transformer
-from stride_jax.tasks.decoder import DecoderTask
+from stride_jax.tasks.decoder_task import DecoderTask
 
 
 def decoder_config(c, vocab_size: int) -> transformer.DecoderConfig:

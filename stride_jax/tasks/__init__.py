@@ -12,12 +12,12 @@ Every constructor checks its parts against each other before any work and raises
 
 from stride_jax.task import KINDS, Task, TaskError
 from stride_jax.tasks.build import adamw_recipe, classifier, decoder, mlp_task
-from stride_jax.tasks.classifier import ClassifierTask
+from stride_jax.tasks.classifier_task import ClassifierTask
 
 
 def __getattr__(name):  # the decoder task loads the transformer stack only when used
     if name == "DecoderTask":
-        from stride_jax.tasks.decoder import DecoderTask
+        from stride_jax.tasks.decoder_task import DecoderTask
 
         return DecoderTask
     raise AttributeError(name)

@@ -10,7 +10,7 @@ from flax import nnx
 
 from stride_jax.data import DataError, Dataset, make_splits
 from stride_jax.task import TaskError
-from stride_jax.tasks.classifier import ClassifierTask, default_features, default_logits
+from stride_jax.tasks.classifier_task import ClassifierTask, default_features, default_logits
 
 
 def _split_model(model, params):
@@ -192,7 +192,7 @@ def decoder(
     vocabulary or whose length exceeds the model's ``max_len``, and params that do not match.
     """
     from stride_jax.data import TokenBlocks
-    from stride_jax.tasks.decoder import DecoderTask
+    from stride_jax.tasks.decoder_task import DecoderTask
 
     graphdef, params = _split_model(model, params)
     cfg = nnx.merge(graphdef, params).cfg

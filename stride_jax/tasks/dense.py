@@ -100,7 +100,12 @@ def linear_layers(graphdef, params, names, num_features: int) -> tuple[str, ...]
         return model(x)
 
     jax.eval_shape(forward, params, jax.ShapeDtypeStruct((1, num_features), jnp.float32))
-    return tuple(dict.fromkeys(order))
+    if sorted(order) != sorted(layers):
+        raise TaskError(
+            "kfac/ekfac need each chosen nnx.Linear called exactly once per forward pass; "
+            f"chosen {sorted(layers)}, called {order}"
+        )
+    return tuple(order)
 
 
 def dense_io(graphdef, params, batch: dict, layers, fisher: str, key=None):

@@ -15,7 +15,6 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.metrics.pairwise import cosine_similarity
 
 from stride_jax import methods, tasks
-from stride_jax.baselines import base
 from stride_jax.data import corpora
 from stride_jax.func import curvature, projections
 from stride_jax.methods import grad as grad_methods
@@ -40,45 +39,36 @@ def setup():
     recipe = ml_collections.ConfigDict(dict(RECIPE, weight_decay=0.01))
     data = lm_train.data_arrays(sp.train)
     params = lm_train.jitted_fit(recipe, gd)(p0, jax.random.key(0), data, jnp.ones(len(sp.train)))
-    task = base.LMTask(cfg, gd, params, sp.train, recipe, p0, tokenizer=sp.tokenizer, seed=0)
+    task = tasks.DecoderTask(
+        graphdef=gd,
+        params=params,
+        train=sp.train,
+        query=sp.query,
+        model_config=cfg,
+        recipe=recipe,
+        params0=p0,
+        tokenizer=sp.tokenizer,
+    )
     return task, sp.query
 
 
-def _cfg(module, name, **kw):
-    c = module.default_config(name)
-    c.update(kw)
-    return c
-
-
 CASES = [
-    (methods, "graddot", {}),
-    (methods, "gradcos", {}),
-    (methods, "trak", dict(num_models=2, proj_dim=64)),
-    (methods, "logra", dict(init="pca", rank_in=4, rank_out=4)),
-    (methods, "ekfac", {}),
-    (methods, "kfac", {}),
-    (methods, "repsim", {}),
-    (methods, "tfidf", {}),
-    (methods, "bm25", {}),
-    (methods, "random", {}),
+    ("graddot", {}),
+    ("gradcos", {}),
+    ("trak", dict(num_models=2, proj_dim=64)),
+    ("logra", dict(init="pca", rank_in=4, rank_out=4)),
+    ("ekfac", {}),
+    ("kfac", {}),
+    ("repsim", {}),
+    ("tfidf", {}),
+    ("bm25", {}),
+    ("random", {}),
 ]
 
 
 @pytest.fixture(scope="module")
 def dec_task(setup):
-    """The same decoder and rows as a ``tasks.DecoderTask`` (the new method registry)."""
-    t, query = setup
-    new = tasks.DecoderTask(
-        graphdef=t.graphdef,
-        params=t.params,
-        train=t.train,
-        query=query,
-        model_config=t.model_config,
-        recipe=t.recipe,
-        params0=t.params0,
-        tokenizer=t.tokenizer,
-    )
-    return new, query
+    return setup
 
 
 def _new(name, task, query, **kw):
@@ -88,17 +78,10 @@ def _new(name, task, query, **kw):
     return method.score(task, method.fit(task, cfg), query, cfg)
 
 
-@pytest.mark.parametrize("module,name,kw", CASES, ids=[c[1] for c in CASES])
-def test_every_method_runs(setup, dec_task, module, name, kw):
-    task, query = setup
-    if module is methods:  # ported to the task protocol
-        scores = _new(name, *dec_task, **kw)
-        assert scores.shape == (len(query), len(task.train)) and scores.dtype == np.float32
-        assert np.isfinite(scores).all() and scores.std() > 0
-        return
-    cfg = _cfg(module, name, **kw)
-    method = base.get_lm(name)
-    scores = method.score(task, method.fit(task, cfg), query, cfg)
+@pytest.mark.parametrize("name,kw", CASES, ids=[c[0] for c in CASES])
+def test_every_method_runs(dec_task, name, kw):
+    task, query = dec_task
+    scores = _new(name, task, query, **kw)
     assert scores.shape == (len(query), len(task.train)) and scores.dtype == np.float32
     assert np.isfinite(scores).all() and scores.std() > 0
 

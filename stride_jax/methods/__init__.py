@@ -37,7 +37,6 @@ MODULES = (
     "stride_jax.methods.datamodel",
     "stride_jax.methods.grad",
     "stride_jax.methods.influence",
-    "stride_jax.methods.legacy",
 )
 
 

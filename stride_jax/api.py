@@ -1,8 +1,8 @@
 """The public entry point: scores of any registered method for any task.
 
-    task = stride_jax.tasks.classifier(model, train=(x, y), queries=(xq, yq), retrain=...)
-    scores_QxE = stride_jax.attribute(task, method="stride")
-    stride_jax.evaluate.lds(task, scores_QxE, num_models=50)
+task = stride_jax.tasks.classifier(model, train=(x, y), queries=(xq, yq), retrain=...)
+scores_QxE = stride_jax.attribute(task, method="stride")
+stride_jax.evaluate.lds(task, scores_QxE, num_models=50)
 """
 
 from __future__ import annotations

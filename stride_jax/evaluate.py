@@ -14,7 +14,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from stride_jax import metrics, subsets
+from stride_jax.eval import metrics
+from stride_jax.stride import subsets
 from stride_jax.task import Task
 
 

@@ -8,10 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from stride_jax import checkpoint, groundtruth
+from stride_jax import checkpoint
 from stride_jax.checkpoint import CheckpointError
 from stride_jax.data import DataError
 from stride_jax.errors import ConfigError
+from stride_jax.eval import groundtruth
 from stride_jax.job import benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

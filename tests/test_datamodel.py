@@ -9,10 +9,12 @@ import scipy.stats
 from conftest import tiny_config
 from sklearn.linear_model import Ridge
 
-from stride_jax import groundtruth, methods, sharding, subsets, tasks
+from stride_jax import methods, sharding, tasks
 from stride_jax.data import Dataset, corpora, load_digits
+from stride_jax.eval import groundtruth
 from stride_jax.methods import datamodel
 from stride_jax.models import mlp, transformer
+from stride_jax.stride import subsets
 
 
 @pytest.mark.parametrize("m,n", [(30, 12), (12, 30)])  # primal (N <= M) and dual (M < N)

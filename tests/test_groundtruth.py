@@ -4,9 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stride_jax import groundtruth, sharding, subsets
+from stride_jax import sharding
 from stride_jax.data import load_digits
+from stride_jax.eval import groundtruth
 from stride_jax.models import mlp
+from stride_jax.stride import subsets
 
 
 def test_vmapped_retraining_equals_sequential(tiny):

@@ -8,12 +8,11 @@ import optax
 import pytest
 from flax import nnx
 
-from stride_jax import lm_stride, losses
-from stride_jax.stride import defaults, method, sites
 from stride_jax.data import corpora
 from stride_jax.errors import ConfigError
 from stride_jax.models import lm_train, transformer
-from stride_jax.operators import SteeringOperators
+from stride_jax.stride import defaults, losses, method, residual, sites
+from stride_jax.stride.operators import SteeringOperators
 from stride_jax.tasks.decoder_task import DecoderTask
 
 
@@ -63,7 +62,7 @@ def test_chunked_ce_matches_full_vocabulary_ce():
 
 def test_row_losses_equal_the_training_loss(tiny_lm):
     sp, task = tiny_lm
-    upper = lm_stride.Upper(task.graphdef, 1, 10)
+    upper = residual.Upper(task.graphdef, 1, 10)
     d = task.data(sp.query)
     h = transformer.hidden_at(task.graphdef, task.params, d["tokens"], d["attn"], 1)
     got = upper.row_losses(task.params, h, d["attn"], d["tokens"], d["loss_mask"])
@@ -83,11 +82,11 @@ def test_response_matrix_matches_a_loop_over_operators(tiny_lm):
     sp, task = tiny_lm
     layer, t = 1, 6
     ops_gd, ops_p = _random_ops(t, 16, 4, jax.random.key(1))
-    upper = lm_stride.Upper(task.graphdef, layer, 10)
+    upper = residual.Upper(task.graphdef, layer, 10)
     data_q = task.data(sp.query)
-    cache = lm_stride.encode(task.graphdef, task.params, data_q, layer, 4, 10, 2)
+    cache = residual.encode(task.graphdef, task.params, data_q, layer, 4, 10, 2)
     cfg = ml_collections.ConfigDict(dict(op_chunk=4, query_batch=2))
-    y = lm_stride.response_matrix(upper, task.params, ops_gd, ops_p, cache, data_q, cfg)
+    y = residual.response_matrix(upper, task.params, ops_gd, ops_p, cache, data_q, cfg)
     ops = nnx.merge(ops_gd, ops_p)
     tok, attn, lm = (np.asarray(data_q[k]) for k in ("tokens", "attn", "loss_mask"))
     for q in range(len(sp.query)):
@@ -111,7 +110,7 @@ def test_response_matrix_matches_a_loop_over_operators(tiny_lm):
 def test_encode_top_k_matches_full_logits(tiny_lm):
     sp, task = tiny_lm
     d = task.data(sp.query)
-    cache = lm_stride.encode(task.graphdef, task.params, d, 1, 5, 8, 3)
+    cache = residual.encode(task.graphdef, task.params, d, 1, 5, 8, 3)
     logits = transformer.apply(task.graphdef, task.params, d["tokens"], d["attn"])
     ref_val, ref_idx = jax.lax.top_k(logits, 5)
     np.testing.assert_allclose(cache["top_val"], ref_val, rtol=1e-5, atol=1e-5)
@@ -122,11 +121,11 @@ def test_zero_init_operators_do_not_move_the_model(tiny_lm):
     sp, task = tiny_lm
     ops = SteeringOperators(16, 16, 4, 5, rngs=nnx.Rngs(0))
     ops_gd, ops_p = nnx.split(ops, nnx.Param)
-    upper = lm_stride.Upper(task.graphdef, 1, 10)
+    upper = residual.Upper(task.graphdef, 1, 10)
     data_q = task.data(sp.query)
-    cache = lm_stride.encode(task.graphdef, task.params, data_q, 1, 4, 10, 2)
+    cache = residual.encode(task.graphdef, task.params, data_q, 1, 4, 10, 2)
     cfg = ml_collections.ConfigDict(dict(op_chunk=4, query_batch=2))
-    y = lm_stride.response_matrix(upper, task.params, ops_gd, ops_p, cache, data_q, cfg)
+    y = residual.response_matrix(upper, task.params, ops_gd, ops_p, cache, data_q, cfg)
     np.testing.assert_allclose(y, 0.0, atol=1e-6)
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy.special import log_softmax, rel_entr, softmax
 
-from stride_jax.losses import (
+from stride_jax.stride.losses import (
     fidelity,
     linearity,
     ridge_residual,

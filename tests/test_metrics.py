@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from stride_jax import metrics
-from stride_jax.metrics import lds, predicted_responses, score_stats
+from stride_jax.eval import metrics
+from stride_jax.eval.metrics import lds, predicted_responses, score_stats
 
 M, Q, N = 30, 7, 40
 

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from stride_jax import newton, pipeline, sharding, subsets, train
+from stride_jax import sharding
 from stride_jax.errors import ConfigError
 from stride_jax.models import mlp
-from stride_jax.operators import HiddenHook, LogitHook
+from stride_jax.stride import newton, pipeline, stage1, subsets
+from stride_jax.stride.operators import HiddenHook, LogitHook
 
 C = 5
 
@@ -47,7 +48,7 @@ def _setup(hidden_hook: bool, n=80, t=8, deg=1, top_k=3, seed=0):
         )
     cache = jax.jit(hook.encode)(x)
     design = subsets.expander(jax.random.key(seed), t, n, deg)
-    inputs = train.make_inputs(cache, y, design, cfg, jax.random.key(1), fixed=hook.fixed)
+    inputs = stage1.make_inputs(cache, y, design, cfg, jax.random.key(1), fixed=hook.fixed)
     ops = hook.make_operators(jax.random.key(2), cache, t, cfg)
     return ops, inputs, cfg
 
@@ -176,7 +177,7 @@ def test_fit_with_newton_start_and_no_steps_returns_the_newton_gates():
     cfg.steps = 0
     want = jax.jit(lambda: newton.newton_gates(ops, inputs, cfg))()
     hook_ops = lambda key: ops  # noqa: E731 - the operators built above, gates still zero
-    _, params, history = train.fit_operators(
+    _, params, history = stage1.fit_operators(
         inputs, cfg, jax.random.key(0), sharding.make_mesh(), make_ops=hook_ops
     )
     assert history == []
@@ -234,7 +235,7 @@ def test_resume_restores_without_recomputing_the_newton_step(tmp_path, monkeypat
     ops, inputs, cfg = _setup(False)
     cfg.update(steps=10, log_every=10, ckpt_every=10, warmup_steps=1)
     mesh, workdir = sharding.make_mesh(), str(tmp_path)
-    first = train.fit_operators(
+    first = stage1.fit_operators(
         inputs, cfg, jax.random.key(0), mesh, workdir, make_ops=lambda key: ops
     )[1]
 
@@ -243,7 +244,7 @@ def test_resume_restores_without_recomputing_the_newton_step(tmp_path, monkeypat
 
     monkeypatch.setattr(newton, "initialise", refuse)
     fresh, _, _ = _setup(False)
-    again = train.fit_operators(
+    again = stage1.fit_operators(
         inputs, cfg, jax.random.key(0), mesh, workdir, make_ops=lambda key: fresh
     )[1]
     np.testing.assert_array_equal(again["gates"][...], first["gates"][...])

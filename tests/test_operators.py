@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stride_jax.operators import LogitHook, SteeringOperators, layer_norm_noaffine
+from stride_jax.stride.operators import LogitHook, SteeringOperators, layer_norm_noaffine
 
 D, OUT, R, T, B = 12, 5, 4, 7, 6
 
@@ -191,7 +191,7 @@ def test_hidden_site_operators_match_a_loop_over_a_modified_network():
     """Steered logits == the MLP run with its last hidden pre-activation shifted by U_k psi(u),
     plus B_k phi(h) on the logits (numpy forward pass, one operator at a time)."""
     from stride_jax.models import mlp
-    from stride_jax.operators import HiddenHook
+    from stride_jax.stride.operators import HiddenHook
 
     graphdef, params = _tiny_mlp()
     rng = np.random.default_rng(12)
@@ -236,7 +236,7 @@ def test_hidden_site_operators_match_a_loop_over_a_modified_network():
 
 def test_whitened_basis_gives_decorrelated_features_of_the_chosen_scale():
     from stride_jax.errors import ConfigError
-    from stride_jax.operators import whitened_basis
+    from stride_jax.stride.operators import whitened_basis
 
     rng = np.random.default_rng(13)
     u = rng.normal(size=(400, 10)) @ rng.normal(size=(10, 10)) + 3.0

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.linear_model import Lasso
 
-from stride_jax import recover, subsets
-from stride_jax.recover import LassoConfig, lasso_scores
+from stride_jax.stride import recover, subsets
+from stride_jax.stride.recover import LassoConfig, lasso_scores
 
 T, N, D, Q = 60, 100, 4, 4
 # Coefficients must match sklearn to 2e-4 of max|coef|. Observed worst over 20 seeds x 4 queries:

@@ -1,6 +1,6 @@
 """Report writer: lds.png and table.md, tolerant of missing optional keys."""
 
-from stride_jax.apps.report import write_report
+from stride_jax.eval.report import write_report
 
 
 def _entry(lds, **extra):

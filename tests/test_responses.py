@@ -5,8 +5,9 @@ import numpy as np
 from flax import nnx
 from scipy.special import log_softmax
 
-from stride_jax import responses, sharding
-from stride_jax.operators import SteeringOperators
+from stride_jax import sharding
+from stride_jax.stride import responses
+from stride_jax.stride.operators import SteeringOperators
 
 
 def _random_operators(t, d, c, r, seed=0):

@@ -20,7 +20,8 @@ import json, sys, tempfile
 import jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, "tests")
 from conftest import tiny_config
-from stride_jax import groundtruth, sharding
+from stride_jax import sharding
+from stride_jax.eval import groundtruth
 from stride_jax.stride import method
 from stride_jax.job import models
 from stride_jax.data import load

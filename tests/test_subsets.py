@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-import stride_jax.subsets as subsets
-from stride_jax.subsets import Design, bernoulli, expander, make_design, retention_masks
+import stride_jax.stride.subsets as subsets
+from stride_jax.stride.subsets import Design, bernoulli, expander, make_design, retention_masks
 
 # (T, N, d): ordinary, d == T, N < T, T == 1, N*d not divisible by T, d == 1, many rounds,
 # N*d < T (a single partial round: some subsets empty).

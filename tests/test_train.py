@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stride_jax import checkpoint, sharding, subsets, train
-from stride_jax.operators import SteeringOperators
+from stride_jax import checkpoint, sharding
+from stride_jax.stride import stage1, subsets
+from stride_jax.stride.operators import SteeringOperators
 
 
 def _inputs(n=60, d=10, c=4, t=20, deg=3, sketch=4, seed=0, top_k=5):
@@ -18,7 +19,7 @@ def _inputs(n=60, d=10, c=4, t=20, deg=3, sketch=4, seed=0, top_k=5):
     y = rng.integers(0, c, n).astype(np.int32)
     design = subsets.expander(jax.random.key(seed), t, n, deg)
     cfg = ml_collections.ConfigDict(dict(sketch="gaussian", sketch_dim=sketch, top_k=top_k))
-    return train.make_inputs({"h": h, "logits": logits}, y, design, cfg, jax.random.key(1))
+    return stage1.make_inputs({"h": h, "logits": logits}, y, design, cfg, jax.random.key(1))
 
 
 def _params_np(params):
@@ -40,7 +41,7 @@ def test_muon_on_basis_adamw_on_gates(tiny):
     """w_down's update is orthogonalised (flat singular values); gates' is Adam's sign-like."""
     cfg = tiny.stride.stage1
     cfg.lr_muon = 0.02
-    tx = train.make_optimizer(cfg)
+    tx = stage1.make_optimizer(cfg)
     ops = SteeringOperators(32, 4, 8, 6, rngs=nnx.Rngs(0))
     params = nnx.split(ops, nnx.Param)[1]
     state = tx.init(params)
@@ -62,7 +63,7 @@ def test_lr_muon_zero_freezes_the_basis(tiny):
     out = {}
     for lr_muon, steps in ((0.0, 10), (0.0, 40), (0.02, 40)):
         cfg.update(lr_muon=lr_muon, steps=steps, warmup_steps=2)
-        out[lr_muon, steps] = train.fit_operators(
+        out[lr_muon, steps] = stage1.fit_operators(
             _inputs(), cfg, jax.random.key(0), sharding.make_mesh()
         )[1]
     w = {k: np.asarray(v["w_down"][...]) for k, v in out.items()}
@@ -82,12 +83,12 @@ def test_frozen_basis_rows_give_the_same_losses_and_gate_gradients(tiny):
     graphdef, params = nnx.split(ops, nnx.Param)
     cached = inputs.with_frozen_basis(ops)
     assert cached.extra_rows["phi"].shape == (60, 8)
-    batch = train.sample_batch(jax.random.key(3), inputs, cfg)
+    batch = stage1.sample_batch(jax.random.key(3), inputs, cfg)
 
     def grad_fn(inp):
         def objective(p):
-            terms = train.loss_terms(nnx.merge(graphdef, p), inp, batch, cfg)
-            return train.total_loss(terms, cfg), terms
+            terms = stage1.loss_terms(nnx.merge(graphdef, p), inp, batch, cfg)
+            return stage1.total_loss(terms, cfg), terms
 
         return jax.jit(jax.value_and_grad(objective, has_aux=True))
 
@@ -110,7 +111,7 @@ def test_sampled_rows_match_the_design(tiny, fidelity_rows, stability_rows):
     cfg.update(fidelity_rows=fidelity_rows, stability_rows=stability_rows, subsets_per_step=0)
     inputs = _inputs()
     n, t = inputs.h_NxD.shape[0], inputs.members_TxS.shape[0]
-    ids, mem, w_fid, non, w_stab, _ = train.sample_batch(jax.random.key(3), inputs, cfg)
+    ids, mem, w_fid, non, w_stab, _ = stage1.sample_batch(jax.random.key(3), inputs, cfg)
     members = [set(int(i) for i in row if i < n) for row in np.asarray(inputs.members_TxS)]
     assert list(np.asarray(ids)) == list(range(t))
     for k in range(t):
@@ -135,8 +136,8 @@ def test_shared_stability_loss_matches_a_loop(tiny):
     inputs = _inputs(top_k=3)
     ops = SteeringOperators(10, 4, 8, 20, rngs=nnx.Rngs(0))
     ops.gates[...] = 0.3 * jax.random.normal(jax.random.key(5), ops.gates[...].shape)
-    batch = train.sample_batch(jax.random.key(4), inputs, cfg)
-    terms = train.loss_terms(ops, inputs, batch, cfg)
+    batch = stage1.sample_batch(jax.random.key(4), inputs, cfg)
+    terms = stage1.loss_terms(ops, inputs, batch, cfg)
     ids, mem, w_fid, non, w_stab, _ = (np.asarray(b) for b in batch)
     h, z, y = (np.asarray(a, np.float64) for a in (inputs.h_NxD, inputs.logits_NxC, inputs.y_N))
     gates, w_down = np.asarray(ops.gates[...], np.float64), np.asarray(ops.w_down[...])
@@ -172,7 +173,7 @@ def test_shared_stability_loss_matches_a_loop(tiny):
 def test_stage1_lowers_fidelity_and_stays_stable(tiny):
     cfg = tiny.stride.stage1
     cfg.update(steps=100, log_every=10, w_fidelity=1.0, basis_scale=1.0)
-    _, params, hist = train.fit_operators(_inputs(), cfg, jax.random.key(0), sharding.make_mesh())
+    _, params, hist = stage1.fit_operators(_inputs(), cfg, jax.random.key(0), sharding.make_mesh())
     assert hist[-1]["fidelity"] < 0.8 * hist[0]["fidelity"]
     assert hist[-1]["stability"] < 0.5
     assert float(jnp.abs(params["gates"][...]).max()) > 0
@@ -181,7 +182,7 @@ def test_stage1_lowers_fidelity_and_stays_stable(tiny):
 def test_resume_after_interruption_is_exact(tiny, tmp_path, monkeypatch):
     cfg = tiny.stride.stage1
     inputs, mesh, key = _inputs(), sharding.make_mesh(), jax.random.key(0)
-    _, straight, _ = train.fit_operators(inputs, cfg, key, mesh, str(tmp_path / "a"))
+    _, straight, _ = stage1.fit_operators(inputs, cfg, key, mesh, str(tmp_path / "a"))
 
     original = checkpoint.TrainCheckpoints.save
 
@@ -191,9 +192,9 @@ def test_resume_after_interruption_is_exact(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint.TrainCheckpoints, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt, match="step 20"):
-        train.fit_operators(inputs, cfg, key, mesh, str(tmp_path / "b"))
+        stage1.fit_operators(inputs, cfg, key, mesh, str(tmp_path / "b"))
     monkeypatch.setattr(checkpoint.TrainCheckpoints, "save", original)
-    _, resumed, hist = train.fit_operators(inputs, cfg, key, mesh, str(tmp_path / "b"))
+    _, resumed, hist = stage1.fit_operators(inputs, cfg, key, mesh, str(tmp_path / "b"))
     assert hist[0]["step"] == 30  # picked up after the step-20 checkpoint
     for a, b in zip(_params_np(straight), _params_np(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -202,9 +203,9 @@ def test_resume_after_interruption_is_exact(tiny, tmp_path, monkeypatch):
 def test_mismatched_checkpoint_is_refused(tiny, tmp_path):
     cfg = tiny.stride.stage1
     mesh = sharding.make_mesh()
-    train.fit_operators(_inputs(t=20), cfg, jax.random.key(0), mesh, str(tmp_path))
+    stage1.fit_operators(_inputs(t=20), cfg, jax.random.key(0), mesh, str(tmp_path))
     with pytest.raises(checkpoint.CheckpointError, match="does not match"):
-        train.fit_operators(_inputs(t=24), cfg, jax.random.key(0), mesh, str(tmp_path))
+        stage1.fit_operators(_inputs(t=24), cfg, jax.random.key(0), mesh, str(tmp_path))
 
 
 @pytest.mark.parametrize(
@@ -224,7 +225,7 @@ def test_bad_stage1_config(tiny, change, match):
     cfg = tiny.stride.stage1
     cfg.update(change)
     with pytest.raises(ValueError, match=match):
-        train.fit_operators(_inputs(), cfg, jax.random.key(0), sharding.make_mesh())
+        stage1.fit_operators(_inputs(), cfg, jax.random.key(0), sharding.make_mesh())
 
 
 def test_small_step_operators_match_the_damped_gauss_newton_solution(tiny):
@@ -245,7 +246,7 @@ def test_small_step_operators_match_the_damped_gauss_newton_solution(tiny):
         gate_l2=lam, lr_muon=0.0,
     )  # fmt: skip
     inputs = _inputs(n=n, c=c, t=t, top_k=c)
-    graphdef, params, _ = train.fit_operators(inputs, cfg, jax.random.key(0), sharding.make_mesh())
+    graphdef, params, _ = stage1.fit_operators(inputs, cfg, jax.random.key(0), sharding.make_mesh())
     ops = nnx.merge(graphdef, params)
     phi = np.asarray(ops.basis(inputs.h_NxD), np.float64)
     z, y = np.asarray(inputs.logits_NxC, np.float64), np.asarray(inputs.y_N)

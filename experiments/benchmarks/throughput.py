@@ -3,7 +3,7 @@
     python -m experiments.benchmarks.throughput --out=FILE.json [--quick]
 
 Stage 2a: ``responses.response_matrix`` vs one jitted single-operator call per operator (and the
-same for a decoder's residual-stream operators, ``lm_stride.response_matrix``). Stage 2b:
+same for a decoder's residual-stream operators, ``residual.response_matrix``). Stage 2b:
 ``recover.lasso_scores`` on Q queries at once vs one query per call, and vs scikit-learn's
 ``Lasso`` per query. Ground truth: ``groundtruth.retrain_many`` vs M jitted ``mlp.fit`` calls.
 Stage 1 (Gauss-Newton): ``newton.curvature_and_gradients``'s Kronecker-structured curvature vs
@@ -33,11 +33,13 @@ import optax
 from absl import app, flags
 from flax import nnx
 
-from stride_jax import groundtruth, lm_stride, newton, recover, responses, sharding, subsets, train
+from stride_jax import sharding
 from stride_jax.data import load_digits
+from stride_jax.eval import groundtruth
 from stride_jax.job.config import base_config
 from stride_jax.models import mlp, transformer
-from stride_jax.operators import HiddenHook, LogitHook, SteeringOperators
+from stride_jax.stride import newton, recover, residual, responses, stage1, subsets
+from stride_jax.stride.operators import HiddenHook, LogitHook, SteeringOperators
 
 _OUT = flags.DEFINE_string("out", None, "Where to write the results JSON.", required=True)
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny sizes (whole run < 60 s), for smoke tests.")
@@ -187,7 +189,7 @@ def bench_groundtruth(s: dict, mesh) -> dict:
 
 
 def bench_lm_responses(s: dict) -> dict:
-    """Language-model stage 2a: ``lm_stride.response_matrix`` (all T operators per query in
+    """Language-model stage 2a: ``residual.response_matrix`` (all T operators per query in
     one jitted call; layers above the hook vmapped over operator chunks) vs a jitted
     single-operator function called once per operator."""
     q, t, d, length, r = (s[k] for k in ("Q", "T", "D", "L", "r"))
@@ -210,12 +212,12 @@ def bench_lm_responses(s: dict) -> dict:
         "attn": jnp.ones((q, length), jnp.int32),
         "loss_mask": jnp.ones((q, length), jnp.float32).at[:, 0].set(0.0),
     }
-    upper = lm_stride.Upper(gd, layer, 4096)
-    cache = lm_stride.encode(gd, params, data, layer, 8, 4096, q)
+    upper = residual.Upper(gd, layer, 4096)
+    cache = residual.encode(gd, params, data, layer, 8, 4096, q)
     rc = ml_collections.ConfigDict(dict(op_chunk=s["op_chunk"], query_batch=1))
 
     def fused():
-        return lm_stride.response_matrix(upper, params, ops_gd, ops_p, cache, data, rc)
+        return residual.response_matrix(upper, params, ops_gd, ops_p, cache, data, rc)
 
     @jax.jit
     def one_operator(p, k, h, d):  # operator k on all queries
@@ -250,7 +252,7 @@ def bench_newton(s: dict) -> dict:
         dict(sketch="gaussian", sketch_dim=2, top_k=c, rank=r, basis_scale=0.1)
     )
     design = subsets.expander(jax.random.key(0), t, n, 5)
-    inputs = train.make_inputs(cache, y, design, cfg, jax.random.key(1), fixed=hook.fixed)
+    inputs = stage1.make_inputs(cache, y, design, cfg, jax.random.key(1), fixed=hook.fixed)
     ops = hook.make_operators(jax.random.key(2), cache, t, cfg)
     structured = jax.jit(lambda: newton.curvature_and_gradients(ops, inputs)[0])
     w_head = hook.fixed["w_head"]

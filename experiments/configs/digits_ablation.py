@@ -3,8 +3,8 @@ Adam-trained stage 1 (200 steps from zero gates, T=1000, Lasso lam_frac 0.01, un
 responses): with the default Gauss-Newton start and no Adam steps the linearity loss plays no
 part, so its ablation would be the default itself."""
 
-from stride_jax import pipeline
 from stride_jax.job.config import ABLATION_NAMES, base_config
+from stride_jax.stride import pipeline
 
 
 def get_config():

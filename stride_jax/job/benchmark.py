@@ -19,8 +19,8 @@ import time
 import numpy as np
 from absl import logging
 
-from stride_jax import checkpoint, methods, metrics, profiling, sharding
-from stride_jax.apps import report
+from stride_jax import checkpoint, methods, profiling, sharding
+from stride_jax.eval import metrics, report
 from stride_jax.job import cache, models
 from stride_jax.job.config import validate
 from stride_jax.methods import datamodel

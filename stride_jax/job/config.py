@@ -16,9 +16,10 @@ import os
 
 import ml_collections
 
-from stride_jax import methods, newton
+from stride_jax import methods
 from stride_jax.errors import ConfigError
 from stride_jax.stride import defaults as stride_defaults
+from stride_jax.stride import newton
 from stride_jax.task import KINDS
 
 __all__ = ["ConfigError", "base_config", "pretrain_config", "validate"]

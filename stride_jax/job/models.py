@@ -24,12 +24,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from stride_jax import checkpoint, groundtruth, subsets, tasks
+from stride_jax import checkpoint, tasks
 from stride_jax.data import corpora, load
 from stride_jax.errors import ConfigError
+from stride_jax.eval import groundtruth
 from stride_jax.job import cache
 from stride_jax.job.pretrain import decoder_config, pretrain
 from stride_jax.models import hf_import, mlp, transformer
+from stride_jax.stride import subsets
 from stride_jax.tasks import decoder_task
 
 # --- data -----------------------------------------------------------------------------------

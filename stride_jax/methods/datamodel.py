@@ -46,7 +46,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from stride_jax import methods, metrics, subsets
+from stride_jax import methods
+from stride_jax.eval import metrics
+from stride_jax.stride import subsets
 
 _HI = jax.lax.Precision.HIGHEST
 _DEFAULTS = {

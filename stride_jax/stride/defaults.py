@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from stride_jax import pipeline
+from stride_jax.stride import pipeline
 
 
 def classifier() -> ml_collections.ConfigDict:

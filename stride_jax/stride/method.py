@@ -18,8 +18,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from stride_jax import checkpoint, pipeline, recover, sharding, subsets, train
-from stride_jax.stride import defaults
+from stride_jax import checkpoint, sharding
+from stride_jax.stride import defaults, pipeline, recover, stage1, subsets
 
 
 @dataclasses.dataclass
@@ -84,7 +84,7 @@ def _fit(task, cfg) -> Fitted:
     cache = site.encode(task.train)
     sketch_key, train_key, _ = _keys(cfg)
     inputs = site.stage1_inputs(cache, design, sketch_key)
-    graphdef, params, history = train.fit_operators(
+    graphdef, params, history = stage1.fit_operators(
         inputs,
         cfg.stage1,
         train_key,

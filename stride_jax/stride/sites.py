@@ -6,8 +6,8 @@ A site is everything STRIDE's stages need to know about the model, and nothing e
   of arrays, leading axis = rows) holds the hidden state at the site and what the continuation
   needs (base logits, top-K logits, base losses...);
 - ``stage1_inputs(cache, design, key) -> inputs``: the cache of the training rows bundled with
-  the design and the linearity sketch, what ``train.fit_operators`` reads;
-- ``operator_kwargs(cache, num_subsets)``: how ``train.fit_operators`` builds the untrained
+  the design and the linearity sketch, what ``stage1.fit_operators`` reads;
+- ``operator_kwargs(cache, num_subsets)``: how ``stage1.fit_operators`` builds the untrained
   operators and the jitted training chunk for this site;
 - ``responses(ops_graphdef, ops_params, cache_q, rows_q, mesh) -> y_QxT``: every operator's
   loss drop on every query row, in one fused call (the continuation from the steered state).
@@ -15,7 +15,7 @@ A site is everything STRIDE's stages need to know about the model, and nothing e
 ``ClassifierSite`` steers a classifier's logits (``operators.LogitHook``: the paper's
 classifier variant) or also an MLP's last hidden layer (``operators.HiddenHook``);
 ``ResidualSite`` adds the operators to a decoder's residual stream after a layer
-(``lm_stride``). What is still classifier-only is said here, once: the Gauss-Newton stage 1
+(``residual``). What is still classifier-only is said here, once: the Gauss-Newton stage 1
 (``stage1.init="newton"``, ``newton.py``) needs sites whose steered outputs are linear in the
 gates (``linear_sites``); the residual stream's continuation through the upper layers has no
 such structure yet, so ``ResidualSite`` refuses it with a ``ConfigError``.
@@ -28,9 +28,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from stride_jax import lm_stride, newton, responses, train
 from stride_jax.errors import ConfigError
-from stride_jax.operators import HiddenHook, LogitHook
+from stride_jax.stride import newton, residual, responses, stage1
+from stride_jax.stride.operators import HiddenHook, LogitHook
 
 HOOKS = ("logits", "hidden")
 
@@ -48,7 +48,7 @@ class ClassifierSite:
 
     def stage1_inputs(self, cache, design, key):
         y_N = self.task.train.y_N
-        return train.make_inputs(cache, y_N, design, self.cfg.stage1, key, fixed=self.hook.fixed)
+        return stage1.make_inputs(cache, y_N, design, self.cfg.stage1, key, fixed=self.hook.fixed)
 
     def operator_kwargs(self, cache, num_subsets: int) -> dict:
         def make_ops(key):
@@ -106,15 +106,15 @@ def hook_layer(cfg, n_layers: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class ResidualSite:
     """Operators added to a decoder's residual stream after layer ``upper.layer``, at every
-    token; the layers above run once per operator (``lm_stride``)."""
+    token; the layers above run once per operator (``residual``)."""
 
     task: object
     cfg: object
-    upper: lm_stride.Upper
+    upper: residual.Upper
 
     def encode(self, rows) -> dict:
         c = self.cfg
-        return lm_stride.encode(
+        return residual.encode(
             self.task.graphdef,
             self.task.params,
             self.task.arrays(rows),
@@ -126,7 +126,7 @@ class ResidualSite:
 
     def stage1_inputs(self, cache, design, key):
         data = self.task.arrays(self.task.train)
-        return lm_stride.make_inputs(
+        return residual.make_inputs(
             self.upper, self.task.params, cache, data, design, self.cfg.stage1, key
         )
 
@@ -136,7 +136,7 @@ class ResidualSite:
 
     def responses(self, ops_graphdef, ops_params, cache_q, rows_q, mesh):
         del mesh
-        return lm_stride.response_matrix(
+        return residual.response_matrix(
             self.upper,
             self.task.params,
             ops_graphdef,
@@ -156,4 +156,4 @@ def residual_site(task, cfg) -> ResidualSite:
     if cfg.stage1.probe_mask_members:
         raise ConfigError("stage1.probe_mask_members is not supported for language models")
     layer = hook_layer(cfg, task.model_config.n_layers)
-    return ResidualSite(task, cfg, lm_stride.Upper(task.graphdef, layer, cfg.vocab_chunk))
+    return ResidualSite(task, cfg, residual.Upper(task.graphdef, layer, cfg.vocab_chunk))

@@ -139,7 +139,8 @@ class ClassifierTask(Task):
         (``groundtruth.retrain_many``, as the ground truth does); other models loop."""
         if self.model_config is None:
             return super().retrain_losses(keys_M, weights_MxN, rows, group)
-        from stride_jax import groundtruth, sharding
+        from stride_jax import sharding
+        from stride_jax.eval import groundtruth
 
         mesh = self.mesh if self.mesh is not None else sharding.make_mesh()
         b, q = self.arrays(self.train), self.arrays(rows)

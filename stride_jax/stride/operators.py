@@ -10,7 +10,7 @@ paper's classifier variant: ``logits_k = logits + delta_k(h)`` with h the penult
 features. ``HiddenHook`` (MLP classifiers) also steers the last hidden layer's
 pre-activation, so that part of the shift goes through the network's own nonlinearity and
 output layer (``HiddenSiteOperators``). A residual-stream hook (language models, in
-``lm_stride``) plays the same role for decoders.
+``residual``) plays the same role for decoders.
 
 Operators expose ``steered_logits(rows, subset_ids_K, shared, fixed)``: the steered logits of
 operators ``subset_ids_K`` (all T when None) on cached rows, either one row set for all K

@@ -23,7 +23,7 @@ import jaxopt
 import numpy as np
 
 from stride_jax import sharding
-from stride_jax.subsets import Design
+from stride_jax.stride.subsets import Design
 
 _POWER_ITERS = 100
 _LIPSCHITZ_SAFETY = 1.01

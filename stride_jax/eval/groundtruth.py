@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from stride_jax import checkpoint, sharding, subsets
+from stride_jax import checkpoint, sharding
 from stride_jax.data import Splits
 from stride_jax.models import mlp
+from stride_jax.stride import subsets
 
 
 def retrain_many(model_config, keys_M, x_NxF, y_N, masks_MxN, num_classes, mesh, batch: int):

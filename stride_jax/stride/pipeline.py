@@ -9,8 +9,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from stride_jax import recover, subsets
 from stride_jax.errors import ConfigError
+from stride_jax.stride import recover, subsets
 
 
 def lasso_config(config) -> recover.LassoConfig:

@@ -8,7 +8,7 @@ into next-token predictions. Cross-entropy over the vocabulary runs in chunks
 the stability KL needs only the base model's top-K logits (cached) and the steered logits at
 those K token ids (one gathered dot product each).
 
-Stage 1 is ``train.fit_operators`` (optimizer, losses, sharding, orbax resume) on
+Stage 1 is ``stage1.fit_operators`` (optimizer, losses, sharding, orbax resume) on
 ``LMInputs``, which continue the steered residual stream through the upper layers; stage 2
 evaluates all T operators per query in one jitted call (operators in chunks of ``op_chunk``
 vmapped rows, queries with ``lax.map``), then the shared Lasso.
@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from stride_jax import losses, train
 from stride_jax.models import transformer
-from stride_jax.operators import SteeringOperators
+from stride_jax.stride import losses, stage1
+from stride_jax.stride.operators import SteeringOperators
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +176,7 @@ def make_inputs(upper: Upper, model_params, cache, data: dict, design, config, k
         top_val_NxLxK=cache["top_val"],
         members_TxS=jnp.asarray(design.members_TxS),
         subsets_NxD=jnp.asarray(design.subsets_NxD),
-        sketch_TxM=train.sketched_design(design, config, key, pooled_NxD),
+        sketch_TxM=stage1.sketched_design(design, config, key, pooled_NxD),
     )
 
 

@@ -7,7 +7,7 @@
 
 plus the memory-efficient token cross-entropy for language models (``chunked_token_ce``),
 which never materialises (tokens x vocab) logits at once. All are plain jnp functions; the
-steps in train.py / lm_stride.py weight and sum them.
+stage-1 steps (stage1.py) weight and sum them.
 """
 
 from __future__ import annotations

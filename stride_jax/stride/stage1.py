@@ -22,10 +22,11 @@ import optax
 from absl import logging
 from flax import nnx
 
-from stride_jax import checkpoint, losses, newton, sharding
+from stride_jax import checkpoint, sharding
 from stride_jax.errors import ConfigError
-from stride_jax.operators import SteeringOperators, layer_norm_noaffine
-from stride_jax.subsets import Design
+from stride_jax.stride import losses, newton
+from stride_jax.stride.operators import SteeringOperators, layer_norm_noaffine
+from stride_jax.stride.subsets import Design
 
 
 @functools.partial(
@@ -54,7 +55,7 @@ class Stage1Inputs:
     holds further per-row activations a hook steers (``HiddenHook``: ``u``, ``a``) and
     ``fixed`` its frozen weights (or None).
 
-    Stage 1 reads every site's inputs through the same four methods (``lm_stride.LMInputs``
+    Stage 1 reads every site's inputs through the same four methods (``residual.LMInputs``
     is the residual stream's): ``steered_losses`` / ``steered_kl`` (K x B per-row loss and
     truncated KL of operators ``ids`` on rows ``rows``: one row set B shared by all K
     operators, or K x B), ``base_losses`` (B) and ``with_frozen_basis``.
@@ -221,7 +222,7 @@ def gate_penalty(ops, ids_K, config) -> jax.Array:
 
 def loss_terms(ops, inputs, batch, config):
     """The three losses and the gate penalty (scalars) for one sampled batch, on any site's
-    inputs (``Stage1Inputs``, ``lm_stride.LMInputs``)."""
+    inputs (``Stage1Inputs``, ``residual.LMInputs``)."""
     ids_K, mem_KxB, w_fid, non_KxB, w_stab, probe_P = batch
     ids = None if all_subsets(config, inputs.members_TxS.shape[0]) else ids_K
     fid = losses.weighted_mean(inputs.steered_losses(ops, mem_KxB, ids, False), w_fid).mean()

@@ -1,1 +1,0 @@
-"""Command-line apps and report writers built on stride_jax."""

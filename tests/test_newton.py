@@ -10,7 +10,7 @@ import scipy.optimize
 from stride_jax import sharding
 from stride_jax.errors import ConfigError
 from stride_jax.models import mlp
-from stride_jax.stride import newton, pipeline, stage1, subsets
+from stride_jax.stride import classifier_inputs, newton, pipeline, stage1, subsets
 from stride_jax.stride.operators import HiddenHook, LogitHook
 
 C = 5
@@ -48,7 +48,9 @@ def _setup(hidden_hook: bool, n=80, t=8, deg=1, top_k=3, seed=0):
         )
     cache = jax.jit(hook.encode)(x)
     design = subsets.expander(jax.random.key(seed), t, n, deg)
-    inputs = stage1.make_inputs(cache, y, design, cfg, jax.random.key(1), fixed=hook.fixed)
+    inputs = classifier_inputs.make_inputs(
+        cache, y, design, cfg, jax.random.key(1), fixed=hook.fixed
+    )
     ops = hook.make_operators(jax.random.key(2), cache, t, cfg)
     return ops, inputs, cfg
 

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from stride_jax import checkpoint, sharding
-from stride_jax.stride import stage1, subsets
+from stride_jax.stride import classifier_inputs, stage1, subsets
 from stride_jax.stride.operators import SteeringOperators
 
 
@@ -19,7 +19,9 @@ def _inputs(n=60, d=10, c=4, t=20, deg=3, sketch=4, seed=0, top_k=5):
     y = rng.integers(0, c, n).astype(np.int32)
     design = subsets.expander(jax.random.key(seed), t, n, deg)
     cfg = ml_collections.ConfigDict(dict(sketch="gaussian", sketch_dim=sketch, top_k=top_k))
-    return stage1.make_inputs({"h": h, "logits": logits}, y, design, cfg, jax.random.key(1))
+    return classifier_inputs.make_inputs(
+        {"h": h, "logits": logits}, y, design, cfg, jax.random.key(1)
+    )
 
 
 def _params_np(params):

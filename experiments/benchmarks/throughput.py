@@ -38,7 +38,14 @@ from stride_jax.data import load_digits
 from stride_jax.eval import groundtruth
 from stride_jax.job.config import base_config
 from stride_jax.models import mlp, transformer
-from stride_jax.stride import newton, recover, residual, responses, stage1, subsets
+from stride_jax.stride import (
+    classifier_inputs,
+    newton,
+    recover,
+    residual,
+    responses,
+    subsets,
+)
 from stride_jax.stride.operators import HiddenHook, LogitHook, SteeringOperators
 
 _OUT = flags.DEFINE_string("out", None, "Where to write the results JSON.", required=True)
@@ -252,7 +259,9 @@ def bench_newton(s: dict) -> dict:
         dict(sketch="gaussian", sketch_dim=2, top_k=c, rank=r, basis_scale=0.1)
     )
     design = subsets.expander(jax.random.key(0), t, n, 5)
-    inputs = stage1.make_inputs(cache, y, design, cfg, jax.random.key(1), fixed=hook.fixed)
+    inputs = classifier_inputs.make_inputs(
+        cache, y, design, cfg, jax.random.key(1), fixed=hook.fixed
+    )
     ops = hook.make_operators(jax.random.key(2), cache, t, cfg)
     structured = jax.jit(lambda: newton.curvature_and_gradients(ops, inputs)[0])
     w_head = hook.fixed["w_head"]

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from stride_jax.models import transformer
-from stride_jax.stride import losses, stage1
+from stride_jax.stride import losses, subsets
 from stride_jax.stride.operators import SteeringOperators
 
 
@@ -176,7 +176,7 @@ def make_inputs(upper: Upper, model_params, cache, data: dict, design, config, k
         top_val_NxLxK=cache["top_val"],
         members_TxS=jnp.asarray(design.members_TxS),
         subsets_NxD=jnp.asarray(design.subsets_NxD),
-        sketch_TxM=stage1.sketched_design(design, config, key, pooled_NxD),
+        sketch_TxM=subsets.sketched_design(design, config, key, pooled_NxD),
     )
 
 

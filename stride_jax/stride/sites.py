@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from stride_jax.errors import ConfigError
-from stride_jax.stride import newton, residual, responses, stage1
+from stride_jax.stride import classifier_inputs, newton, residual, responses
 from stride_jax.stride.operators import HiddenHook, LogitHook
 
 HOOKS = ("logits", "hidden")
@@ -48,7 +48,9 @@ class ClassifierSite:
 
     def stage1_inputs(self, cache, design, key):
         y_N = self.task.train.y_N
-        return stage1.make_inputs(cache, y_N, design, self.cfg.stage1, key, fixed=self.hook.fixed)
+        return classifier_inputs.make_inputs(
+            cache, y_N, design, self.cfg.stage1, key, fixed=self.hook.fixed
+        )
 
     def operator_kwargs(self, cache, num_subsets: int) -> dict:
         def make_ops(key):

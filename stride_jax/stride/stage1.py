@@ -11,13 +11,10 @@ a run resumed from a checkpoint takes exactly the steps an uninterrupted run wou
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
 from flax import nnx
@@ -25,118 +22,7 @@ from flax import nnx
 from stride_jax import checkpoint, sharding
 from stride_jax.errors import ConfigError
 from stride_jax.stride import losses, newton
-from stride_jax.stride.operators import SteeringOperators, layer_norm_noaffine
-from stride_jax.stride.subsets import Design
-
-
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=[
-        "h_NxD",
-        "logits_NxC",
-        "y_N",
-        "members_TxS",
-        "subsets_NxD",
-        "sketch_TxM",
-        "top_idx_NxK",
-        "top_logp_NxK",
-        "extra_rows",
-        "fixed",
-    ],
-    meta_fields=[],
-)
-@dataclasses.dataclass(frozen=True)
-class Stage1Inputs:
-    """A classifier site's stage-1 inputs: cached base-model activations and the design.
-
-    ``h_NxD`` features at the hook, ``logits_NxC`` base logits, ``y_N`` labels, ``sketch_TxM``
-    the sketched design A P, ``top_idx_NxK`` / ``top_logp_NxK`` the base model's top-K classes
-    and their renormalised log-probabilities (the stability loss's fixed side). ``extra_rows``
-    holds further per-row activations a hook steers (``HiddenHook``: ``u``, ``a``) and
-    ``fixed`` its frozen weights (or None).
-
-    Stage 1 reads every site's inputs through the same four methods (``residual.LMInputs``
-    is the residual stream's): ``steered_losses`` / ``steered_kl`` (K x B per-row loss and
-    truncated KL of operators ``ids`` on rows ``rows``: one row set B shared by all K
-    operators, or K x B), ``base_losses`` (B) and ``with_frozen_basis``.
-    """
-
-    h_NxD: jax.Array
-    logits_NxC: jax.Array
-    y_N: jax.Array
-    members_TxS: jax.Array
-    subsets_NxD: jax.Array
-    sketch_TxM: jax.Array
-    top_idx_NxK: jax.Array
-    top_logp_NxK: jax.Array
-    extra_rows: dict = dataclasses.field(default_factory=dict)
-    fixed: dict | None = None
-
-    def rows(self, idx) -> dict:
-        """The cached activations of rows ``idx`` (any index shape), as operators take them."""
-        out = {"h": self.h_NxD[idx], "logits": self.logits_NxC[idx]}
-        return out | {k: v[idx] for k, v in self.extra_rows.items()}
-
-    def steered_losses(self, ops, rows, ids, shared: bool) -> jax.Array:
-        logits = ops.steered_logits(self.rows(rows), ids, shared, self.fixed)
-        y = jnp.broadcast_to(self.y_N[rows], logits.shape[:-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
-
-    def steered_kl(self, ops, rows, ids, shared: bool) -> jax.Array:
-        logits = ops.steered_logits(self.rows(rows), ids, shared, self.fixed)
-        return losses.top_k_kl(self.top_idx_NxK[rows], self.top_logp_NxK[rows], logits)
-
-    def base_losses(self, rows) -> jax.Array:
-        z = self.logits_NxC[rows]
-        return optax.softmax_cross_entropy_with_integer_labels(z, self.y_N[rows])
-
-    def with_frozen_basis(self, ops) -> Stage1Inputs:
-        """These inputs whose rows also carry the operators' basis features
-        (``ops.basis_rows``) of every training row, computed once: with a frozen basis
-        (``lr_muon = 0``) the steps then gather them instead of recomputing LN + projection
-        (and its unused gradient) per row."""
-        every = {"h": self.h_NxD, "logits": self.logits_NxC} | self.extra_rows
-        feats = jax.lax.stop_gradient(ops.basis_rows(every))
-        return dataclasses.replace(self, extra_rows=self.extra_rows | feats)
-
-
-def make_inputs(cache, y_N, design: Design, config, key: jax.Array, fixed=None) -> Stage1Inputs:
-    """Bundle the classifier's cached activations and the design with its sketch (cache
-    entries other than ``h`` and ``logits`` go to ``extra_rows``)."""
-    logits_NxC = jnp.asarray(cache["logits"])
-    top_idx, top_logp = losses.base_top_k(logits_NxC, config.top_k)
-    return Stage1Inputs(
-        h_NxD=jnp.asarray(cache["h"]),
-        logits_NxC=logits_NxC,
-        y_N=jnp.asarray(y_N),
-        members_TxS=jnp.asarray(design.members_TxS),
-        subsets_NxD=jnp.asarray(design.subsets_NxD),
-        sketch_TxM=sketched_design(design, config, key, cache["h"]),
-        top_idx_NxK=top_idx,
-        top_logp_NxK=top_logp,
-        extra_rows={k: jnp.asarray(v) for k, v in cache.items() if k not in ("h", "logits")},
-        fixed=fixed,
-    )
-
-
-def sketched_design(design: Design, config, key: jax.Array, feats_NxD) -> jax.Array:
-    """The sketched design A P (T x M), with a fixed random P (N x M) drawn from ``key``.
-
-    ``config.sketch`` = "gaussian": P has i.i.d. N(0, 1/M) entries (the paper's sketch);
-    "features": P = LN(feats) R with R a random D x M Gaussian, columns standardised, so the
-    sketched datamodel b = P c says "an example's influence is linear in its features".
-    """
-    n, m = design.num_examples, config.sketch_dim
-    if config.sketch == "gaussian":
-        proj_NxM = jax.random.normal(key, (n, m)) / np.sqrt(m)
-    elif config.sketch == "features":
-        h = layer_norm_noaffine(jnp.asarray(feats_NxD))
-        proj_NxM = h @ jax.random.normal(key, (h.shape[1], m))
-        proj_NxM = (proj_NxM - proj_NxM.mean(0)) / (proj_NxM.std(0) + 1e-6) / np.sqrt(m)
-    else:
-        raise ConfigError(f"stage1.sketch must be 'gaussian' or 'features', got {config.sketch!r}")
-    proj_pad = jnp.concatenate([proj_NxM, jnp.zeros((1, m))])
-    return proj_pad[jnp.asarray(design.members_TxS)].sum(1)
+from stride_jax.stride.operators import SteeringOperators
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -168,7 +54,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
     return optax.multi_transform({"muon": muon, "adamw": adamw}, labels)
 
 
-def membership(inputs: Stage1Inputs, rows_KxB: jax.Array, subset_ids_K: jax.Array) -> jax.Array:
+def membership(inputs, rows_KxB: jax.Array, subset_ids_K: jax.Array) -> jax.Array:
     """float32 K x B: 1 where example rows_KxB[k, b] is a member of subset subset_ids_K[k]."""
     return (inputs.subsets_NxD[rows_KxB] == subset_ids_K[:, None, None]).any(-1).astype(jnp.float32)
 
@@ -222,7 +108,7 @@ def gate_penalty(ops, ids_K, config) -> jax.Array:
 
 def loss_terms(ops, inputs, batch, config):
     """The three losses and the gate penalty (scalars) for one sampled batch, on any site's
-    inputs (``Stage1Inputs``, ``residual.LMInputs``)."""
+    inputs (``classifier_inputs.ClassifierInputs``, ``residual.LMInputs``)."""
     ids_K, mem_KxB, w_fid, non_KxB, w_stab, probe_P = batch
     ids = None if all_subsets(config, inputs.members_TxS.shape[0]) else ids_K
     fid = losses.weighted_mean(inputs.steered_losses(ops, mem_KxB, ids, False), w_fid).mean()

@@ -12,7 +12,11 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from stride_jax.errors import ConfigError
+from stride_jax.stride.operators import layer_norm_noaffine
 
 _MAX_DENSE = 1 << 28
 
@@ -151,3 +155,23 @@ def retention_masks(key: jax.Array, num_models: int, num_examples: int, alpha: f
     scores = jax.vmap(lambda k: jax.random.uniform(k, (num_examples,)))(keys)
     ranks = np.argsort(np.argsort(np.asarray(scores), axis=1), axis=1)
     return ranks < keep
+
+
+def sketched_design(design: Design, config, key: jax.Array, feats_NxD) -> jax.Array:
+    """The sketched design A P (T x M), with a fixed random P (N x M) drawn from ``key``.
+
+    ``config.sketch`` = "gaussian": P has i.i.d. N(0, 1/M) entries (the paper's sketch);
+    "features": P = LN(feats) R with R a random D x M Gaussian, columns standardised, so the
+    sketched datamodel b = P c says "an example's influence is linear in its features".
+    """
+    n, m = design.num_examples, config.sketch_dim
+    if config.sketch == "gaussian":
+        proj_NxM = jax.random.normal(key, (n, m)) / np.sqrt(m)
+    elif config.sketch == "features":
+        h = layer_norm_noaffine(jnp.asarray(feats_NxD))
+        proj_NxM = h @ jax.random.normal(key, (h.shape[1], m))
+        proj_NxM = (proj_NxM - proj_NxM.mean(0)) / (proj_NxM.std(0) + 1e-6) / np.sqrt(m)
+    else:
+        raise ConfigError(f"stage1.sketch must be 'gaussian' or 'features', got {config.sketch!r}")
+    proj_pad = jnp.concatenate([proj_NxM, jnp.zeros((1, m))])
+    return proj_pad[jnp.asarray(design.members_TxS)].sum(1)

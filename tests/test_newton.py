@@ -10,7 +10,7 @@ import scipy.optimize
 from stride_jax import sharding
 from stride_jax.errors import ConfigError
 from stride_jax.models import mlp
-from stride_jax.stride import classifier_inputs, newton, pipeline, stage1, subsets
+from stride_jax.stride import classifier_inputs, defaults, newton, stage1, subsets
 from stride_jax.stride.operators import HiddenHook, LogitHook
 
 C = 5
@@ -26,7 +26,7 @@ def _setup(hidden_hook: bool, n=80, t=8, deg=1, top_k=3, seed=0):
     x = jnp.asarray(rng.normal(size=(n, 7)).astype(np.float32))
     y = rng.integers(0, C, n).astype(np.int32)
     cfg = ml_collections.ConfigDict(
-        pipeline.stage1_defaults(
+        defaults.stage1_defaults(
             sketch="gaussian",
             sketch_dim=2,
             top_k=top_k,

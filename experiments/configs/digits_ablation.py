@@ -4,14 +4,14 @@ responses): with the default Gauss-Newton start and no Adam steps the linearity 
 part, so its ablation would be the default itself."""
 
 from stride_jax.job.config import ABLATION_NAMES, base_config
-from stride_jax.stride import pipeline
+from stride_jax.stride import defaults
 
 
 def get_config():
     c = base_config("classifier")
-    c.stride.stage1 = pipeline.stage1_defaults()
+    c.stride.stage1 = defaults.stage1_defaults()
     c.stride.design.num_subsets = 1000
-    c.stride.lasso = pipeline.lasso_defaults()
+    c.stride.lasso = defaults.lasso_defaults()
     c.stride.size_weighted = False
     c.ablations = ABLATION_NAMES
     return c

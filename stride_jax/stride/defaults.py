@@ -1,10 +1,68 @@
-"""STRIDE's default config block (``config.stride``) per task kind."""
+"""STRIDE's config block (``config.stride``) and its defaults per task kind.
+
+The ``stage1`` block is the Adam recipe below (zero-gate start, 200 steps; chosen on
+validation digits), from which the decoder defaults start; classifiers apply
+``NEWTON_RECIPE`` on top (one Gauss-Newton step, ``stride.newton``). The Adam recipe trains
+every operator at every step (``subsets_per_step=0``) on all its members, with one shared
+stability batch, a small fidelity weight and an L2 penalty on the gates: each operator then
+sits near the optimum of "a small step towards its subset, held back by the KL to the base
+model", where its loss drops add up over examples (README, "How STRIDE is trained").
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
-from stride_jax.stride import pipeline
+from stride_jax.errors import ConfigError
+from stride_jax.stride import recover
+
+# The stage-1 settings, grouped by what they control.
+OPERATORS = dict(rank=256, basis_scale=0.1, init="zero")
+SCHEDULE = dict(steps=200, log_every=50, ckpt_every=100, warmup_steps=50)
+OPTIMIZER = dict(lr=1e-2, lr_muon=0.0, lr_end_frac=0.05, weight_decay=0.0)
+BATCHES = dict(
+    subsets_per_step=0, fidelity_rows="all", fidelity_batch=16, stability_rows="shared"
+) | dict(stability_batch=128, probe_batch=64, top_k=10)
+LINEARITY = dict(sketch="features", sketch_dim=32, ridge=1.0, intercept=True) | dict(
+    probe_mask_members=False, linearity_over_all=True
+)
+WEIGHTS = dict(w_fidelity=1e-2, w_stability=1.0, w_linearity=0.1, gate_l2=1e-4)
+
+# The classifier recipe (chosen on validation digits and MNIST-5k, experiments/RESULTS.md):
+# stage 1 as one damped Gauss-Newton step with a light fidelity weight, no Adam steps after.
+NEWTON_RECIPE = dict(init="newton", steps=0, w_fidelity=3e-4, gate_l2=6e-5)
+
+# The decoder recipe (chosen on the 100 validation blocks of lm_shakespeare, see ``decoder``).
+DECODER_STAGE1 = (
+    dict(rank=16, basis_scale=1.0, top_k=16, sketch_dim=16)
+    | dict(steps=600, log_every=50, ckpt_every=300, warmup_steps=30)
+    | dict(lr=1e-2, lr_muon=0.02, lr_end_frac=0.1, subsets_per_step=32)
+    | dict(fidelity_rows="sample", fidelity_batch=10, stability_rows="per_subset")
+    | dict(stability_batch=4, probe_batch=4, linearity_over_all=False)
+    | dict(w_fidelity=1.0, w_linearity=1.0, gate_l2=0.0)
+)
+
+
+def stage1_defaults(**overrides) -> dict:
+    """The ``stage1`` block (the Adam recipe); ``overrides`` replace keys, unknown ones are
+    refused."""
+    out = OPERATORS | SCHEDULE | OPTIMIZER | BATCHES | LINEARITY | WEIGHTS
+    unknown = set(overrides) - set(out)
+    if unknown:
+        raise ConfigError(f"unknown stage1 keys {sorted(unknown)}")
+    return out | overrides
+
+
+def lasso_defaults(**overrides) -> dict:
+    """The ``lasso`` block of a STRIDE config: ``recover.LassoConfig`` with a 6-point path of
+    25 FISTA steps each down to 0.01 lambda_max. On the validation queries (responses of the
+    default operators): digits 0.6807 vs 0.6809 for 4 points x 100 steps (which matched
+    8 x 500 to 4 digits), MNIST-5k 0.6491 vs 0.6465, at 0.5x / 0.4x of the time; 4 x 25 equals
+    4 x 100 on both; lam_frac 0.003 / 0.01 / 0.05 gave 0.652 / 0.653 / 0.637 on digits."""
+    base = dict(path_len=6, maxiter=25, lam_frac=0.01)
+    return dataclasses.asdict(recover.LassoConfig(**(base | overrides)))
 
 
 def classifier() -> ml_collections.ConfigDict:
@@ -21,8 +79,8 @@ def classifier() -> ml_collections.ConfigDict:
             hidden_rank=64,
             hidden_basis="whitened",  # hook="hidden": "whitened" or "pca" directions
             design=dict(kind="expander", num_subsets=3000, degree=5, seed=2),
-            stage1=pipeline.stage1_defaults(**pipeline.NEWTON_RECIPE),
-            lasso=pipeline.lasso_defaults(lam_frac=0.003),
+            stage1=stage1_defaults(**NEWTON_RECIPE),
+            lasso=lasso_defaults(lam_frac=0.003),
         )
     )
 
@@ -44,30 +102,8 @@ def decoder() -> ml_collections.ConfigDict:
             op_chunk=64,
             query_batch=1,
             design=dict(kind="expander", num_subsets=1000, degree=5, seed=2),
-            stage1=pipeline.stage1_defaults(
-                rank=16,
-                basis_scale=1.0,
-                steps=600,
-                log_every=50,
-                ckpt_every=300,
-                warmup_steps=30,
-                lr=1e-2,
-                lr_muon=0.02,
-                lr_end_frac=0.1,
-                subsets_per_step=32,
-                fidelity_rows="sample",
-                fidelity_batch=10,
-                stability_rows="per_subset",
-                stability_batch=4,
-                probe_batch=4,
-                top_k=16,
-                sketch_dim=16,
-                linearity_over_all=False,
-                w_fidelity=1.0,
-                w_linearity=1.0,
-                gate_l2=0.0,
-            ),
-            lasso=pipeline.lasso_defaults() | dict(lam_frac=0.05, maxiter=500),
+            stage1=stage1_defaults(**DECODER_STAGE1),
+            lasso=lasso_defaults() | dict(lam_frac=0.05, maxiter=500),
         )
     )
 

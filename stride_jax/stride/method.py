@@ -19,7 +19,8 @@ import numpy as np
 from absl import logging
 
 from stride_jax import checkpoint, sharding
-from stride_jax.stride import defaults, pipeline, recover, stage1, subsets
+from stride_jax.errors import ConfigError
+from stride_jax.stride import defaults, recover, stage1, subsets
 
 
 @dataclasses.dataclass
@@ -47,6 +48,37 @@ class Fitted:
     seconds: dict
     # (query rows object, y_QxT) of the last ``score``: a Lasso sweep reuses the responses.
     last_responses: tuple = ()
+
+
+def design_for(dc, n: int) -> subsets.Design:
+    """The design of ``stride.design`` over n training examples; refuses empty subsets."""
+    if n < 1:
+        raise ValueError("need at least one training example")
+    design = subsets.make_design(jax.random.key(dc.seed), dc.kind, dc.num_subsets, n, dc.degree)
+    sizes = design.sizes_T
+    if sizes.min() == 0:
+        raise ConfigError(
+            f"{int((sizes == 0).sum())} of the {design.num_subsets} subsets are empty "
+            f"(N*d = {n * dc.degree} < T?); lower stride.design.num_subsets or raise degree"
+        )
+    logging.info(
+        "stride: %s design, T=%d subsets, d=%d, subset sizes %d..%d",
+        dc.kind,
+        design.num_subsets,
+        dc.degree,
+        sizes.min(),
+        sizes.max(),
+    )
+    return design
+
+
+def lasso_targets(y_QxT: np.ndarray, design: subsets.Design, config) -> np.ndarray:
+    """What the Lasso fits: the responses, times each subset's size with
+    ``config.size_weighted`` (the fidelity loss averages over S_k's members, so operator k
+    responds to ``sum_{i in S_k} b_i / |S_k|``; scaled, the rows fit ``A b`` exactly)."""
+    if not config.get("size_weighted", False):
+        return y_QxT
+    return y_QxT * np.asarray(design.sizes_T, y_QxT.dtype)[None]
 
 
 def _keys(cfg):
@@ -79,7 +111,7 @@ def _fit(task, cfg) -> Fitted:
     workdir = os.path.join(task.workdir, "stride") if task.workdir else None
     if workdir:
         checkpoint.guard_config(workdir, cfg.to_dict())
-    design = pipeline.make_design(cfg.design, len(task.train))
+    design = design_for(cfg.design, len(task.train))
     t0 = time.time()
     cache = site.encode(task.train)
     sketch_key, train_key, _ = _keys(cfg)
@@ -125,8 +157,8 @@ def attribute_rows(task, fitted: Fitted, query, cfg) -> Scores:
     t0 = time.time()
     out = recover.lasso_scores(
         fitted.design,
-        pipeline.lasso_targets(y_QxT, fitted.design, cfg),
-        pipeline.lasso_config(cfg.lasso),
+        lasso_targets(y_QxT, fitted.design, cfg),
+        recover.LassoConfig(**cfg.lasso.to_dict()),
         key=_keys(cfg)[2],
         mesh=mesh,
     )

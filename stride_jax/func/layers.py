@@ -33,7 +33,7 @@ def kernel_shape(params, path: str) -> tuple[int, int]:
     return partition(params, (path + "/kernel",))[0][path + "/kernel"].shape
 
 
-class _Tap(nnx.Module):
+class Tap(nnx.Module):
     """A dense layer whose input is kept (``x``) and whose output gets ``eps`` added."""
 
     def __init__(self, linear, eps):
@@ -61,7 +61,7 @@ def layer_io(graphdef, params, paths, rows: dict, key=None):
             owner = model
             for part in parents:
                 owner = owner[int(part)] if part.isdigit() else getattr(owner, part)
-            taps.append(_Tap(getattr(owner, name), e))
+            taps.append(Tap(getattr(owner, name), e))
             setattr(owner, name, taps[-1])
         logits = model(tokens, rows["attn"])[:, :-1]
         targets = tokens[:, 1:]

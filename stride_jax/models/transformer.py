@@ -22,6 +22,10 @@ _INIT = nnx.initializers.normal(0.02)
 _LLAMA_TYPES = ("llama", "mistral", "qwen2")
 
 
+# DecoderConfig fields read straight from a GPT-2 config.json (ours: theirs).
+_GPT2_SIZES = dict(vocab_size="vocab_size", d_model="n_embd", n_layers="n_layer", n_heads="n_head")
+
+
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
     """Architecture of a ``Decoder``; ``None`` fields resolve to their defaults on creation.
@@ -75,12 +79,10 @@ class DecoderConfig:
                 raise ValueError(
                     "gpt2 attention scaling options other than the default unsupported"
                 )
+            sizes = {ours: hf[theirs] for ours, theirs in _GPT2_SIZES.items()}
             return cls(
                 "gpt2",
-                vocab_size=hf["vocab_size"],
-                d_model=hf["n_embd"],
-                n_layers=hf["n_layer"],
-                n_heads=hf["n_head"],
+                **sizes,
                 d_ff=hf.get("n_inner"),
                 max_len=hf.get("n_positions", 1024),
                 norm_eps=hf.get("layer_norm_epsilon", 1e-5),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -123,27 +124,34 @@ def _setup(members_TxS, subsets_NxD, w_T, fit_intercept, nonneg, maxiter, tol):
     return mv, centre, solve
 
 
+def _solver_args(solver) -> tuple:
+    """(fit_intercept, nonneg, maxiter, tol): ``_setup``'s settings."""
+    return solver.fit_intercept, solver.nonneg, solver.maxiter, solver.tol
+
+
 def _result(scores_QxN, lam_Q, lam_frac_Q) -> dict:
     nnz_Q = jnp.sum(scores_QxN != 0, -1)
     return {"scores_QxN": scores_QxN, "lam_Q": lam_Q, "lam_frac_Q": lam_frac_Q, "nnz_Q": nnz_Q}
 
 
-_STATIC = ("nonneg", "fit_intercept", "maxiter", "tol", "path_len")
+class Solver(NamedTuple):
+    """The static (compile-time) settings of the jitted Lasso cores."""
+
+    nonneg: bool
+    fit_intercept: bool
+    maxiter: int
+    tol: float
+    path_len: int
 
 
-@partial(jax.jit, static_argnames=_STATIC)
+@partial(jax.jit, static_argnames="solver")
 def lasso_scores_arrays(
     members_TxS,
     subsets_NxD,
     y_QxT,
     row_weight_T,
     lam_frac,
-    *,
-    nonneg: bool,
-    fit_intercept: bool,
-    maxiter: int,
-    tol: float,
-    path_len: int,
+    solver: Solver,
 ) -> dict:
     """Jitted core: Lasso at ``lam_frac * lambda_max`` per query, warm-started along a path.
 
@@ -151,10 +159,8 @@ def lasso_scores_arrays(
     ``row_weight_T`` float32 row weights (1 = used, 0 = masked out), ``lam_frac`` scalar.
     Returns ``{"scores_QxN", "lam_Q", "lam_frac_Q", "nnz_Q"}``.
     """
-    _, centre, solve = _setup(
-        members_TxS, subsets_NxD, row_weight_T, fit_intercept, nonneg, maxiter, tol
-    )
-    fracs_K = _fracs(lam_frac, path_len)
+    _, centre, solve = _setup(members_TxS, subsets_NxD, row_weight_T, *_solver_args(solver))
+    fracs_K = _fracs(lam_frac, solver.path_len)
     num_examples = subsets_NxD.shape[0]
 
     def one_query(y_T):
@@ -170,19 +176,14 @@ def lasso_scores_arrays(
     return _result(scores_QxN, lam_Q, jnp.full(lam_Q.shape, fracs_K[-1]))
 
 
-@partial(jax.jit, static_argnames=_STATIC)
+@partial(jax.jit, static_argnames="solver")
 def lasso_heldout_arrays(
     members_TxS,
     subsets_NxD,
     y_QxT,
     fit_mask_T,
     path_min_frac,
-    *,
-    nonneg: bool,
-    fit_intercept: bool,
-    maxiter: int,
-    tol: float,
-    path_len: int,
+    solver: Solver,
 ) -> dict:
     """Jitted core for ``select="heldout"``: pick each query's path point on held-out rows.
 
@@ -193,14 +194,12 @@ def lasso_heldout_arrays(
     """
     fit_mask_T = jnp.asarray(fit_mask_T, jnp.float32)
     held_T = 1.0 - fit_mask_T
-    fracs_K = _fracs(path_min_frac, path_len)
+    fracs_K = _fracs(path_min_frac, solver.path_len)
     num_examples = subsets_NxD.shape[0]
     zeros_N = jnp.zeros(num_examples, jnp.float32)
-    mv_f, centre_f, solve_f = _setup(
-        members_TxS, subsets_NxD, fit_mask_T, fit_intercept, nonneg, maxiter, tol
-    )
+    mv_f, centre_f, solve_f = _setup(members_TxS, subsets_NxD, fit_mask_T, *_solver_args(solver))
     _, centre_a, solve_a = _setup(
-        members_TxS, subsets_NxD, jnp.ones_like(fit_mask_T), fit_intercept, nonneg, maxiter, tol
+        members_TxS, subsets_NxD, jnp.ones_like(fit_mask_T), *_solver_args(solver)
     )
 
     def one_query(y_T):
@@ -224,7 +223,7 @@ def lasso_heldout_arrays(
             return (b_N, jnp.where(k == best, b_N, keep_N)), None
 
         (_, keep_N), _ = jax.lax.scan(
-            refit_step, (zeros_N, zeros_N), (jnp.arange(path_len), fracs_K)
+            refit_step, (zeros_N, zeros_N), (jnp.arange(solver.path_len), fracs_K)
         )
         return keep_N, fracs_K[best] * lam_max_all, fracs_K[best]
 
@@ -299,12 +298,12 @@ def lasso_scores(design_or_arrays, y_QxT, config: LassoConfig, key=None, mesh=No
         members_TxS, subsets_NxD = jax.device_put(
             (members_TxS, subsets_NxD), sharding.replicated(mesh)
         )
-    static = {name: getattr(config, name) for name in _STATIC}
+    solver = Solver(*(getattr(config, name) for name in Solver._fields))
     num_subsets = int(members_TxS.shape[0])
     if config.select == "fixed":
         ones_T = jnp.ones(num_subsets, jnp.float32)
         out = lasso_scores_arrays(
-            members_TxS, subsets_NxD, y_QxT, ones_T, jnp.float32(config.lam_frac), **static
+            members_TxS, subsets_NxD, y_QxT, ones_T, jnp.float32(config.lam_frac), solver
         )
         return {k: v[:num_queries] for k, v in out.items()}
     num_held = max(1, round(config.holdout_frac * num_subsets))
@@ -316,4 +315,4 @@ def lasso_scores(design_or_arrays, y_QxT, config: LassoConfig, key=None, mesh=No
     fit_mask_T = np.ones(num_subsets, np.float32)
     fit_mask_T[held] = 0.0
     min_frac = jnp.float32(config.path_min_frac)
-    return lasso_heldout_arrays(members_TxS, subsets_NxD, y_QxT, fit_mask_T, min_frac, **static)
+    return lasso_heldout_arrays(members_TxS, subsets_NxD, y_QxT, fit_mask_T, min_frac, solver)

@@ -36,12 +36,30 @@ HOOKS = ("logits", "hidden")
 
 
 @dataclasses.dataclass(frozen=True)
-class ClassifierSite:
-    """Operators on a classifier's logits (and optionally an MLP's last hidden layer)."""
+class Site:
+    """One task's attachment site for the ``stride`` config ``cfg`` (the protocol above)."""
 
     task: object
     cfg: object
-    hook: object
+
+    def encode(self, rows) -> dict:
+        raise NotImplementedError
+
+    def stage1_inputs(self, cache, design, key):
+        raise NotImplementedError
+
+    def operator_kwargs(self, cache, num_subsets: int) -> dict:
+        raise NotImplementedError
+
+    def responses(self, ops_graphdef, ops_params, cache_q, rows_q, mesh):
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierSite(Site):
+    """Operators on a classifier's logits (and optionally an MLP's last hidden layer)."""
+
+    hook: object = None
 
     def encode(self, rows) -> dict:
         return jax.jit(self.hook.encode)(jnp.asarray(rows.x_NxF))
@@ -106,13 +124,11 @@ def hook_layer(cfg, n_layers: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class ResidualSite:
+class ResidualSite(Site):
     """Operators added to a decoder's residual stream after layer ``upper.layer``, at every
     token; the layers above run once per operator (``residual``)."""
 
-    task: object
-    cfg: object
-    upper: residual.Upper
+    upper: residual.Upper = None
 
     def encode(self, rows) -> dict:
         c = self.cfg

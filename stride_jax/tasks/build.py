@@ -88,14 +88,13 @@ def classifier(
     except DataError as e:
         raise TaskError(str(e)) from e
     c = max(splits.num_classes, int(num_classes or 0))
-    task = ClassifierTask(
-        graphdef=graphdef,
-        params=params,
-        train=splits.train,
-        query=splits.query,
-        mesh=mesh,
-        workdir=workdir,
-        seed=seed,
+    task = _classifier_task(
+        graphdef,
+        params,
+        splits,
+        mesh,
+        workdir,
+        seed,
         num_classes=c,
         logits_fn=logits_fn or default_logits,
         features_fn=features_fn or default_features,
@@ -116,6 +115,19 @@ def classifier(
         )
     task.num_classes = int(logits.shape[-1])
     return task
+
+
+def _classifier_task(graphdef, params, splits, mesh, workdir, seed, **fields) -> ClassifierTask:
+    return ClassifierTask(
+        graphdef=graphdef,
+        params=params,
+        train=splits.train,
+        query=splits.query,
+        mesh=mesh,
+        workdir=workdir,
+        seed=seed,
+        **fields,
+    )
 
 
 def _wider(logits, probe) -> bool:
@@ -154,14 +166,13 @@ def mlp_task(model_config, graphdef, params, splits, *, mesh=None, workdir=None)
     from stride_jax.models import mlp
 
     fit = mlp.jitted_fit(model_config, splits.num_classes)
-    return ClassifierTask(
-        graphdef=graphdef,
-        params=params,
-        train=splits.train,
-        query=splits.query,
-        mesh=mesh,
-        workdir=workdir,
-        seed=model_config.seed,
+    return _classifier_task(
+        graphdef,
+        params,
+        splits,
+        mesh,
+        workdir,
+        model_config.seed,
         num_classes=splits.num_classes,
         logits_fn=mlp.apply,
         features_fn=mlp.apply_features,

@@ -15,19 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from stride_jax.func.layers import Tap
 from stride_jax.models.mlp import cross_entropy
 from stride_jax.task import TaskError, all_param_names
-
-
-class Tap(nnx.Module):
-    """A dense layer whose input is kept (``x``) and whose output gets ``eps`` added."""
-
-    def __init__(self, linear, eps):
-        self.linear, self.eps = linear, nnx.Intermediate(eps)
-
-    def __call__(self, x):
-        self.x = nnx.Intermediate(x)
-        return self.linear(x) + self.eps[...]
 
 
 def _owner(model, path: str):

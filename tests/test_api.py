@@ -190,3 +190,20 @@ def test_decoder_from_hf_config_through_the_same_api():
         stride_jax.tasks.decoder(small, train=train, queries=queries)
     with pytest.raises(ConfigError, match="supports classifier tasks, not decoder"):
         stride_jax.attribute(task, method="featsim")
+
+
+def test_design_note_method_example_registers_and_runs(cnn_task):
+    """docs/architecture.md's "adding a method" example, run as written, through attribute."""
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "architecture.md")) as f:
+        code = re.search(r"```python\n(.*?)```", f.read(), re.S).group(1)
+    exec(compile(code, "architecture.md", "exec"), {})
+    try:
+        scores = stride_jax.attribute(cnn_task, method="mymethod")
+        graddot = stride_jax.attribute(cnn_task, method="graddot")
+        np.testing.assert_allclose(scores, graddot, rtol=1e-4, atol=1e-6 * np.abs(graddot).max())
+    finally:
+        stride_jax.methods.REGISTRY.pop("mymethod", None)

@@ -145,9 +145,7 @@ class TokenBlocks:
     def __len__(self) -> int:
         return int(self.tokens_NxL.shape[0])
 
-    @property
-    def block_len(self) -> int:
-        return int(self.tokens_NxL.shape[1])
+    block_len = property(lambda self: int(self.tokens_NxL.shape[1]), doc="L, tokens per row.")
 
     @property
     def num_examples(self) -> int:

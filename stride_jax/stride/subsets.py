@@ -31,14 +31,17 @@ class Design:
 
     @property
     def num_subsets(self) -> int:
+        """T, the number of subsets (rows of A)."""
         return int(self.members_TxS.shape[0])
 
     @property
     def num_examples(self) -> int:
+        """N, the number of training examples (columns of A)."""
         return int(self.subsets_NxD.shape[0])
 
     @property
     def sizes_T(self) -> np.ndarray:
+        """|S_k| of every subset (padding entries, = N, do not count)."""
         return (self.members_TxS < self.num_examples).sum(-1)
 
     @property

@@ -11,20 +11,16 @@ examples and the negated query loss, averaged over queries (``metrics.lds``).
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
-from stride_jax.eval import metrics
-from stride_jax.stride import subsets
+from stride_jax.eval import groundtruth, metrics
 from stride_jax.task import Task
 
 
 def ground_truth(task: Task, num_models: int = 50, alpha: float = 0.5, seed: int = 0, queries=None):
     """``{"masks_MxE", "losses_MxQ"}``: example masks and the retrained models' query losses."""
-    mask_key, init_key = jax.random.split(jax.random.key(seed))
-    masks = subsets.retention_masks(mask_key, num_models, task.num_examples, alpha)
+    masks, keys = groundtruth.masks_and_keys(seed, num_models, task.num_examples, alpha)
     weights = task.example_weights(np.asarray(masks, np.float32))
-    keys = jax.random.split(init_key, num_models)
     rows = task.query if queries is None else queries
     losses = task.retrain_losses(keys, weights, rows)
     return {"masks_MxE": np.asarray(masks), "losses_MxQ": np.asarray(losses, np.float32)}

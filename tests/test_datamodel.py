@@ -75,10 +75,12 @@ def test_noise_ceiling_retrains_the_same_masks(setup):
     # groundtruth.build draws its init keys as split(split(key(seed))[1], M): with that key
     # the noise-ceiling retrains must reproduce the ground truth exactly (same masks used).
     init_key = jax.random.split(jax.random.key(c.groundtruth.seed))[1]
-    same = datamodel.noise_ceiling(c.model, splits, gt["masks_MxN"], init_key, mesh, batch=4)
+    graphdef, params = mlp.abstract(c.model, splits.train.x_NxF.shape[1], splits.num_classes)
+    task = tasks.mlp_task(c.model, graphdef, params, splits, mesh=mesh)
+    same = datamodel.ceiling_losses(task, gt["masks_MxN"], init_key, splits.query, group=4)
     np.testing.assert_allclose(same, gt["losses_MxQ"], atol=1e-5)
-    other = datamodel.noise_ceiling(
-        c.model, splits, gt["masks_MxN"], jax.random.key(99), mesh, batch=4
+    other = datamodel.ceiling_losses(
+        task, gt["masks_MxN"], jax.random.key(99), splits.query, group=4
     )
     assert other.shape == gt["losses_MxQ"].shape and other.dtype == np.float32
     assert not np.allclose(other, gt["losses_MxQ"], atol=1e-4)

@@ -74,6 +74,14 @@ def _losses_fn(model_config_json: str, in_dim: int, num_classes: int, batch: int
     return fn
 
 
+def masks_and_keys(seed: int, num_models: int, num_examples: int, alpha: float):
+    """(masks_MxE bool, init keys_M) of M retrains, both drawn from one seed: what the ground
+    truth, the datamodel reference and ``evaluate.ground_truth`` retrain."""
+    mask_key, init_key = jax.random.split(jax.random.key(seed))
+    masks = subsets.retention_masks(mask_key, num_models, num_examples, alpha)
+    return masks, jax.random.split(init_key, num_models)
+
+
 def build(config, model_config, splits: Splits, mesh, workdir: str | None = None) -> dict:
     """Masks (M x N, bool) and query losses (M x Q, float32); cached as groundtruth.npz."""
     path = os.path.join(workdir, "groundtruth.npz") if workdir else None
@@ -90,9 +98,7 @@ def build(config, model_config, splits: Splits, mesh, workdir: str | None = None
             )
         logging.info("ground truth: reusing %s", path)
         return cached
-    key = jax.random.key(config.seed)
-    mask_key, init_key = jax.random.split(key)
-    masks = subsets.retention_masks(mask_key, config.num_models, len(splits.train), config.alpha)
+    masks, keys = masks_and_keys(config.seed, config.num_models, len(splits.train), config.alpha)
     logging.info(
         "ground truth: retraining %d models on %.0f%% subsets (vmapped, %d at a time)",
         config.num_models,
@@ -102,7 +108,7 @@ def build(config, model_config, splits: Splits, mesh, workdir: str | None = None
     t0 = time.time()
     params = retrain_many(
         model_config,
-        jax.random.split(init_key, config.num_models),
+        keys,
         jnp.asarray(splits.train.x_NxF),
         jnp.asarray(splits.train.y_N),
         masks,

@@ -30,6 +30,7 @@ from stride_jax.errors import ConfigError
 from stride_jax.eval import groundtruth
 from stride_jax.job import cache
 from stride_jax.job.pretrain import decoder_config, pretrain
+from stride_jax.methods import datamodel
 from stride_jax.models import hf_import, mlp, transformer
 from stride_jax.stride import subsets
 from stride_jax.tasks import decoder_task
@@ -221,26 +222,8 @@ def ceiling_losses(config, task, splits, workdir: str, gt) -> np.ndarray:
     logging.info(
         "noise ceiling: retraining the %d ground-truth subsets with other seeds", gc.num_models
     )
-    masks = np.asarray(gt["masks_MxN"])
-    params = groundtruth.retrain_many(
-        config.model,
-        jax.random.split(jax.random.key(gc.ceiling_seed), masks.shape[0]),
-        jnp.asarray(splits.train.x_NxF),
-        jnp.asarray(splits.train.y_N),
-        masks,
-        splits.num_classes,
-        task.mesh,
-        gc.models_per_batch,
-    )
-    losses = groundtruth.query_losses(
-        config.model,
-        params,
-        splits.query.x_NxF,
-        splits.query.y_N,
-        splits.num_classes,
-        gc.models_per_batch,
-    )
-    losses = np.asarray(jax.device_get(losses), np.float32)
+    key = jax.random.key(gc.ceiling_seed)
+    losses = datamodel.ceiling_losses(task, gt["masks_MxN"], key, splits.query, gc.models_per_batch)
     checkpoint.save_arrays(path, losses_MxQ=losses)
     return losses
 

@@ -30,7 +30,7 @@ retrains again (same masks and keys) to evaluate them. Retrains are cached in me
 content (the task's rows and recipe, and num_models / alpha / seed but not the ridge), so a
 ridge sweep reuses them.
 
-``noise_ceiling`` / ``ceiling_losses`` and ``retrain_agreement`` give the benchmark's noise
+``ceiling_losses`` and ``retrain_agreement`` give the benchmark's noise
 ceiling: the ground truth's subsets retrained with other init keys, and the per-query
 Spearman correlation, across models, between the two sets of retrained losses. No attribution
 method can expect to beat the agreement of retraining with itself.
@@ -47,8 +47,7 @@ import numpy as np
 from absl import logging
 
 from stride_jax import methods
-from stride_jax.eval import metrics
-from stride_jax.stride import subsets
+from stride_jax.eval import groundtruth, metrics
 
 _HI = jax.lax.Precision.HIGHEST
 _DEFAULTS = {
@@ -59,13 +58,6 @@ _DEFAULTS = {
 
 def default_config(kind: str = "classifier") -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(_DEFAULTS[kind])
-
-
-def masks_and_keys(seed: int, num_models: int, num_examples: int, alpha: float):
-    """(masks_MxE bool, init keys_M) from one seed, derived as ``groundtruth.build`` does."""
-    mask_key, init_key = jax.random.split(jax.random.key(seed))
-    masks = subsets.retention_masks(mask_key, num_models, num_examples, alpha)
-    return masks, jax.random.split(init_key, num_models)
 
 
 # --- the ridge ---------------------------------------------------------------------------
@@ -160,7 +152,7 @@ def fit(task, cfg=None):
     key = _digest(task, cfg)
     if key in _FITS:
         return _FITS[key]
-    masks, keys = masks_and_keys(
+    masks, keys = groundtruth.masks_and_keys(
         int(cfg.seed), int(cfg.num_models), task.num_examples, float(cfg.alpha)
     )
     state = {"masks_MxE": masks, "keys_M": keys, "share_ExN": example_shares(task)}
@@ -213,20 +205,6 @@ def ceiling_losses(task, masks_MxE, key, rows, group: int) -> np.ndarray:
     keys_M = jax.random.split(key, np.asarray(masks_MxE).shape[0])
     weights_MxN = task.example_weights(masks_MxE)
     return np.asarray(task.retrain_losses(keys_M, weights_MxN, rows, group), np.float32)
-
-
-def noise_ceiling(model_config, splits, masks_MxN, key, mesh, batch: int) -> np.ndarray:
-    """``ceiling_losses`` of the MLP ``model_config`` on ``splits`` (its query rows).
-
-    Pass the ground truth's masks and a key unrelated to its seed; ``retrain_agreement`` of the
-    result with the ground truth's losses is the noise ceiling of LDS.
-    """
-    from stride_jax import tasks
-    from stride_jax.models import mlp
-
-    graphdef, params = mlp.abstract(model_config, splits.train.x_NxF.shape[1], splits.num_classes)
-    task = tasks.mlp_task(model_config, graphdef, params, splits, mesh=mesh)
-    return ceiling_losses(task, masks_MxN, key, splits.query, batch)
 
 
 def retrain_agreement(losses_a_MxQ, losses_b_MxQ, *, kind="spearman", key=None, n_boot=1000):

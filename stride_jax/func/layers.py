@@ -3,13 +3,12 @@
 A dense kernel W (in x out) at module path ``p`` (e.g. ``"layers/1/mlp/fc"``) has per-row
 gradient G = sum_t x_t g_t^T, with x_t the layer's input at token t and g_t the gradient of
 the row's loss w.r.t. the layer's output there. ``layer_io`` returns those x and g for
-several layers at once by swapping each layer for a tap that records its input and adds a
-zero ``eps`` to its output (the gradient w.r.t. eps is g), so G is never formed.
+several layers at once by swapping each layer for a ``Tap`` that records its input and adds a
+zero ``eps`` to its output (the gradient w.r.t. eps is g), so G is never formed; ``tap``
+(also a classifier's, ``tasks.dense``) does the swapping.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,7 @@ import optax
 from flax import nnx
 
 from stride_jax.errors import ConfigError
-from stride_jax.func.grads import padded_chunks, partition
+from stride_jax.func.grads import partition
 
 
 def kernel_paths(names) -> tuple[str, ...]:
@@ -44,6 +43,39 @@ class Tap(nnx.Module):
         return self.linear(x) + self.eps[...]
 
 
+def _owner(model, path: str):
+    """(the module holding the submodule at ``path``, its attribute name or list index)."""
+    *parents, name = path.split("/")
+    owner = model
+    for part in parents:
+        owner = owner[int(part)] if part.isdigit() else getattr(owner, part)
+    return owner, (int(name) if name.isdigit() else name)
+
+
+def module_at(model, path: str):
+    """The submodule of ``model`` at ``path`` (``"layers/1/mlp/fc"``, ``"head"``)."""
+    owner, name = _owner(model, path)
+    return owner[name] if isinstance(name, int) else getattr(owner, name)
+
+
+def replace_at(model, path: str, new) -> None:
+    """Put ``new`` in place of ``model``'s submodule at ``path`` (in place)."""
+    owner, name = _owner(model, path)
+    if isinstance(name, int):
+        owner[name] = new
+    else:
+        setattr(owner, name, new)
+
+
+def tap(model, paths, eps_layers) -> list[Tap]:
+    """Swap the layers at ``paths`` of ``model`` (in place) for taps adding ``eps_layers``."""
+    taps = []
+    for path, eps in zip(paths, eps_layers, strict=True):
+        taps.append(Tap(module_at(model, path), eps))
+        replace_at(model, path, taps[-1])
+    return taps
+
+
 def layer_io(graphdef, params, paths, rows: dict, key=None):
     """[(x_BxLxI inputs, g_BxLxO output gradients)] of the dense layers at ``paths``.
 
@@ -55,14 +87,8 @@ def layer_io(graphdef, params, paths, rows: dict, key=None):
     eps0 = [jnp.zeros((B, L, kernel_shape(params, p)[1])) for p in paths]
 
     def loss(eps):
-        model, taps = nnx.merge(graphdef, params), []
-        for path, e in zip(paths, eps, strict=True):
-            *parents, name = path.split("/")
-            owner = model
-            for part in parents:
-                owner = owner[int(part)] if part.isdigit() else getattr(owner, part)
-            taps.append(Tap(getattr(owner, name), e))
-            setattr(owner, name, taps[-1])
+        model = nnx.merge(graphdef, params)
+        taps = tap(model, paths, eps)
         logits = model(tokens, rows["attn"])[:, :-1]
         targets = tokens[:, 1:]
         if key is not None:
@@ -74,27 +100,3 @@ def layer_io(graphdef, params, paths, rows: dict, key=None):
 
     g, xs = jax.grad(loss, has_aux=True)(eps0)
     return list(zip(xs, g, strict=True))
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "paths", "chunk"))
-def covariances(graphdef, params, paths, data: dict, chunk: int, key=None):
-    """[(A_IxI, S_OxO)]: token-level E[x x^T] over real tokens and E[g g^T] per real token."""
-    chunks = padded_chunks(data, chunk)
-    n_tok = data["attn"].sum()
-
-    def body(acc, xs):
-        rows, c = xs
-        k = None if key is None else jax.random.fold_in(key, c)
-        io = layer_io(graphdef, params, paths, rows, k)
-        m = rows["attn"][..., None].astype(jnp.float32)
-        return [
-            (a + jnp.einsum("bti,btj->ij", x * m, x), s + jnp.einsum("bto,btp->op", g, g))
-            for (a, s), (x, g) in zip(acc, io, strict=True)
-        ], None
-
-    init = [
-        (jnp.zeros((i, i)), jnp.zeros((o, o))) for i, o in (kernel_shape(params, p) for p in paths)
-    ]
-    nc = chunks["tokens"].shape[0]
-    acc, _ = jax.lax.scan(body, init, (chunks, jnp.arange(nc)))
-    return [(a / n_tok, s / n_tok) for a, s in acc]

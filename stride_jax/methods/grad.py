@@ -46,7 +46,7 @@ import numpy as np
 
 from stride_jax import methods
 from stride_jax.errors import ConfigError
-from stride_jax.func import grads, projections
+from stride_jax.func import curvature, grads, projections
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -199,48 +199,17 @@ def logra_features(task, layers, chunk: int):
     return run
 
 
-def io_covariances(task, layers, data: dict, chunk: int):
-    """[(A_IxI, S_OxO)] per dense layer: E[a a^T] over real tokens and E[g g^T] per real token
-    (``task.dense_io``, empirical targets), ``chunk`` rows at a time; padding rows count 0."""
-    chunks = grads.padded_chunks(data, chunk)
-    real_KxC = grads.padded_chunks({"w": jnp.ones(grads.num_rows(data))}, chunk)["w"]
-
-    def body(carry, xs):
-        acc, n = carry
-        (rows, w_C), out = xs, []
-        a_L, mask_BxT, terms = task.dense_io(task.params, rows, layers)
-        m = (mask_BxT * w_C[:, None])[..., None]
-        for (a_acc, s_acc), a, g in zip(acc, a_L, terms[0][1], strict=True):
-            g = g * w_C[:, None, None]
-            out.append(
-                (
-                    a_acc + jnp.einsum("bti,btj->ij", a * m, a),
-                    s_acc + jnp.einsum("bto,btp->op", g, g),
-                )
-            )
-        return (out, n + m.sum()), None
-
-    a_L, _, terms = jax.eval_shape(
-        lambda r: task.dense_io(task.params, r, layers), jax.tree.map(lambda c: c[0], chunks)
-    )
-    init = [
-        (jnp.zeros((a.shape[-1],) * 2), jnp.zeros((g.shape[-1],) * 2))
-        for a, g in zip(a_L, terms[0][1], strict=True)
-    ]
-    (acc, n_tok), _ = jax.lax.scan(body, (init, jnp.float32(0)), (chunks, real_KxC))
-    return [(a / n_tok, s / n_tok) for a, s in acc]
-
-
 def logra_projections(task, layers, cfg):
     """[(P_in IxR, P_out OxR')] per layer: Gaussian / sqrt(r), or the top PCA directions of
-    E[a a^T] and E[g g^T] (``io_covariances``)."""
+    E[a a^T] and E[g g^T] (``curvature.kron_factors`` with the data's targets)."""
     data, chunk = task.arrays(task.train), int(cfg.chunk)
 
     def io(rows, key):
         return task.dense_io(task.params, rows, layers, "empirical", key)
 
     if cfg.init == "pca":
-        covs = jax.jit(lambda d: io_covariances(task, layers, d, chunk))(data)
+        chunks, w = curvature.chunked(data, chunk)
+        covs = jax.jit(lambda c, w: curvature.kron_factors(io, c, w))(chunks, w)
         top = [jnp.linalg.eigh(c)[1][:, ::-1] for pair in covs for c in pair]
         ranks = [cfg.rank_in, cfg.rank_out] * len(layers)
         mats = [v[:, :r] for v, r in zip(top, ranks, strict=True)]

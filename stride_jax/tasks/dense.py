@@ -4,9 +4,10 @@ K-FAC and EK-FAC (``stride_jax.methods.influence``) approximate the curvature of
 layer's parameters from two per-row quantities: the layer's input ``a`` and the gradient
 ``g`` of the row's loss w.r.t. the layer's output (the row's kernel gradient is ``a g^T``).
 This module gets both for the ``nnx.Linear`` layers of any classifier module by swapping
-each chosen layer for a ``Tap`` that records its input and adds a zero ``eps`` to its output
-(the gradient w.r.t. eps is g), so no per-row gradient is ever formed. The bias is folded in
-as an input column of ones. ``ClassifierTask.dense_layers`` / ``dense_io`` call these.
+each chosen layer for a ``func.layers.Tap`` that records its input and adds a zero ``eps`` to
+its output (the gradient w.r.t. eps is g), so no per-row gradient is ever formed. The bias
+is folded in as an input column of ones. ``ClassifierTask.dense_layers`` / ``dense_io`` call
+these.
 """
 
 from __future__ import annotations
@@ -15,39 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from stride_jax.func.layers import Tap
+from stride_jax.func.layers import module_at, replace_at, tap
 from stride_jax.models.mlp import cross_entropy
 from stride_jax.task import TaskError, all_param_names
-
-
-def _owner(model, path: str):
-    """(the module holding the layer at ``path``, the layer's attribute name or index)."""
-    *parents, name = path.split("/")
-    owner = model
-    for part in parents:
-        owner = owner[int(part)] if part.isdigit() else getattr(owner, part)
-    return owner, (int(name) if name.isdigit() else name)
-
-
-def tap(model, paths, eps_layers) -> list[Tap]:
-    """Swap the layers at ``paths`` of ``model`` (in place) for taps adding ``eps_layers``."""
-    taps = []
-    for path, eps in zip(paths, eps_layers, strict=True):
-        owner, name = _owner(model, path)
-        taps.append(Tap(_get(owner, name), eps))
-        _set(owner, name, taps[-1])
-    return taps
-
-
-def _get(owner, name):
-    return owner[name] if isinstance(name, int) else getattr(owner, name)
-
-
-def _set(owner, name, value) -> None:
-    if isinstance(name, int):
-        owner[name] = value
-    else:
-        setattr(owner, name, value)
 
 
 def _has_bias(layer) -> bool:
@@ -85,8 +56,7 @@ def linear_layers(graphdef, params, names, num_features: int) -> tuple[str, ...]
     def forward(p, x):
         model = nnx.merge(graphdef, p)
         for path in layers:
-            owner, name = _owner(model, path)
-            _set(owner, name, Probe(_get(owner, name), path))
+            replace_at(model, path, Probe(module_at(model, path), path))
         return model(x)
 
     jax.eval_shape(forward, params, jax.ShapeDtypeStruct((1, num_features), jnp.float32))
@@ -107,7 +77,7 @@ def dense_io(graphdef, params, batch: dict, layers, fisher: str, key=None):
     """
     x, n = batch["x"], batch["x"].shape[0]
     model0 = nnx.merge(graphdef, params)
-    dims = [_get(*_owner(model0, p)).kernel.shape[1] for p in layers]
+    dims = [module_at(model0, p).kernel.shape[1] for p in layers]
     eps0 = [jnp.zeros((n, d), x.dtype) for d in dims]
 
     def forward(eps):  # (logits, the chosen layers' inputs)
@@ -122,7 +92,7 @@ def dense_io(graphdef, params, batch: dict, layers, fisher: str, key=None):
     logits, xs = forward(eps0)
     ones = jnp.ones((n, 1), x.dtype)
     acts = [
-        (jnp.concatenate([a, ones], axis=1) if _has_bias(_get(*_owner(model0, p))) else a)[:, None]
+        (jnp.concatenate([a, ones], axis=1) if _has_bias(module_at(model0, p)) else a)[:, None]
         for a, p in zip(xs, layers, strict=True)
     ]
     if fisher == "empirical":

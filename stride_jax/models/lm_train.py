@@ -32,18 +32,22 @@ def example_losses(graphdef, params, tokens_BxL, attn_BxL, loss_mask_BxL) -> jax
     return (ce * w).sum(-1) / jnp.maximum(w.sum(-1), 1.0)
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-    """AdamW, linear warmup then cosine decay to ``lr_end_frac`` of the peak, grad clipping."""
-    schedule = optax.warmup_cosine_decay_schedule(
+def schedule(config) -> optax.Schedule:
+    """The recipe's learning rate: linear warmup then cosine decay to ``lr_end_frac`` of it."""
+    return optax.warmup_cosine_decay_schedule(
         0.0,
         config.lr,
         max(config.warmup_steps, 1),
         max(config.steps, config.warmup_steps + 1),
         config.lr * config.lr_end_frac,
     )
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """AdamW on ``schedule(config)``, with grad clipping."""
     return optax.chain(
         optax.clip_by_global_norm(config.clip),
-        optax.adamw(schedule, b2=0.99, weight_decay=config.weight_decay),
+        optax.adamw(schedule(config), b2=0.99, weight_decay=config.weight_decay),
     )
 
 

@@ -136,8 +136,6 @@ class DecoderTask(Task):
         """(params after each of C evenly spaced segments of the recipe, lr_C): the recipe
         replayed from ``params0`` with key(seed) and all-ones weights (``lm_train.run_steps``
         segment by segment); lr_c is the mean scheduled learning rate over segment c."""
-        import optax
-
         from stride_jax.models import mlp
 
         recipe = self.recipe
@@ -153,14 +151,7 @@ class DecoderTask(Task):
             state = run(state, data, w, key, int(end - start))
             ckpts.append(state["params"])
             start = int(end)
-        schedule = optax.warmup_cosine_decay_schedule(  # as lm_train.make_optimizer's
-            0.0,
-            recipe.lr,
-            max(recipe.warmup_steps, 1),
-            max(recipe.steps, recipe.warmup_steps + 1),
-            recipe.lr * recipe.lr_end_frac,
-        )
-        lr_T = np.asarray(schedule(np.arange(recipe.steps)), np.float64)
+        lr_T = np.asarray(lm_train.schedule(recipe)(np.arange(recipe.steps)), np.float64)
         lr_C = [lr_T[a:b].mean() for a, b in zip([0, *ends_C[:-1]], ends_C, strict=True)]
         return ckpts, np.asarray(lr_C)
 

@@ -95,6 +95,8 @@ def test_user_model_bad_inputs(cnn_task):
         stride_jax.tasks.classifier(
             nnx.Linear(64, 3, rngs=nnx.Rngs(0)), train=train, queries=train, num_classes=10
         )
+    with pytest.raises(TaskError, match=r"logits have shape \(2, 3\).*expected \(2, 10\)"):
+        stride_jax.tasks.classifier(nnx.Linear(64, 3, rngs=nnx.Rngs(0)), train=train, queries=train)
     with pytest.raises(TaskError, match="cannot be applied"):
         stride_jax.tasks.classifier(nnx.Linear(5, 10, rngs=nnx.Rngs(0)), train=train, queries=train)
     with pytest.raises(ConfigError, match="unknown attribution method 'strid'"):

@@ -108,7 +108,9 @@ def classifier(
             f"the model cannot be applied to a batch of the training features "
             f"{tuple(probe.shape)}: {type(e).__name__}: {str(e).splitlines()[0]}"
         ) from e
-    if logits.shape != (probe.shape[0], c) and not (num_classes is None and _wider(logits, probe)):
+    if logits.shape != (probe.shape[0], c) and not (
+        num_classes is None and _wider(logits, probe, c)
+    ):
         raise TaskError(
             f"the model's logits have shape {tuple(logits.shape)} for a batch of "
             f"{probe.shape[0]}; expected ({probe.shape[0]}, {c}) (one column per class)"
@@ -130,9 +132,9 @@ def _classifier_task(graphdef, params, splits, mesh, workdir, seed, **fields) ->
     )
 
 
-def _wider(logits, probe) -> bool:
-    """Logits of (batch, C') with C' above the labels seen (classes absent from train)."""
-    return logits.ndim == 2 and logits.shape[0] == probe.shape[0]
+def _wider(logits, probe, c: int) -> bool:
+    """Logits of (batch, C') with C' above the C labels seen (classes absent from train)."""
+    return logits.ndim == 2 and logits.shape[0] == probe.shape[0] and logits.shape[1] > c
 
 
 def adamw_recipe(init_fn, steps: int = 150, lr: float = 3e-3, weight_decay: float = 1e-2):

@@ -12,6 +12,7 @@ from absl import logging
 from stride_jax.checkpoint import CheckpointError
 from stride_jax.data import DataError
 from stride_jax.errors import ConfigError
+from stride_jax.logs import only_stride_jax_info
 from stride_jax.task import TaskError
 
 USER_ERRORS = (DataError, ConfigError, CheckpointError, TaskError)
@@ -76,11 +77,6 @@ def sweep_dir(workdir: str, method: str, name: str, method_config) -> str:
     whole resolved config, so points of sweeps over different base settings never collide."""
     digest = hashlib.sha256(method_config.to_json(sort_keys=True).encode()).hexdigest()[:8]
     return os.path.join(workdir, "sweep", method, f"{name}-{digest}")
-
-
-def only_stride_jax_info(record) -> bool:
-    """Log filter: keep warnings from everywhere, INFO only from this package's progress."""
-    return record.levelno > 20 or "stride_jax" in record.pathname
 
 
 def _delta(d) -> str:

@@ -11,9 +11,12 @@ from ml_collections import config_flags
 
 from stride_jax.job import benchmark, cli
 
+DEFAULT_CONFIG = cli.config_file("digits.py")
 
-def define_flags(default_config: str = "experiments/configs/digits.py") -> None:
-    """Flags live here, not at import: the LM alias defines them with its own default."""
+
+def define_flags(default_config: str = DEFAULT_CONFIG) -> None:
+    """Flags live here, not at import: the LM alias defines them with its own default (a
+    config path is resolved against the repository when it does not exist from here)."""
     config_flags.DEFINE_config_file("config", default_config, "Run config file.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 
@@ -29,5 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run_app(main, define_flags, DEFAULT_CONFIG)

@@ -2,10 +2,9 @@
 python -m experiments.lm_benchmark --config=experiments/configs/lm_shakespeare.py --workdir=DIR
 """
 
-from absl import app
-
 from experiments import lds_benchmark
+from stride_jax.job import cli
 
 if __name__ == "__main__":
-    lds_benchmark.define_flags("experiments/configs/lm_shakespeare.py")
-    app.run(lds_benchmark.main)
+    default = cli.config_file("lm_shakespeare.py")
+    cli.run_app(lds_benchmark.main, lambda: lds_benchmark.define_flags(default), default)

@@ -13,21 +13,23 @@ from ml_collections import config_flags
 
 from stride_jax.job import cli, pretrain
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    "experiments/configs/pretrain_shakespeare.py",
-    "Pre-training config.",
-    lock_config=True,
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+DEFAULT_CONFIG = cli.config_file("pretrain_shakespeare.py")
+
+
+def define_flags() -> None:
+    config_flags.DEFINE_config_file(
+        "config", DEFAULT_CONFIG, "Pre-training config.", lock_config=True
+    )
+    flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    path = cli.run_job(pretrain.pretrain, _CONFIG.value, _WORKDIR.value, extra_errors=(ValueError,))
+    f = flags.FLAGS
+    path = cli.run_job(pretrain.pretrain, f.config, f.workdir, extra_errors=(ValueError,))
     print(f"model: {path}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_app(main, define_flags, DEFAULT_CONFIG)

@@ -16,8 +16,10 @@ from ml_collections import config_flags
 
 from stride_jax.job import cli, tune
 
+DEFAULT_CONFIG = cli.config_file("digits.py")
 
-def define_flags(default_config: str = "experiments/configs/digits.py") -> None:
+
+def define_flags(default_config: str = DEFAULT_CONFIG) -> None:
     """Flags live here, not at import: tests import this module beside other binaries."""
     config_flags.DEFINE_config_file("config", default_config, "Run config file.")
     flags.DEFINE_string("workdir", None, "Output directory.", required=True)
@@ -33,5 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run_app(main, define_flags, DEFAULT_CONFIG)

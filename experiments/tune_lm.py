@@ -3,10 +3,9 @@ python -m experiments.tune_lm --config=experiments/configs/lm_shakespeare.py --w
     --method=stride --sweep=stage1.steps=300,600 --sweep=lasso.lam_frac=0.02,0.05
 """
 
-from absl import app
-
 from experiments import tune
+from stride_jax.job import cli
 
 if __name__ == "__main__":
-    tune.define_flags("experiments/configs/lm_shakespeare.py")
-    app.run(tune.main)
+    default = cli.config_file("lm_shakespeare.py")
+    cli.run_app(tune.main, lambda: tune.define_flags(default), default)

@@ -101,15 +101,43 @@ def make_splits(name, x_train, y_train, x_query, y_query, ids_train=None, val=No
     return Splits(name, train, query, num_classes, val)
 
 
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays of an .npz archive; anything else (a text file, a single .npy array, object
+    arrays) is refused by name. Pickled objects are never loaded."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    how = (
+        "save the arrays with numpy.savez(path, x_train=..., y_train=..., x_query=..., y_query=...)"
+    )
+    if head.startswith(b"\x93NUMPY"):
+        raise DataError(f"{path!r} is a single .npy array, not an .npz archive: {how}")
+    if not head.startswith(b"PK"):
+        raise DataError(f"{path!r} is not an .npz archive (no zip header): {how}")
+    arrays = {}
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            for k in f.files:
+                try:
+                    arrays[k] = f[k]
+                except ValueError as e:
+                    if "allow_pickle" not in str(e):
+                        raise
+                    raise DataError(
+                        f"array {k!r} in {path!r} holds Python objects (dtype=object); "
+                        "save numeric arrays"
+                    ) from e
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise DataError(f"cannot read {path!r} as an .npz archive: {e}") from e
+    return arrays
+
+
 def load_npz(path: str) -> Splits:
     """User data: ``x_train, y_train, x_query, y_query`` (+ optional ``ids_train``)."""
     if not os.path.exists(path):
         raise DataError(f"data file {path!r} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise DataError(f"cannot read {path!r} as .npz: {e}") from e
+    arrays = _read_npz(path)
     required = ("x_train", "y_train", "x_query", "y_query")
     missing = [k for k in required if k not in arrays]
     if missing:

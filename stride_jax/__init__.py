@@ -8,6 +8,10 @@ Typical use::
     scores_QxE = stride_jax.attribute(task, method="stride")  # or "trak", "ekfac", ...
     print(stride_jax.evaluate.lds(task, scores_QxE)["lds"])
 
+Progress: ``attribute`` and ``evaluate.lds`` print this package's INFO lines to stderr while
+they run (``verbose=False`` silences one call, ``stride_jax.set_verbosity("warning")`` all).
+Own data: ``stride_jax.datasets.from_arrays(x_train, y_train, x_query, y_query)``.
+
 Importing the package is cheap: submodules (and the heavy stacks behind the language-model
 and text baselines: transformers, tokenizers, scikit-learn) load when first used.
 """
@@ -21,6 +25,8 @@ _EXPORTS = {
     "tasks": ("stride_jax.tasks", None),
     "methods": ("stride_jax.methods", None),
     "evaluate": ("stride_jax.evaluate", None),
+    "datasets": ("stride_jax.datasets", None),
+    "set_verbosity": ("stride_jax.logs", "set_verbosity"),
     "Task": ("stride_jax.task", "Task"),
     "Dataset": ("stride_jax.data.dataset", "Dataset"),
     "Splits": ("stride_jax.data.dataset", "Splits"),

@@ -12,7 +12,11 @@ The library logs its progress (design, stage 1, responses, Lasso, retrains) with
 
 "On" means: absl's handler is on the root logger (as under ``absl.app.run``), absl's verbosity
 is INFO, and the handler carries the filter ``only_stride_jax_info``, which passes warnings from
-everywhere but INFO lines only from this package (JAX, orbax, ... stay quiet).
+everywhere but INFO lines only from this package (JAX, orbax, ... stay quiet). A plain stderr
+handler on the root logger (``logging.basicConfig``'s, which absl itself installs on its first
+log line outside an absl binary) is set aside meanwhile, as ``absl.app.run`` does, so no line
+prints twice. Outside a binary, absl starts with one line "WARNING: Logging before flag
+parsing goes to stderr." (harmless).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging as py_logging
+import sys
 
 from absl import logging
 
@@ -30,7 +35,6 @@ _PYTHON = {py_logging.DEBUG: "debug", py_logging.INFO: "info", py_logging.WARNIN
 _PYTHON |= {py_logging.ERROR: "error"}
 
 _default: int | None = None  # set by set_verbosity: what ``verbose=None`` means
-_installed = {"handler": False, "filter": False}  # what set_verbosity added (to undo it)
 
 
 def only_stride_jax_info(record) -> bool:
@@ -54,50 +58,68 @@ def as_level(verbose) -> int:
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class _State:
-    verbosity: int
-    root_level: int
-    absl_level: int
-    handler: bool
-    filter: bool
+@dataclasses.dataclass
+class _Changes:
+    """What ``_apply`` did to the handlers, for ``_undo``."""
+
+    added_handler: bool = False
+    added_filter: bool = False
+    removed: list = dataclasses.field(default_factory=list)  # root's stderr stream handlers
+
+    def merge(self, other: _Changes) -> None:
+        self.added_handler |= other.added_handler
+        self.added_filter |= other.added_filter
+        self.removed += other.removed
 
 
-def _capture() -> _State:
-    handler = logging.get_absl_handler()
-    return _State(
-        verbosity=logging.get_verbosity(),
-        root_level=py_logging.root.level,
-        absl_level=logging.get_absl_logger().level,
-        handler=handler in py_logging.root.handlers,
-        filter=only_stride_jax_info in handler.filters,
+_installed = _Changes()  # what set_verbosity changed (undone by set_verbosity("warning"))
+
+
+def _levels() -> tuple[int, int, int]:
+    return (
+        logging.get_verbosity(),
+        py_logging.root.level,
+        logging.get_absl_logger().level,
     )
 
 
-def _apply(level: int) -> dict:
-    """Set absl's verbosity to ``level``; at INFO or below, with absl's handler on the root
-    logger and the package filter on it. Returns what it added."""
-    handler, added = logging.get_absl_handler(), {"handler": False, "filter": False}
+def _set_levels(levels: tuple[int, int, int]) -> None:
+    verbosity, root_level, absl_level = levels
+    logging.set_verbosity(verbosity)  # moves the levels below: put back the exact ones after
+    py_logging.root.setLevel(root_level)
+    logging.get_absl_logger().setLevel(absl_level)
+
+
+def _apply(level: int) -> _Changes:
+    """Set absl's verbosity to ``level``; at INFO or below, first route logging as
+    ``absl.app.run`` does (``absl.logging.use_absl_handler``): absl's handler on the root
+    logger in place of plain stderr handlers (e.g. the one ``logging.basicConfig`` adds, which
+    absl itself calls on its first log line), with the package filter on it."""
+    handler, changes = logging.get_absl_handler(), _Changes()
     if level >= logging.INFO:
-        if handler not in py_logging.root.handlers:
-            py_logging.root.addHandler(handler)
-            added["handler"] = True
+        root = py_logging.root
+        if handler not in root.handlers:
+            for h in list(root.handlers):
+                if type(h) is py_logging.StreamHandler and h.stream is sys.stderr:
+                    root.removeHandler(h)
+                    changes.removed.append(h)
+            root.addHandler(handler)
+            changes.added_handler = True
         if only_stride_jax_info not in handler.filters:
             handler.addFilter(only_stride_jax_info)
-            added["filter"] = True
+            changes.added_filter = True
     logging.set_verbosity(level)
-    return added
+    return changes
 
 
-def _restore(state: _State) -> None:
+def _undo(changes: _Changes) -> None:
     handler = logging.get_absl_handler()
-    if not state.filter:
+    if changes.added_filter:
         handler.removeFilter(only_stride_jax_info)
-    if not state.handler:
+    if changes.added_handler:
         py_logging.root.removeHandler(handler)
-    logging.set_verbosity(state.verbosity)  # moves levels: put back the exact ones after
-    py_logging.root.setLevel(state.root_level)
-    logging.get_absl_logger().setLevel(state.absl_level)
+    for h in changes.removed:
+        py_logging.root.addHandler(h)
 
 
 def set_verbosity(level) -> None:
@@ -106,17 +128,13 @@ def set_verbosity(level) -> None:
     ``verbose=None`` follow it."""
     global _default
     level = as_level(level)
-    if level < logging.INFO:  # quiet again: take back what an earlier call added
-        handler = logging.get_absl_handler()
-        if _installed["filter"]:
-            handler.removeFilter(only_stride_jax_info)
-        if _installed["handler"]:
-            py_logging.root.removeHandler(handler)
-        _installed.update(handler=False, filter=False)
+    if level < logging.INFO:  # quiet again: take back what an earlier call changed
+        _undo(_installed)
+        _installed.added_handler = _installed.added_filter = False
+        _installed.removed = []
         logging.set_verbosity(level)
     else:
-        added = _apply(level)
-        _installed.update({k: _installed[k] or v for k, v in added.items()})
+        _installed.merge(_apply(level))
     _default = level
 
 
@@ -128,9 +146,10 @@ def verbosity(verbose=None):
         level = logging.INFO if _default is None else _default
     else:
         level = as_level(verbose)
-    state = _capture()
-    _apply(level)
+    levels = _levels()
+    changes = _apply(level)
     try:
         yield
     finally:
-        _restore(state)
+        _undo(changes)
+        _set_levels(levels)

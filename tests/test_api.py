@@ -56,6 +56,7 @@ def test_import_is_light():
 
     code = (
         "import sys, stride_jax; stride_jax.tasks; stride_jax.attribute; stride_jax.evaluate;"
+        "stride_jax.datasets; stride_jax.set_verbosity;"
         "stride_jax.methods.load(); stride_jax.tasks.DecoderTask;"
         "heavy = [m for m in ('transformers', 'tokenizers', 'torch', 'sklearn') "
         "if m in sys.modules]; print(heavy); assert not heavy, heavy"

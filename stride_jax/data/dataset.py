@@ -71,24 +71,35 @@ def _check_y(name: str, y: np.ndarray, n: int) -> np.ndarray:
     return y.astype(np.int32)
 
 
-def make_splits(name, x_train, y_train, x_query, y_query, ids_train=None, val=None) -> Splits:
-    """Validate raw arrays and build ``Splits``; raises ``DataError`` on the first problem."""
-    x_train = _check_x("x_train", np.asarray(x_train))
-    x_query = _check_x("x_query", np.asarray(x_query))
-    if x_query.shape[1] != x_train.shape[1]:
+def _check_held_out(split: str, x, y, num_features: int, num_classes: int):
+    """Checked (x, y) of the query or validation split against the training set's shapes."""
+    x = _check_x(f"x_{split}", np.asarray(x))
+    if x.shape[1] != num_features:
+        raise DataError(f"x_{split} has {x.shape[1]} features but x_train has {num_features}")
+    y = _check_y(f"y_{split}", np.asarray(y), x.shape[0])
+    if y.max() >= num_classes:
         raise DataError(
-            f"x_query has {x_query.shape[1]} features but x_train has {x_train.shape[1]}"
+            f"y_{split} has label {int(y.max())} but y_train only has labels 0..{num_classes - 1}"
         )
+    return x, y
+
+
+def make_splits(name, x_train, y_train, x_query, y_query, ids_train=None, val=None) -> Splits:
+    """Validate raw arrays and build ``Splits``; raises ``DataError`` on the first problem.
+
+    The one validator of classification data (``load_npz``, ``stride_jax.datasets.from_arrays``
+    and the embedded loaders all build through it). ``val`` is a ``Dataset`` or an ``(x, y)``
+    pair, checked like the queries."""
+    x_train = _check_x("x_train", np.asarray(x_train))
     y_train = _check_y("y_train", np.asarray(y_train), x_train.shape[0])
-    y_query = _check_y("y_query", np.asarray(y_query), x_query.shape[0])
     num_classes = int(y_train.max()) + 1
     if num_classes < 2:
         raise DataError("y_train has a single class; attribution needs at least 2 classes")
-    if y_query.max() >= num_classes:
-        raise DataError(
-            f"y_query has label {int(y_query.max())} but y_train only has labels "
-            f"0..{num_classes - 1}"
-        )
+    f = x_train.shape[1]
+    x_query, y_query = _check_held_out("query", x_query, y_query, f, num_classes)
+    if val is not None and not isinstance(val, Dataset):
+        x_val, y_val = _check_held_out("val", *val, f, num_classes)
+        val = Dataset(x_val, y_val, np.arange(x_val.shape[0]))
     if ids_train is None:
         ids_train = np.arange(x_train.shape[0])
     ids_train = np.asarray(ids_train)

@@ -30,6 +30,14 @@ def test_readme_decoder_snippet_runs(capsys):
     assert "(4, 32)" in capsys.readouterr().out
 
 
+def test_readme_own_arrays_and_retrains_snippet_runs(capsys):
+    block = next(b for b in _python_blocks() if "lds_from_retrains" in b)
+    exec(compile(block, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "100 20 3" in out
+    assert float(re.search(r"LDS (-?[0-9.]+)", out).group(1)) > 0.5, out
+
+
 def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"```bash\n(.*?)```", _readme(), re.S)
     test_cmd = next(c.strip() for c in commands if "pytest" in c)

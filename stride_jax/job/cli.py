@@ -10,12 +10,13 @@ import os
 import sys
 import textwrap
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from stride_jax.checkpoint import CheckpointError
 from stride_jax.data import DataError
 from stride_jax.errors import ConfigError
 from stride_jax.eval import report
+from stride_jax.logs import only_stride_jax_info
 from stride_jax.task import TaskError
 
 USER_ERRORS = (DataError, ConfigError, CheckpointError, TaskError)
@@ -149,6 +150,18 @@ def run_app(main, define_flags, default_config: str | None = None) -> None:
             _flag_error(e, argv, i, default_config)
 
     app.run(main, flags_parser=parse)
+
+
+def run_job(job, *args, extra_errors: tuple = ()):
+    """``job(*args)`` with INFO progress from this package; a user error (bad data, config or
+    workdir) prints one line naming the problem and exits 1 instead of a traceback."""
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(only_stride_jax_info)
+    try:
+        return job(*args)
+    except (*USER_ERRORS, *extra_errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def print_summary(results: dict, workdir: str) -> None:

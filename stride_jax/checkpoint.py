@@ -3,7 +3,8 @@
 Stage-1 training state goes through an orbax ``CheckpointManager`` (atomic, keep-last-N,
 restored into an abstract target). Finished stage outputs (base model, ground truth,
 responses, scores) are small .npz files written to a temporary name and renamed, so a job
-killed mid-write never leaves a half-written file that a restart would trust.
+killed mid-write never leaves a half-written file that a restart would trust; they get the
+mode a plain ``open()`` gives (0644 under umask 022).
 """
 
 from __future__ import annotations
@@ -75,11 +76,30 @@ def record_config(path: str, config_slice: dict) -> None:
     save_json(path + ".config.json", json.loads(json.dumps(config_slice)))
 
 
+def _umask() -> int:
+    """The process umask. Linux reports it in /proc/self/status; elsewhere reading it means
+    setting it, so it is set straight back (a brief process-wide change)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str, write) -> None:
+    """``write(f)`` into a temporary file beside ``path``, then rename it to ``path``. The file
+    gets the mode ``open()`` would give (0o666 minus the umask: 0644 under umask 022), not
+    ``mkstemp``'s private 0600, so the group and others can read a run's outputs."""
     directory = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)

@@ -4,7 +4,9 @@
 ``results["ablations"][name]``) hold ``lds``, ``lds_ci95``, ``lds_pearson``, ``lds_kendall``,
 ``seconds``, ``seconds_split`` (``fit`` / ``score`` keys), ``score_stats`` (``nnz_p50``,
 ``gini``) and optionally ``peak_mb``; an optional ``results["noise_ceiling"]`` holds ``lds``
-and ``lds_ci95``. Missing optional keys are shown as "-".
+and ``lds_ci95``. Missing optional keys are shown as "-". Entries of a run with STRIDE carry
+``delta_vs_stride`` (``mean``, ``ci95``: method minus STRIDE, paired over queries); the table
+has a "vs stride" column only when some row has one.
 """
 
 from __future__ import annotations
@@ -46,6 +48,27 @@ def _label(name: str, ablation: bool) -> str:
     return f"stride w/o {name[3:]}" if name.startswith("no_") else f"stride {name}"
 
 
+NOISE_CEILING_NOTE = (
+    "Noise ceiling: the LDS of a second set of retrains (the same subsets, other seeds) whose "
+    "query losses serve as the prediction of the first set's. A method can exceed it: the "
+    "ceiling correlates two noisy sets of retrains, so seed noise enters twice, while a "
+    "method's prediction carries no seed noise and is compared to one noisy set."
+)
+
+
+def format_delta(d) -> str:
+    """``delta_vs_stride`` as ``+0.0123 [+0.004, +0.021]``; empty when absent."""
+    if not d:
+        return ""
+    lo, hi = (d.get("ci95") or (None, None))[:2]
+    return f"{_fmt(d.get('mean'), '+.4f')} [{_fmt(lo, '+.3f')}, {_fmt(hi, '+.3f')}]"
+
+
+def has_delta(results: dict) -> bool:
+    """Whether any method or ablation carries a ``delta_vs_stride`` (a run with STRIDE)."""
+    return any(e.get("delta_vs_stride") for _, e, _ in entries(results))
+
+
 def entries(results: dict) -> list[tuple[str, dict, bool]]:
     """(label, entry, is_ablation) for every method, then every ablation."""
     out = [(_label(k, False), v, False) for k, v in (results.get("methods") or {}).items()]
@@ -54,12 +77,15 @@ def entries(results: dict) -> list[tuple[str, dict, bool]]:
 
 
 def format_markdown(results: dict) -> str:
-    """The markdown table: one row per method / ablation, then the noise ceiling if present."""
+    """The markdown table: one row per method / ablation, then the noise ceiling if present
+    and a footer that explains it."""
     rows = entries(results)
     with_peak = any("peak_mb" in e for _, e, _ in rows)
+    with_delta = has_delta(results)
     header = ["method", "LDS", "95% CI", "Pearson", "Kendall", "fit s", "score s", "total s"]
     header += ["peak MB"] if with_peak else []
     header += ["nnz p50", "gini"]
+    header += ["vs stride (paired CI)"] if with_delta else []
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for label, e, _ in rows:
         lo, hi = _ci(e)
@@ -77,6 +103,7 @@ def format_markdown(results: dict) -> str:
         ]
         cells += [_fmt(e.get("peak_mb"), ".0f")] if with_peak else []
         cells += [_fmt(stats.get("nnz_p50"), ".0f"), _fmt(stats.get("gini"), ".3f")]
+        cells += [format_delta(e.get("delta_vs_stride")) or _DASH] if with_delta else []
         lines.append("| " + " | ".join(cells) + " |")
     ceiling = results.get("noise_ceiling")
     if ceiling:
@@ -88,12 +115,22 @@ def format_markdown(results: dict) -> str:
         ]
         cells += [_DASH] * (len(header) - len(cells))
         lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", NOISE_CEILING_NOTE]
     return "\n".join(lines) + "\n"
 
 
-def plot_lds(results: dict, path: str) -> None:
-    """Horizontal bars of LDS (95% CI error bars); noise ceiling as a dashed vertical line."""
-    rows = entries(results)
+def _by_lds(row) -> tuple[bool, float]:
+    """Sort key: highest LDS first, a missing LDS last (stable among equals)."""
+    v = _num(row[1].get("lds"))
+    return (math.isnan(v), 0.0 if math.isnan(v) else -v)
+
+
+def lds_figure(results: dict):
+    """The LDS chart as a matplotlib figure (the caller closes it): horizontal bars sorted by
+    LDS, best on top (methods blue, ablations orange, a missing LDS last as "n/a"), 95% CI
+    error bars, each bar's LDS printed beside it (3 decimals), and the noise ceiling as a
+    dashed vertical line labelled with its value, its CI shaded."""
+    rows = sorted(entries(results), key=_by_lds)
     labels = [label for label, _, _ in rows]
     values = [_num(e.get("lds")) for _, e, _ in rows]
     err_lo, err_hi = [], []
@@ -102,31 +139,62 @@ def plot_lds(results: dict, path: str) -> None:
         ok = not (math.isnan(v) or math.isnan(lo) or math.isnan(hi))
         err_lo.append(max(v - lo, 0.0) if ok else 0.0)
         err_hi.append(max(hi - v, 0.0) if ok else 0.0)
+    # each value is printed right of its bar's end or its CI's upper end (at least 0)
+    ends = [0.0 if math.isnan(v) else max(v + e, 0.0) for v, e in zip(values, err_hi, strict=True)]
     bars = [0.0 if math.isnan(v) else v for v in values]
     colors = ["tab:orange" if abl else "tab:blue" for _, _, abl in rows]
-    fig, ax = plt.subplots(figsize=(7.0, 1.2 + 0.45 * max(len(rows), 1)))
+    fig, ax = plt.subplots(figsize=(7.0, 1.4 + 0.45 * max(len(rows), 1)))
     ypos = list(range(len(rows)))
     if rows:
         ax.barh(ypos, bars, xerr=[err_lo, err_hi], color=colors, capsize=3, height=0.6)
-        for y, v in zip(ypos, values, strict=True):
-            if math.isnan(v):
-                ax.text(0.0, y, " n/a", va="center")
+        for y, v, end in zip(ypos, values, ends, strict=True):
+            ax.annotate(
+                "n/a" if math.isnan(v) else f"{v:.3f}",
+                (end, y),
+                xytext=(5, 0),
+                textcoords="offset points",
+                va="center",
+                ha="left",
+                fontsize=8,
+                bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8},
+                gid="lds_value",
+            )
+    right = max([*ends, 0.0])
     ceiling = results.get("noise_ceiling")
     if ceiling and not math.isnan(_num(ceiling.get("lds"))):
         c = _num(ceiling["lds"])
-        ax.axvline(c, color="black", linestyle="--", linewidth=1.2, label=f"noise ceiling {c:.3f}")
+        ax.axvline(c, color="black", linestyle="--", linewidth=1.2)
         lo, hi = _ci(ceiling)
         if not (math.isnan(lo) or math.isnan(hi)):
             ax.axvspan(lo, hi, color="gray", alpha=0.15, linewidth=0)
-        ax.legend(loc="lower right", fontsize=8)
+            right = max(right, hi)
+        right = max(right, c)
+        ax.text(
+            c,
+            1.0,
+            f"noise ceiling {c:.3f}",
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            gid="noise_ceiling",
+        )
+    left, _ = ax.get_xlim()
+    ax.set_xlim(min(left, 0.0), right + 0.15 * max(right - min(left, 0.0), 0.1))
     ax.axvline(0.0, color="gray", linewidth=0.8)
     ax.set_yticks(ypos)
     ax.set_yticklabels(labels)
     ax.invert_yaxis()
     ax.set_xlabel("LDS (Spearman), 95% bootstrap CI")
     name = (results.get("dataset") or {}).get("name")
-    ax.set_title(f"Linear datamodeling score{f' on {name}' if name else ''}")
+    ax.set_title(f"Linear datamodeling score{f' on {name}' if name else ''}", pad=16)
     fig.tight_layout()
+    return fig
+
+
+def plot_lds(results: dict, path: str) -> None:
+    """Write ``lds_figure(results)`` to ``path`` (PNG)."""
+    fig = lds_figure(results)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

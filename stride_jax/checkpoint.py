@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 
 import jax
@@ -68,6 +69,48 @@ def guard_config(path: str, config_slice: dict) -> None:
                 )
     else:
         record_config(path, config_slice)
+
+
+def claim(path: str, config_slice: dict, *dependents: str) -> list[str]:
+    """Tie the stage output at ``path`` to the config that makes it, replacing a stale one.
+
+    When ``path.config.json`` records another config, the output at ``path`` (a file or a
+    directory) and ``dependents`` (e.g. its partial file) are deleted and the new config is
+    recorded, so that stage is recomputed while stages keyed by unchanged slices are reused.
+    Returns the dotted config keys that changed (empty when nothing stale was dropped)."""
+    new = json.loads(json.dumps(config_slice))
+    old = recorded_config(path)
+    if old == new:
+        return []
+    changed = changed_keys(old, new) or ["(layout)"] if old is not None else []
+    for p in (path, *dependents) if old is not None else ():
+        if os.path.isdir(p):
+            shutil.rmtree(p)
+        elif os.path.exists(p):
+            os.remove(p)
+    record_config(path, new)
+    return changed
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def recorded_config(path: str) -> dict | None:
+    """The config recorded beside ``path`` (None when there is none)."""
+    meta = path + ".config.json"
+    if not os.path.exists(meta):
+        return None
+    with open(meta) as f:
+        return json.load(f)
 
 
 def record_config(path: str, config_slice: dict) -> None:

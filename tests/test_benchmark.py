@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from stride_jax import checkpoint
-from stride_jax.checkpoint import CheckpointError
 from stride_jax.data import DataError
 from stride_jax.errors import ConfigError
 from stride_jax.eval import groundtruth
@@ -99,26 +98,37 @@ def test_killed_run_restarts_to_identical_results(finished, tmp_path, monkeypatc
         )
 
 
-def test_other_config_in_same_workdir_is_refused(finished):
-    config, workdir, _ = finished
-    config.model.steps = 61
-    with pytest.raises(CheckpointError, match="different config"):
-        benchmark.run(config, workdir)
+def _mtimes(workdir, names):
+    return {n: os.stat(os.path.join(workdir, n)).st_mtime_ns for n in names}
 
 
-def test_changed_method_config_is_refused_not_reused(finished):
-    """Cached scores are tied to their method's config: no stale scores under a new config."""
+def test_changed_setting_recomputes_its_stage_and_reuses_the_rest(finished, tmp_path):
+    """Stage caches are keyed by the config slice each stage reads: a Lasso setting reruns
+    STRIDE's scores only; a base-model setting reruns everything after it; neither is refused."""
+    import shutil
+
     from conftest import tiny_config
 
-    _, workdir, _ = finished
+    _, done, results = finished
+    workdir = str(tmp_path / "w")
+    shutil.copytree(done, workdir)
+    early = ["base_model.npz", "groundtruth.npz", "scores_graddot.npy"]
+    before = _mtimes(workdir, [*early, "scores_stride.npy"])
     config = tiny_config()
     config.stride.lasso.lam_frac *= 2
-    with pytest.raises(CheckpointError, match="scores_stride.npy was made with a different"):
-        benchmark.run(config, workdir)
-    config = tiny_config()
-    config.baselines.graddot.chunk += 1
-    with pytest.raises(CheckpointError, match="scores_graddot.npy was made with a different"):
-        benchmark.run(config, workdir)
+    again = benchmark.run(config, workdir)
+    after = _mtimes(workdir, [*early, "scores_stride.npy"])
+    assert {n: after[n] for n in early} == {n: before[n] for n in early}
+    assert after["scores_stride.npy"] != before["scores_stride.npy"]
+    assert again["methods"]["graddot"]["lds"] == results["methods"]["graddot"]["lds"]
+    with open(os.path.join(workdir, "scores_stride.npy.config.json")) as f:
+        assert json.load(f)["method"]["lasso"]["lam_frac"] == config.stride.lasso.lam_frac
+    config.model.steps = 61  # the base model changes: every later stage is recomputed
+    benchmark.run(config, workdir)
+    later = _mtimes(workdir, [*early, "scores_stride.npy"])
+    assert all(later[n] != after[n] for n in later)
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["model"]["steps"] == 61
 
 
 def test_bad_npz_fails_before_any_work(tiny, tmp_path):

@@ -1,6 +1,8 @@
 """STRIDE through the public API on a user model: workdir resume and guards, bad designs."""
 
 import dataclasses
+import json
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,6 @@ import pytest
 from flax import nnx
 
 import stride_jax
-from stride_jax import checkpoint
 from stride_jax.errors import ConfigError
 from stride_jax.stride import method
 
@@ -33,7 +34,7 @@ def _linear_task(n_train, n_query, workdir=None):
     return dataclasses.replace(task, workdir=workdir)
 
 
-def test_workdir_of_another_config_is_refused(tiny, tmp_path):
+def test_workdir_of_another_config_is_retrained(tiny, tmp_path):
     task = _linear_task(60, 5, str(tmp_path))
     out = method.attribute_rows(
         task, method.fit(task, tiny.stride, reuse=False), task.query, tiny.stride
@@ -43,13 +44,21 @@ def test_workdir_of_another_config_is_refused(tiny, tmp_path):
         task, method.fit(task, tiny.stride, reuse=False), task.query, tiny.stride
     )
     np.testing.assert_array_equal(out.scores_QxN, again.scores_QxN)  # resumed: same scores
-    tiny.stride.stage1.lr = 0.5
-    with pytest.raises(checkpoint.CheckpointError, match="different config"):
-        method.fit(task, tiny.stride, reuse=False)
+    tiny.stride.stage1.lr = 0.5  # another stage-1 setting: retrained, not served the old gates
+    other = method.attribute_rows(
+        task, method.fit(task, tiny.stride, reuse=False), task.query, tiny.stride
+    )
+    assert not np.array_equal(out.scores_QxN, other.scores_QxN)
+    with open(os.path.join(task.workdir, "stride.config.json")) as f:
+        assert json.load(f)["stage1"]["lr"] == 0.5
 
 
 def test_design_with_empty_subsets_is_a_config_error(tiny):
     task = _linear_task(30, 2)
     tiny.stride.design.update(num_subsets=40, degree=1)  # 30 examples cannot fill 40 subsets
-    with pytest.raises(ConfigError, match="subsets are empty"):
+    with pytest.raises(ConfigError, match=r"num_subsets=40 is more than .* \(10 subsets would"):
         stride_jax.attribute(task, config=tiny.stride)
+    # 0 (the default) is the automatic T = min(3000, N*d // 2) = 15 here: no subset is empty.
+    tiny.stride.design.num_subsets = 0
+    fitted = method.fit(task, tiny.stride, reuse=False)
+    assert fitted.design.num_subsets == 15 and fitted.design.sizes_T.min() == 2

@@ -35,7 +35,7 @@ results = {}
 for shape in [(1, 1), (2, 2), (1, 4)]:  # (data, ops): both axes, ops alone
     mesh = sharding.make_mesh(*shape)
     with tempfile.TemporaryDirectory() as d:
-        task, _ = models.base_task(config, splits, mesh, d)
+        task, *_ = models.base_task(config, splits, mesh, d)
         fitted = method.fit(task, config.stride, reuse=False)
         out = method.attribute_rows(task, fitted, splits.query, config.stride)
         gt = groundtruth.retrain_many(

@@ -6,5 +6,6 @@ from stride_jax.job.config import LM_METHODS, base_config
 
 def get_config():
     c = base_config("decoder")
+    c.data.update(block_len=64, n_train=2000, n_val=100, n_query=100)
     c.methods = LM_METHODS
     return c

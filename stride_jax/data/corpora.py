@@ -15,6 +15,7 @@ import numpy as np
 from stride_jax.data.dataset import DataError
 from stride_jax.data.text import Record, TokenBlocks, load_jsonl, pack, tokenize
 from stride_jax.data.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
+from stride_jax.optional import require
 
 SHAKESPEARE_PATH = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -45,17 +46,36 @@ class RecordSplits:
     query: tuple[Record, ...]
 
 
-def _split_sizes(total: int, n_train: int | None, n_val: int, n_query: int, what: str):
-    """Checked (n_train, n_val, n_query); ``n_train=None`` takes all that val and query leave."""
+# Automatic split sizes (a None n_val / n_query): a tenth of the examples each, at most 100,
+# at least 1 query (validation rows only from 20 examples on). n_train=None takes the rest.
+AUTO_HELD_OUT_FRAC, AUTO_HELD_OUT_MAX = 0.1, 100
+
+
+def auto_held_out(total: int, minimum: int) -> int:
+    """The automatic size of a held-out split (validation or queries) of ``total`` examples."""
+    n = min(AUTO_HELD_OUT_MAX, int(total * AUTO_HELD_OUT_FRAC))
+    return max(minimum, n) if total >= 2 else 0
+
+
+def _split_sizes(total: int, n_train: int | None, n_val, n_query, what: str):
+    """Checked (n_train, n_val, n_query); ``n_train=None`` takes all that val and query leave,
+    ``n_val=None`` / ``n_query=None`` take the automatic size (``auto_held_out``)."""
+    if n_query is None:
+        n_query = auto_held_out(total, 1)
+    if n_val is None:
+        n_val = auto_held_out(total, 0) if total >= 20 else 0
     if n_train is None:
         n_train = total - n_val - n_query
     if n_train < 1 or n_query < 1 or n_val < 0:
         raise DataError(
-            f"need n_train >= 1, n_query >= 1, n_val >= 0; got {n_train}, {n_query}, {n_val}"
+            f"need n_train >= 1, n_query >= 1, n_val >= 0; got {n_train}, {n_query}, {n_val} "
+            f"from {total} {what}"
         )
     if n_train + n_val + n_query > total:
         raise DataError(
-            f"n_train + n_val + n_query = {n_train + n_val + n_query} exceeds the {total} {what}"
+            f"data.n_train + n_val + n_query = {n_train} + {n_val} + {n_query} = "
+            f"{n_train + n_val + n_query} exceeds the {total} {what}; lower them, or set "
+            "data.n_train=None (all the rest) and n_val / n_query=None (automatic)"
         )
     return n_train, n_val, n_query
 
@@ -136,13 +156,7 @@ def chitchat_records(sep: str = "\n") -> tuple[Record, ...]:
     ``sep`` (so a model sees where the reply starts), the response the other speaker's next
     turn. Pairs with an empty side are dropped. Keys are ``"<dialogue id>:<turn index>"``.
     """
-    try:
-        import chitchat_dataset
-    except ModuleNotFoundError as e:
-        raise DataError(
-            "the chitchat data set ships with chitchat-dataset, which is not installed; run "
-            "`pip install -r requirements.txt` (it pins chitchat-dataset==0.9.0)"
-        ) from e
+    chitchat_dataset = require("chitchat_dataset", "the chit-chat data set")
     records = []
     for conv_id, conv in chitchat_dataset.Dataset().items():
         turns = [_turn_text(t) for t in conv["messages"]]

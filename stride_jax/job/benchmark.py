@@ -4,9 +4,10 @@ ceiling -> ``results.json``, ``lds.png`` and ``table.md``.
 
 What differs by kind (loading data, the base model, the retrains) is in ``job.models``;
 everything else is one code path. Every stage caches its output in the workdir beside a copy
-of the config slice that made it; a restart reuses what matches and refuses what does not (a
-different config needs a new workdir). Stage-1 training resumes from its orbax checkpoint.
-All randomness is keyed by config seeds, so a killed job restarted gives the same numbers.
+of the config slice that made it; a restart reuses what matches and recomputes what does not
+(changing a later stage's setting keeps the earlier stages). Stage-1 training resumes from
+its orbax checkpoint. All randomness is keyed by config seeds, so a killed job restarted
+gives the same numbers.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Context:
     mesh: object
     task: object = None
     base_stats: dict = None
+    base_slice: dict = None  # the config slice of the base model (data, model, recipe)
 
 
 def method_config(config, name: str):
@@ -54,11 +56,15 @@ def context(config, workdir: str):
     """Validate, load data, then the base model and ground truth (reused when cached).
     Returns ``(ctx, gt)``; bad config or data fail before the workdir is created."""
     validate(config)
+    notes = models.resolve(config)
     splits = models.load_data(config, workdir)
+    notes += models.plan(config, splits)
+    for line in notes:
+        logging.info("auto: %s", line)
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.ops)
     ctx = Context(config, workdir, splits, mesh)
-    ctx.task, ctx.base_stats = models.base_task(config, splits, mesh, workdir)
+    ctx.task, ctx.base_stats, ctx.base_slice = models.base_task(config, splits, mesh, workdir)
     return ctx, models.ground_truth(config, ctx.task, splits, workdir)
 
 
@@ -99,21 +105,29 @@ def scored(ctx: Context, label: str, method: str, cfg, sub_dir: str, gt) -> dict
     """Run (or reuse, if made with the same config) one method's scores and evaluate them."""
 
     def compute():
-        logging.info(
-            "%s: scoring %d queries x %d training rows",
-            label,
-            len(ctx.splits.query),
-            len(ctx.splits.train),
-        )
+        logging.info("%s: scoring %s", label, _sizes(ctx))
         return run_method(ctx, method, cfg, sub_dir)
 
-    scores, meta = cache.scores(ctx.workdir, label, compute, cfg.to_dict())
+    # A method's outputs depend on its own config and on the base model (data, model, recipe):
+    # its stage directory is dropped when the base model's slice changed.
+    cache.guarded(os.path.dirname(sub_dir), os.path.basename(sub_dir), ctx.base_slice)
+    key = {"method": cfg.to_dict(), "base": ctx.base_slice}
+    scores, meta = cache.scores(ctx.workdir, label, compute, key)
     result = {**evaluate(scores, gt, ctx.config.lds.n_boot), **meta}
     lo, hi = result["lds_ci95"]
     logging.info(
         "%s: LDS %.4f [%.4f, %.4f] in %.1fs", label, result["lds"], lo, hi, result["seconds"]
     )
     return result
+
+
+def _sizes(ctx: Context) -> str:
+    """ "Q query rows x N training rows", with the example counts where rows are chunks."""
+    q, n = len(ctx.splits.query), len(ctx.splits.train)
+    e = ctx.task.num_examples
+    if e == n:
+        return f"{q} queries x {n} training examples"
+    return f"{q} query rows x {n} training rows ({e} training examples)"
 
 
 def noise_ceiling(ctx: Context, gt) -> dict:
@@ -128,7 +142,6 @@ def noise_ceiling(ctx: Context, gt) -> dict:
 def run(config, workdir: str) -> dict:
     """The whole job; returns and writes ``workdir/results.json`` (and the report)."""
     ctx, gt = context(config, workdir)
-    checkpoint.save_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
     entries = {}
     for name in config.methods:
         cfg = method_config(config, name)
@@ -162,6 +175,8 @@ def run(config, workdir: str) -> dict:
         results["ablations"] = ablations
     if config.groundtruth.noise_ceiling:
         results["noise_ceiling"] = noise_ceiling(ctx, gt)
+    # The resolved config (automatic values filled in) beside the results it made.
+    checkpoint.save_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
     checkpoint.save_json(os.path.join(workdir, "results.json"), results)
     report.write_report(results, workdir)
     return results

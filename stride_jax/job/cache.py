@@ -1,10 +1,11 @@
 """Workdir stage caches, each tied to the config slice that made it.
 
-A stage's output is reused on a restart only when the config that would make it is the one
-recorded beside it; another config in the same workdir is refused (``CheckpointError``: use a
-new workdir) rather than silently served stale numbers. Outputs are written atomically
-(``checkpoint``), and scores record their config only once saved, so a killed job leaves no
-claim a restart would trust.
+A stage's output is reused on a restart only when the config slice that stage reads is the
+one recorded beside it. When that slice changed, the stale output is dropped and the stage
+recomputed (logged with the keys that changed), while stages whose slices did not change are
+reused: changing a STRIDE or Lasso setting keeps the base model and the ground truth. Outputs
+are written atomically (``checkpoint``), and scores record their config only once saved, so a
+killed job leaves no claim a restart would trust.
 """
 
 from __future__ import annotations
@@ -21,11 +22,19 @@ from absl import logging
 from stride_jax import checkpoint
 
 
-def guarded(workdir: str, name: str, config_slice: dict) -> str:
-    """Path of the cached stage output ``name``; refuses a cache built from another config."""
+def guarded(workdir: str, name: str, config_slice: dict, *dependents: str) -> str:
+    """Path of the cached stage output ``name``; one built from another config slice is
+    dropped (with ``dependents``, e.g. its partial file) so the stage is recomputed."""
     path = os.path.join(workdir, name)
-    checkpoint.guard_config(path, config_slice)
+    replaced(name, checkpoint.claim(path, config_slice, *dependents))
     return path
+
+
+def replaced(name: str, changed: list[str]) -> None:
+    """Log that the cached ``name`` was made with another config and is being recomputed."""
+    if changed:
+        shown = ", ".join(changed[:6]) + (", ..." if len(changed) > 6 else "")
+        logging.warning("%s: config changed (%s); recomputing it", name, shown)
 
 
 def save_tree(path: str, tree) -> None:
@@ -44,12 +53,14 @@ def load_tree(path: str, like):
 def scores(workdir: str, name: str, compute, config_slice: dict):
     """``(scores, meta)`` of ``compute()`` (which returns the same pair), cached as
     ``scores_<name>.npy`` / ``.meta.json`` and tied to ``config_slice`` (the method's config):
-    cached scores made with another config are refused, not reused. ``meta["seconds"]`` is
+    cached scores made with another config are recomputed, never reused. ``meta["seconds"]`` is
     the wall time of ``compute``."""
     path = os.path.join(workdir, f"scores_{name}.npy")
     meta_path = os.path.join(workdir, f"scores_{name}.meta.json")
+    recorded = checkpoint.recorded_config(path)
+    if recorded is not None and recorded != json.loads(json.dumps(config_slice)):
+        replaced(f"scores_{name}.npy", checkpoint.claim(path, config_slice, meta_path))
     if os.path.exists(path) and os.path.exists(meta_path):
-        checkpoint.guard_config(path, config_slice)
         out = np.load(path)
         with open(meta_path) as f:
             meta = json.load(f)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from stride_jax import methods
 from stride_jax.errors import ConfigError
@@ -25,6 +26,7 @@ from stride_jax.task import KINDS
 __all__ = ["ConfigError", "base_config", "pretrain_config", "validate"]
 
 DEFAULT_METHODS = ("stride", "graddot")
+AUTO_BLOCK_LEN = 128  # data.block_len unset: the model's max_len, at most this
 ABLATION_NAMES = ("no_fidelity", "no_stability", "no_linearity", "bernoulli_design")
 LM_METHODS = (
     "stride",
@@ -93,14 +95,18 @@ def _classifier_blocks(c: ml_collections.ConfigDict) -> None:
 
 
 def _decoder_blocks(c: ml_collections.ConfigDict) -> None:
+    # Unset sizes are automatic (``job.models.resolve``, printed at the start of a run):
+    # tokenizer 'auto' is the model's own ('char' for a model built here); block_len the
+    # model's max_len, at most AUTO_BLOCK_LEN; n_query / n_val a tenth of the examples each,
+    # at most 100 (``data.corpora.auto_held_out``); n_train all the rest.
     c.data = dict(
         name="shakespeare",
         path="",
-        tokenizer="char",
-        block_len=64,
-        n_train=2000,
-        n_val=100,
-        n_query=100,
+        tokenizer="auto",
+        block_len=placeholder(int),
+        n_train=placeholder(int),
+        n_val=placeholder(int),
+        n_query=placeholder(int),
         seed=0,
     )
     c.model = dict(source="scratch", path="", **arch())
@@ -156,7 +162,17 @@ def validate(config) -> None:
             f"config.groundtruth.alpha must be in (0, 1], got {config.groundtruth.alpha}"
         )
     _positive(config, "groundtruth.num_models", "groundtruth.models_per_batch", "lds.n_boot")
+    _validate_design(config)
     (_validate_classifier if kind == "classifier" else _validate_decoder)(config)
+
+
+def _validate_design(config) -> None:
+    dc = config.stride.design
+    if not (isinstance(dc.num_subsets, int) and dc.num_subsets >= 0):
+        raise ConfigError(
+            f"config.stride.design.num_subsets must be an integer >= 0 (0: automatic), got "
+            f"{dc.num_subsets!r}"
+        )
 
 
 def _validate_classifier(config) -> None:
@@ -164,7 +180,6 @@ def _validate_classifier(config) -> None:
         config,
         "model.steps",
         "model.lr",
-        "stride.design.num_subsets",
         "stride.design.degree",
         "stride.stage1.rank",
         "stride.stage1.log_every",

@@ -15,6 +15,7 @@ Every stage output is cached in the workdir and tied to the config slice that ma
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -29,13 +30,61 @@ from stride_jax.data import corpora, load
 from stride_jax.errors import ConfigError
 from stride_jax.eval import groundtruth
 from stride_jax.job import cache
+from stride_jax.job.config import AUTO_BLOCK_LEN
 from stride_jax.job.pretrain import decoder_config, pretrain
 from stride_jax.methods import datamodel
 from stride_jax.models import hf_import, mlp, transformer
+from stride_jax.stride import defaults as stride_defaults
+from stride_jax.stride import method as stride_method
 from stride_jax.stride import subsets
 from stride_jax.tasks import decoder_task
 
 # --- data -----------------------------------------------------------------------------------
+
+
+def resolve(config) -> list[str]:
+    """Fill in the automatic settings that need no data (a decoder's ``data.tokenizer='auto'``
+    and unset ``data.block_len``) in place; returns one line per value chosen."""
+    notes = []
+    if config.task != "decoder":
+        return notes
+    d, mc = config.data, config.model
+    if d.tokenizer == "auto":
+        d.tokenizer = {"scratch": "char", "pretrain": "pretrained"}.get(mc.source, mc.path)
+        notes.append(f"data.tokenizer: auto -> {d.tokenizer!r} (model.source={mc.source!r})")
+    if d.block_len is None:
+        max_len = start_max_len(config)
+        d.block_len = min(max_len, AUTO_BLOCK_LEN)
+        notes.append(
+            f"data.block_len: auto -> {d.block_len} (the model's max_len {max_len}, "
+            f"at most {AUTO_BLOCK_LEN})"
+        )
+    return notes
+
+
+def start_max_len(config) -> int:
+    """The context length of the model the decoder recipe starts from, read without loading
+    its weights (a HF directory's config.json, a GGUF file's metadata)."""
+    mc = config.model
+    if mc.source == "scratch":
+        return int(mc.max_len)
+    if mc.source == "pretrain":
+        return int(config.pretrain.model.max_len)
+    if mc.source == "hf":
+        path = os.path.join(mc.path, "config.json")
+        if not os.path.isfile(path):
+            raise ConfigError(
+                f"model.path {mc.path!r} has no config.json: model.source='hf' needs a "
+                "Hugging Face model directory"
+            )
+        with open(path) as f:
+            try:
+                return int(transformer.DecoderConfig.from_hf(json.load(f)).max_len)
+            except (ValueError, KeyError) as e:
+                raise ConfigError(f"{path}: {e}") from e
+    from stride_jax.models import gguf_import
+
+    return int(gguf_import.context_length(mc.path))
 
 
 def load_data(config, workdir: str):
@@ -71,6 +120,69 @@ def load_data(config, workdir: str):
     return splits
 
 
+def plan(config, splits) -> list[str]:
+    """The automatic settings that need the data (STRIDE's T when ``num_subsets=0``), filled
+    in place, and every data-dependent check, before any model is trained. Returns one line
+    per value chosen (and the sanity warnings are logged)."""
+    notes = []
+    n = len(splits.train)
+    if "stride" in config.methods or config.ablations:
+        dc = config.stride.design
+        t = stride_method.resolve_num_subsets(dc, n, config.task)  # ConfigError if infeasible
+        if not dc.num_subsets:
+            dc.num_subsets = t
+            cap = stride_defaults.AUTO_SUBSETS_CAP[config.task]
+            notes.append(
+                f"stride.design.num_subsets: auto -> {t} (min({cap}, N*d/2) with N={n} training "
+                f"rows, d={dc.degree})"
+            )
+    if config.task == "classifier":
+        _scale_hint(splits.train.x_NxF)
+    return notes
+
+
+# Sanity thresholds: a column whose largest |value| is this many times the median column's
+# gets a hint to standardise; a train CE below MEMORISED means the model memorised.
+SCALE_RATIO, MEMORISED = 50.0, 0.02
+
+
+def _scale_hint(x_NxF) -> None:
+    """Warn when feature scales differ wildly (the MLP recipe assumes comparable scales)."""
+    scale_F = np.abs(np.asarray(x_NxF, np.float64)).max(0)
+    live = scale_F[scale_F > 0]
+    if live.size < 2:
+        return
+    ratio = live.max() / np.median(live)
+    if ratio > SCALE_RATIO:
+        logging.warning(
+            "data: feature scales differ by %.0fx (largest |value| per feature %.3g vs median "
+            "%.3g): standardise the features ((x - mean) / std per feature, with training-set "
+            "statistics) before attribution; the default MLP recipe assumes comparable scales",
+            ratio,
+            live.max(),
+            np.median(live),
+        )
+
+
+def _fit_warnings(stats: dict, num_classes: int | None) -> None:
+    """Warn when the base model memorises its training set or barely learns."""
+    loss = stats["train_loss"]
+    if loss < MEMORISED:
+        logging.warning(
+            "base model: train loss %.4f: it memorises its training set, so the fidelity loss "
+            "and every gradient-based method see almost no signal (LDS suffers); train less "
+            "(fewer steps), with more weight decay, or a smaller model",
+            loss,
+        )
+    if num_classes and stats.get("train_accuracy", 1.0) < 1.5 / num_classes:
+        logging.warning(
+            "base model: train accuracy %.3f is near chance (1/%d classes): it underfits; "
+            "check the labels, standardise the features, or train longer",
+            stats["train_accuracy"],
+            num_classes,
+        )
+
+
 def describe(config, splits) -> dict:
     """The ``dataset`` block of results.json."""
     if config.task == "classifier":
@@ -88,8 +200,9 @@ def describe(config, splits) -> dict:
 
 
 def base_task(config, splits, mesh, workdir: str):
-    """``(task, stats)``: the base model trained with the kind's recipe (or reloaded from
-    ``base_model.npz``) as a ``Task``, and its train / query statistics (logged)."""
+    """``(task, stats, recipe)``: the base model trained with the kind's recipe (or reloaded
+    from ``base_model.npz``) as a ``Task``, its train / query statistics (logged), and the
+    config slice it was made from (every later stage's cache is keyed by it too)."""
     if config.task == "classifier":
         task, like, recipe = _classifier_task(config, splits, mesh)
     else:
@@ -104,7 +217,7 @@ def base_task(config, splits, mesh, workdir: str):
         logging.info("base model: trained in %.1fs", time.time() - t0)
         cache.save_tree(path, task.params)
     stats = _classifier_stats(task, splits) if config.task == "classifier" else _lm_stats(task)
-    return task, stats
+    return task, stats, recipe
 
 
 def _classifier_task(config, splits, mesh):
@@ -129,6 +242,7 @@ def _classifier_stats(task, splits) -> dict:
         stats["query_loss"],
         stats["query_accuracy"],
     )
+    _fit_warnings(stats, splits.num_classes)
     return stats
 
 
@@ -191,6 +305,7 @@ def _lm_stats(task) -> dict:
         "base model: train loss %.4f, query loss %.4f (before training: %.4f), %d params",
         *stats.values(),
     )
+    _fit_warnings(stats, None)
     return stats
 
 
@@ -242,6 +357,7 @@ def _decoder_gt(config, task, splits, workdir: str, seed: int, name: str) -> dic
     """Masks (M x examples) and query (and validation) row losses of M decoder retrains with
     init/batch keys from ``seed``; cached as ``name`` and resumable from its partial file."""
     c, gt = config, config.groundtruth
+    partial = os.path.join(workdir, name + ".partial.npz")
     path = cache.guarded(
         workdir,
         name,
@@ -252,6 +368,7 @@ def _decoder_gt(config, task, splits, workdir: str, seed: int, name: str) -> dic
             "gt": {"num_models": gt.num_models, "alpha": gt.alpha, "seed": gt.seed},
             "seed": seed,
         },
+        partial,
     )
     if os.path.exists(path):
         return checkpoint.load_arrays(path)
@@ -268,7 +385,7 @@ def _decoder_gt(config, task, splits, workdir: str, seed: int, name: str) -> dic
     if splits.val is not None:
         rows.append(task.arrays(splits.val))
     evaluated = jax.tree.map(lambda *a: jnp.concatenate(a), *rows)
-    partial, t0 = path + ".partial.npz", time.time()
+    t0 = time.time()
     done = checkpoint.load_arrays(partial)["losses"] if os.path.exists(partial) else ()
 
     def on_group(losses, stop):
@@ -290,4 +407,6 @@ def _decoder_gt(config, task, splits, workdir: str, seed: int, name: str) -> dic
     if splits.val is not None:
         out["losses_val_MxV"] = losses[:, q:]
     checkpoint.save_arrays(path, **out)
+    if os.path.exists(partial):  # finished: the resume file has served its purpose
+        os.remove(partial)
     return out

@@ -32,8 +32,8 @@ def validation_ground_truth(config, workdir: str):
         benchmark.run(config, workdir)  # base model + ground truth on validation queries
         ctx, gt = benchmark.context(config, workdir)
         return ctx, ctx.splits.query, gt
-    if not config.data.n_val > 0:
-        raise ConfigError("tuning needs validation rows: set data.n_val > 0")
+    if config.data.n_val is not None and not config.data.n_val > 0:
+        raise ConfigError("tuning needs validation rows: set data.n_val > 0 (or leave it unset)")
     ctx, gt = benchmark.context(config, workdir)
     if ctx.splits.val is None or "losses_val_MxV" not in gt:
         raise ConfigError("the cached ground truth has no validation rows; use a new --workdir")

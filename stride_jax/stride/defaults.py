@@ -45,6 +45,19 @@ DECODER_STAGE1 = (
 )
 
 
+# ``design.num_subsets = 0`` means automatic: T = min(cap, N*d // 2), at least d, with the cap
+# the number of subsets each kind's recipe was tuned with (3,000 on 1,400 digits; 1,000 on
+# 2,000 Shakespeare blocks). The mean subset then holds at least 2 rows (N*d/T >= 2) and no
+# subset is empty; on digits (N=1,400, d=5) the rule gives the tuned T=3,000.
+AUTO_SUBSETS_CAP = {"classifier": 3000, "decoder": 1000}
+AUTO_MIN_MEAN_SIZE = 2
+
+
+def auto_num_subsets(n: int, degree: int, kind: str = "classifier") -> int:
+    """The automatic T for n training rows and degree d (see ``AUTO_SUBSETS_CAP``)."""
+    return max(degree, min(AUTO_SUBSETS_CAP[kind], n * degree // AUTO_MIN_MEAN_SIZE))
+
+
 def stage1_defaults(**overrides) -> dict:
     """The ``stage1`` block (the Adam recipe); ``overrides`` replace keys, unknown ones are
     refused."""
@@ -78,7 +91,7 @@ def classifier() -> ml_collections.ConfigDict:
             hook="logits",
             hidden_rank=64,
             hidden_basis="whitened",  # hook="hidden": "whitened" or "pca" directions
-            design=dict(kind="expander", num_subsets=3000, degree=5, seed=2),
+            design=dict(kind="expander", num_subsets=0, degree=5, seed=2),  # 0: automatic T
             stage1=stage1_defaults(**NEWTON_RECIPE),
             lasso=lasso_defaults(lam_frac=0.003),
         )
@@ -101,7 +114,7 @@ def decoder() -> ml_collections.ConfigDict:
             encode_batch=16,
             op_chunk=64,
             query_batch=1,
-            design=dict(kind="expander", num_subsets=1000, degree=5, seed=2),
+            design=dict(kind="expander", num_subsets=0, degree=5, seed=2),  # 0: automatic T
             stage1=stage1_defaults(**DECODER_STAGE1),
             lasso=lasso_defaults() | dict(lam_frac=0.05, maxiter=500),
         )

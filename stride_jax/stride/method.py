@@ -50,17 +50,14 @@ class Fitted:
     last_responses: tuple = ()
 
 
-def design_for(dc, n: int) -> subsets.Design:
-    """The design of ``stride.design`` over n training examples; refuses empty subsets."""
+def design_for(dc, n: int, kind: str = "classifier") -> subsets.Design:
+    """The design of ``stride.design`` over n training rows (``num_subsets=0``: the automatic
+    T of ``defaults.auto_num_subsets``); an infeasible T is refused (``check_design``)."""
     if n < 1:
         raise ValueError("need at least one training example")
-    design = subsets.make_design(jax.random.key(dc.seed), dc.kind, dc.num_subsets, n, dc.degree)
+    t = resolve_num_subsets(dc, n, kind)
+    design = subsets.make_design(jax.random.key(dc.seed), dc.kind, t, n, dc.degree)
     sizes = design.sizes_T
-    if sizes.min() == 0:
-        raise ConfigError(
-            f"{int((sizes == 0).sum())} of the {design.num_subsets} subsets are empty "
-            f"(N*d = {n * dc.degree} < T?); lower stride.design.num_subsets or raise degree"
-        )
     logging.info(
         "stride: %s design, T=%d subsets, d=%d, subset sizes %d..%d",
         dc.kind,
@@ -70,6 +67,32 @@ def design_for(dc, n: int) -> subsets.Design:
         sizes.max(),
     )
     return design
+
+
+def resolve_num_subsets(dc, n: int, kind: str) -> int:
+    """T for ``stride.design`` over n training rows: ``num_subsets``, or the automatic rule
+    when it is 0; raises ``ConfigError`` (before any work) when T cannot be filled."""
+    t = int(dc.num_subsets) or defaults.auto_num_subsets(n, dc.degree, kind)
+    check_design(dc, t, n, kind)
+    return t
+
+
+def check_design(dc, t: int, n: int, kind: str = "classifier") -> None:
+    """Refuse a design that would leave subsets empty or cannot place d distinct subsets."""
+    where = "stride.design.num_subsets"
+    if dc.degree < 1:
+        raise ConfigError(f"stride.design.degree must be >= 1, got {dc.degree}")
+    if dc.degree > t:
+        raise ConfigError(
+            f"stride.design.degree={dc.degree} exceeds the {t} subsets ({where}); lower degree"
+        )
+    if dc.kind == "expander" and n * dc.degree < t:
+        raise ConfigError(
+            f"{where}={t} is more than the {n} training rows x degree {dc.degree} = "
+            f"{n * dc.degree} can fill ({t - n * dc.degree} subsets would be empty): set it "
+            f"to at most {n * dc.degree}, or to 0 for the automatic "
+            f"T={defaults.auto_num_subsets(n, dc.degree, kind)}"
+        )
 
 
 def lasso_targets(y_QxT: np.ndarray, design: subsets.Design, config) -> np.ndarray:
@@ -109,9 +132,13 @@ def _fit(task, cfg) -> Fitted:
     site = task.site(cfg)
     mesh = task.mesh if task.mesh is not None else sharding.make_mesh()
     workdir = os.path.join(task.workdir, "stride") if task.workdir else None
-    if workdir:
-        checkpoint.guard_config(workdir, cfg.to_dict())
-    design = design_for(cfg.design, len(task.train))
+    design = design_for(cfg.design, len(task.train), task.kind)
+    if workdir:  # stage 1 reads everything but the Lasso; a stale checkpoint is dropped
+        stage1_slice = {k: v for k, v in cfg.to_dict().items() if k != "lasso"}
+        stage1_slice["rows"] = [len(task.train), design.num_subsets]  # N and the resolved T
+        changed = checkpoint.claim(workdir, stage1_slice)
+        if changed:
+            logging.warning("stride: config changed (%s); retraining stage 1", ", ".join(changed))
     t0 = time.time()
     cache = site.encode(task.train)
     sketch_key, train_key, _ = _keys(cfg)

@@ -47,7 +47,13 @@ def ground_truth(
         )
         t0 = time.time()
         losses = np.asarray(task.retrain_losses(keys, weights, rows), np.float32)
-        logging.info("lds: %d retrains done in %.1fs", num_models, time.time() - t0)
+        seconds = time.time() - t0
+        logging.info(
+            "lds: %d retrains done in %.1fs (%.2fs per model)",
+            num_models,
+            seconds,
+            seconds / num_models,
+        )
     return {"masks_MxE": np.asarray(masks), "losses_MxQ": losses}
 
 

@@ -23,8 +23,10 @@ A STRIDE config (``method_config(task, "stride")`` prints the values for the tas
 - ``seed``: the key of the linearity sketch, stage 1's sampling and the Lasso.
 - ``design``: which training examples each of the T steering operators stands for.
   ``kind`` "expander" (every example in exactly ``degree`` subsets, sizes within one of
-  each other) or "bernoulli" (random membership); ``num_subsets`` T (the number of operators;
-  every subset must be non-empty: N * degree >= T); ``degree`` d; ``seed``.
+  each other) or "bernoulli" (random membership); ``num_subsets`` T, the number of operators
+  (0, the default: automatic, min(3000 classifier / 1000 decoder, N * degree // 2), see
+  ``stride.defaults.auto_num_subsets``; a T set by hand must leave no subset empty);
+  ``degree`` d; ``seed``.
 - ``hook`` (classifiers): where the operators attach, "logits" (the logits) or "hidden" (also
   the MLP's last hidden layer, with a ``hidden_rank`` basis of ``hidden_basis`` "whitened"
   or "pca" directions of its input). Decoders: ``layer``, the block after which the

@@ -156,15 +156,20 @@ class Task(abc.ABC):
     def retrain(self, key, weight_N=None):
         """Params of a model trained with the task's recipe (optional row weights, N)."""
 
-    def retrain_losses(self, keys_M, weights_MxN, rows, group: int = 1) -> np.ndarray:
+    def retrain_losses(
+        self, keys_M, weights_MxN, rows, group: int = 1, label: str = "retrains"
+    ) -> np.ndarray:
         """losses_MxB: per-row losses on ``rows`` of M models retrained on ``weights_MxN``
-        (a plain loop here; implementations vmap ``group`` models at a time)."""
+        (a plain loop here; implementations vmap ``group`` models at a time, 0 meaning
+        as many as fit in memory); progress is logged as ``label``."""
+        from stride_jax.resources import Progress
+
         del group
         batch = self.arrays(rows)
-        out = [
-            np.asarray(self.loss(self.retrain(k, w), batch))
-            for k, w in zip(keys_M, weights_MxN, strict=True)
-        ]
+        progress, out = Progress(label, len(weights_MxN)), []
+        for k, w in zip(keys_M, weights_MxN, strict=True):
+            out.append(np.asarray(self.loss(self.retrain(k, w), batch)))
+            progress.update(len(out))
         return np.stack(out).astype(np.float32)
 
     # --- STRIDE's attachment site ------------------------------------------------------------

@@ -4,6 +4,8 @@ The recipe (full-batch AdamW for a fixed number of steps, weight decay) is used 
 for the base model and for every ground-truth retrain; only the per-example weights differ
 (1 for kept examples, 0 for dropped ones). Full-batch steps make a retrain a pure function
 of (init key, kept mask), so ``jax.vmap`` over models equals training them one by one.
+Above ``resources.MLP_ROW_CHUNK`` training rows the full-batch gradient is summed over row
+chunks, so one retrain's memory does not grow with the data.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+
+from stride_jax.resources import MLP_ROW_CHUNK
 
 
 class MLP(nnx.Module):
@@ -103,13 +107,10 @@ def _train(config, key, x_NxF, y_N, weight_N, num_classes: int, num_checkpoints:
     tx = optax.adamw(schedule, weight_decay=config.weight_decay)
     opt_state = tx.init(params)
     denom = jnp.maximum(weight_N.sum(), 1.0)
-
-    def loss_fn(p):
-        ce = cross_entropy(apply(graphdef, p, x_NxF), y_N)
-        return (ce * weight_N).sum() / denom
+    grad_fn = _full_batch_grad(graphdef, x_NxF, y_N, weight_N, denom)
 
     def update(p, s):
-        grads = jax.grad(loss_fn)(p)
+        grads = grad_fn(p)
         updates, s = tx.update(grads, s, p)
         return optax.apply_updates(p, updates), s
 
@@ -142,6 +143,33 @@ def _train(config, key, x_NxF, y_N, weight_N, num_classes: int, num_checkpoints:
         [jnp.mean(schedule(jnp.arange(a, b))) for a, b in zip(starts_C, ends_C, strict=True)]
     )
     return params, buf, lr_C
+
+
+def _full_batch_grad(graphdef, x_NxF, y_N, w_N, denom, chunk: int = MLP_ROW_CHUNK):
+    """``p -> grad of sum_n w_n CE_n(p) / denom``: in one pass up to ``chunk`` rows, else
+    summed over chunks of ``chunk`` rows (zero-weight padding), so memory does not grow with
+    N (the same gradient up to float rounding)."""
+
+    def loss_fn(p, x, y, w):
+        return (cross_entropy(apply(graphdef, p, x), y) * w).sum() / denom
+
+    n = x_NxF.shape[0]
+    if n <= chunk:
+        return lambda p: jax.grad(loss_fn)(p, x_NxF, y_N, w_N)
+    pad = (-n) % chunk
+    x_CxBxF = jnp.pad(x_NxF, ((0, pad), (0, 0))).reshape(-1, chunk, x_NxF.shape[1])
+    y_CxB = jnp.pad(y_N, (0, pad)).reshape(-1, chunk)
+    w_CxB = jnp.pad(w_N, (0, pad)).reshape(-1, chunk)
+
+    def grad_fn(p):
+        def body(acc, part):
+            g = jax.grad(loss_fn)(p, *part)
+            return jax.tree.map(jnp.add, acc, g), None
+
+        zeros = jax.tree.map(jnp.zeros_like, p)
+        return jax.lax.scan(body, zeros, (x_CxBxF, y_CxB, w_CxB))[0]
+
+    return grad_fn
 
 
 def fit(config, key: jax.Array, x_NxF, y_N, weight_N, num_classes: int):

@@ -133,19 +133,34 @@ class ClassifierTask(Task):
 
     # --- many retrains at once ------------------------------------------------------------------
 
-    def retrain_losses(self, keys_M, weights_MxN, rows, group: int = 1) -> np.ndarray:
+    def retrain_losses(
+        self, keys_M, weights_MxN, rows, group: int = 1, label: str = "retrains"
+    ) -> np.ndarray:
         """losses_MxB on ``rows`` of M retrains. The MLP (``model_config`` set) trains
-        ``group`` models per vmapped step with the models sharded over the mesh
-        (``groundtruth.retrain_many``, as the ground truth does); other models loop."""
+        ``group`` models per vmapped step (0: chosen from the memory available) with the
+        models sharded over the mesh (``groundtruth.retrain_many``, as the ground truth
+        does); other models loop. Progress is logged as ``label``."""
         if self.model_config is None:
-            return super().retrain_losses(keys_M, weights_MxN, rows, group)
+            return super().retrain_losses(keys_M, weights_MxN, rows, group, label)
         from stride_jax import sharding
         from stride_jax.eval import groundtruth
 
         mesh = self.mesh if self.mesh is not None else sharding.make_mesh()
         b, q = self.arrays(self.train), self.arrays(rows)
+        m = np.asarray(weights_MxN).shape[0]
+        group = groundtruth.group_size(
+            self.model_config, b["x"].shape, self.num_classes, m, group, mesh, label
+        )
         params_M = groundtruth.retrain_many(
-            self.model_config, keys_M, b["x"], b["y"], weights_MxN, self.num_classes, mesh, group
+            self.model_config,
+            keys_M,
+            b["x"],
+            b["y"],
+            weights_MxN,
+            self.num_classes,
+            mesh,
+            group,
+            label,
         )
         losses_MxB = groundtruth.query_losses(
             self.model_config, params_M, q["x"], q["y"], self.num_classes, group

@@ -22,7 +22,7 @@ Config (``default_config(kind)``):
   M=2000 retrains): LDS 0.545 / 0.577 / 0.584 / 0.569 / 0.549 at ridge 30 / 100 / 300 /
   1000 / 3000; on the reported queries ridge 300 gives 0.565 [0.551, 0.579].
 - ``models_per_batch``: models trained (and evaluated) per vmapped group (classifier 50,
-  decoder 8).
+  decoder 8; 0: as many as fit in the memory available, ``resources.models_at_once``).
 
 ``fit`` does the retrains and keeps their losses on ``task.query`` (the query rows the job
 scores); ``score`` on those rows solves all their ridge problems at once, on other rows it
@@ -142,7 +142,9 @@ def _digest(task, cfg) -> str:
 def _losses(task, state, rows, cfg) -> np.ndarray:
     weights_MxN = task.example_weights(state["masks_MxE"])
     return np.asarray(
-        task.retrain_losses(state["keys_M"], weights_MxN, rows, int(cfg.models_per_batch)),
+        task.retrain_losses(
+            state["keys_M"], weights_MxN, rows, int(cfg.models_per_batch), label="datamodel"
+        ),
         np.float32,
     )
 
@@ -202,10 +204,12 @@ methods.register("datamodel", fit, score, default_config=default_config)
 
 def ceiling_losses(task, masks_MxE, key, rows, group: int) -> np.ndarray:
     """losses_MxQ on ``rows`` of the SAME example subsets ``masks_MxE`` (the ground truth's)
-    retrained with init keys drawn from ``key`` (unrelated to the ground truth's seed)."""
+    retrained with init keys drawn from ``key`` (unrelated to the ground truth's seed),
+    ``group`` models at a time (0: as many as fit in memory, ``resources.models_at_once``)."""
     keys_M = jax.random.split(key, np.asarray(masks_MxE).shape[0])
     weights_MxN = task.example_weights(masks_MxE)
-    return np.asarray(task.retrain_losses(keys_M, weights_MxN, rows, group), np.float32)
+    losses = task.retrain_losses(keys_M, weights_MxN, rows, int(group), label="noise ceiling")
+    return np.asarray(losses, np.float32)
 
 
 def retrain_agreement(losses_a_MxQ, losses_b_MxQ, *, kind="spearman", key=None, n_boot=1000):

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from stride_jax import resources
 from stride_jax.models import lm_train
 from stride_jax.task import Task, as_weights
 
@@ -93,11 +94,14 @@ class DecoderTask(Task):
         w = as_weights(weight_N, len(self.train))
         return lm_train.jitted_fit(self.recipe, self.graphdef)(self.params0, key, self.data(), w)
 
-    def retrain_losses(self, keys_M, weights_MxN, rows, group: int = 1, on_group=None):
+    def retrain_losses(
+        self, keys_M, weights_MxN, rows, group: int = 1, label="retrains", on_group=None
+    ):
         """losses_MxB on ``rows`` (a ``TokenBlocks`` or its arrays) of M decoders retrained
-        from ``params0`` on row weights, ``group`` at a time in one vmapped call; after each
-        group ``on_group(losses so far)`` (e.g. a partial save) may run."""
-        return retrain_losses(self, keys_M, weights_MxN, rows, group, on_group)
+        from ``params0`` on row weights, ``group`` at a time in one vmapped call (0: as many
+        as fit in memory); after each group ``on_group(losses so far, models done)`` (e.g. a
+        partial save) may run; progress is logged as ``label``."""
+        return retrain_losses(self, keys_M, weights_MxN, rows, group, on_group, label=label)
 
     # --- STRIDE's site --------------------------------------------------------------------------
 
@@ -157,32 +161,71 @@ class DecoderTask(Task):
 
 
 def retrain_losses(
-    task: DecoderTask, keys_M, weights_MxN, rows, group: int, on_group=None, done=()
+    task: DecoderTask,
+    keys_M,
+    weights_MxN,
+    rows,
+    group: int,
+    on_group=None,
+    done=(),
+    label: str = "retrains",
 ):
-    """See ``DecoderTask.retrain_losses``; ``done`` holds losses of models already trained."""
-    weights = jnp.asarray(weights_MxN, jnp.float32)
+    """See ``DecoderTask.retrain_losses``; ``done`` holds losses of models already trained.
+    ``group`` 0 chooses it from the memory available (``group_size``); progress is logged
+    as ``label`` with rate and ETA."""
+    m = len(weights_MxN)
+    group = group_size(task, m, group, label)
     fn = _retrain_fn(task.recipe.to_json(), task.graphdef)
     q = rows if isinstance(rows, dict) else task.arrays(rows)
     data, out = task.data(), list(done)
-    for start in range(len(out), weights.shape[0], group):
-        stop = min(start + group, weights.shape[0])
-        losses = fn(task.params0, keys_M[start:stop], data, weights[start:stop], q)
+    progress = resources.Progress(label, m, start=len(out))
+    for start in range(len(out), m, group):
+        stop = min(start + group, m)
+        weights = jnp.asarray(np.asarray(weights_MxN[start:stop]), jnp.float32)
+        losses = fn(task.params0, keys_M[start:stop], data, weights, q)
         out.extend(np.asarray(jax.device_get(losses), np.float32))
+        progress.update(stop)
         if on_group is not None:
             on_group(np.stack(out), stop)
     return np.stack(out)
 
 
+def group_size(task: DecoderTask, num_models: int, requested: int, what: str = "retrains"):
+    """Models per vmapped retrain call: ``requested``, or when 0
+    ``resources.models_at_once`` for one retrain of the task's recipe."""
+    if int(requested) > 0:
+        return int(requested)
+    num_params = sum(int(np.size(x)) for x in jax.tree.leaves(task.params0))
+    per_model = resources.decoder_retrain_bytes(
+        task.model_config, task.recipe.batch, len(task.train), num_params
+    )
+    return resources.models_at_once(0, num_models, per_model, what=what)
+
+
 @functools.lru_cache(maxsize=4)
 def _retrain_fn(recipe_json: str, graphdef):
-    """Jitted: a group of models trained at once (vmap) -> their losses on the rows ``q``."""
+    """Jitted: a group of models trained at once (vmap) -> their losses on the rows ``q``,
+    evaluated ``recipe.batch`` rows at a time (an evaluation costs no more than a step)."""
     recipe = ml_collections.ConfigDict(json.loads(recipe_json))
+    chunk = int(recipe.batch)
 
     @jax.jit
     def fn(params0, keys_G, data, weights_GxN, q):
+        n = q["tokens"].shape[0]
+        q_CxB = jax.tree.map(
+            lambda a: jnp.pad(a, [(0, (-n) % chunk)] + [(0, 0)] * (a.ndim - 1)).reshape(
+                -1, chunk, *a.shape[1:]
+            ),
+            q,
+        )
+
         def one(key, w):
             p = lm_train.fit(recipe, graphdef, params0, key, data, w)
-            return lm_train.example_losses(graphdef, p, q["tokens"], q["attn"], q["loss_mask"])
+
+            def losses(b):
+                return lm_train.example_losses(graphdef, p, b["tokens"], b["attn"], b["loss_mask"])
+
+            return jax.lax.map(losses, q_CxB).reshape(-1)[:n]
 
         return jax.vmap(one)(keys_G, weights_GxN)
 

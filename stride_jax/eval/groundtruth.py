@@ -41,7 +41,7 @@ def retrain_many(
     for start in range(0, m, group):
         keys_G, _ = sharding.pad_to_multiple(keys_M[start : start + group], group)
         masks_G, n = sharding.pad_to_multiple(masks[start : start + group], group)
-        params = fn(keys_G, x, y, masks_G)
+        params = jax.block_until_ready(fn(keys_G, x, y, masks_G))  # for honest progress
         parts.append(jax.tree.map(lambda a, n=n: a[:n], params))
         progress.update(start + n)
     return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)

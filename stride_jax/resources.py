@@ -118,6 +118,14 @@ def models_at_once(
     return int(group)
 
 
+def items_at_once(total: int, per_item_bytes: int, cap_bytes: int = 2**30) -> int:
+    """How many of ``total`` independent items (queries, rows) to process in one call so that
+    their working memory (``per_item_bytes`` each) stays under ``min(cap_bytes, available)``;
+    at least 1."""
+    budget = min(int(cap_bytes), available_bytes())
+    return int(max(1, min(int(total), budget // max(int(per_item_bytes), 1))))
+
+
 _LOGGED: set = set()
 
 

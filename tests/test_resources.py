@@ -122,3 +122,18 @@ def test_auto_group_equals_explicit_group_decoder(monkeypatch):
     # The evaluation runs recipe.batch rows at a time (11 rows: the last chunk padded).
     p = lm_train.jitted_fit(recipe, gd)(p0, keys[4], task.data(), jnp.asarray(weights[4], float))
     np.testing.assert_allclose(b[4], task.row_losses(sp.query, p), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("select", ["fixed", "heldout"])
+def test_lasso_in_query_chunks_equals_all_at_once(select, monkeypatch):
+    """Above ~1 GB of queries the Lasso runs a chunk of queries at a time: the same scores."""
+    from stride_jax.stride import recover, subsets
+
+    design = subsets.expander(jax.random.key(0), 60, 40, 3)
+    y_QxT = np.random.default_rng(0).normal(size=(5, 60)).astype(np.float32)
+    cfg = recover.LassoConfig(lam_frac=0.05, maxiter=200, select=select, path_len=3)
+    whole = recover.lasso_scores(design, y_QxT, cfg, key=jax.random.key(1))
+    monkeypatch.setattr(resources, "available_bytes", lambda: 2 * 128 * 40)  # 2 at a time
+    parts = recover.lasso_scores(design, y_QxT, cfg, key=jax.random.key(1))
+    for k in whole:
+        np.testing.assert_allclose(np.asarray(parts[k]), np.asarray(whole[k]), atol=1e-6)

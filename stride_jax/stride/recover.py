@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import jaxopt
 import numpy as np
 
-from stride_jax import sharding
+from stride_jax import resources, sharding
 from stride_jax.stride.subsets import Design
 
 _POWER_ITERS = 100
@@ -289,6 +289,15 @@ def lasso_scores(design_or_arrays, y_QxT, config: LassoConfig, key=None, mesh=No
     members_TxS, subsets_NxD = _design_arrays(design_or_arrays)
     y_QxT = jnp.asarray(y_QxT, jnp.float32)
     _validate(config, members_TxS, y_QxT, key)
+    # Each query's solve holds a few N-vectors (about 128 bytes per example): at most ~1 GB
+    # of queries at once, so memory does not grow with N x Q (digits: all queries at once).
+    step = resources.items_at_once(int(y_QxT.shape[0]), 128 * int(np.shape(subsets_NxD)[0]))
+    if y_QxT.shape[0] > step:
+        parts = [
+            lasso_scores(design_or_arrays, y_QxT[i : i + step], config, key, mesh)
+            for i in range(0, int(y_QxT.shape[0]), step)
+        ]
+        return {k: jnp.concatenate([p[k] for p in parts]) for k in parts[0]}
     members_TxS = jnp.asarray(members_TxS, jnp.int32)
     subsets_NxD = jnp.asarray(subsets_NxD, jnp.int32)
     num_queries = int(y_QxT.shape[0])

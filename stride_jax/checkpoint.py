@@ -42,6 +42,14 @@ class TrainCheckpoints:
     def restore(self, abstract_state):
         """Restore the latest step into ``abstract_state``'s structure, shapes and shardings."""
         step = self._manager.latest_step()
+        # Compare shapes first: a restore that fails on one array abandons the reads of the
+        # others, and orbax then reports each abandoned read as an exception it cannot raise.
+        mismatch = self._mismatch(step, abstract_state)
+        if mismatch:
+            raise CheckpointError(
+                f"checkpoint at step {step} in {self._manager.directory} does not match this "
+                f"run's state (different config?): {mismatch}"
+            )
         try:
             return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
         except (ValueError, KeyError, TypeError) as e:
@@ -49,6 +57,26 @@ class TrainCheckpoints:
                 f"checkpoint at step {step} in {self._manager.directory} does not match this "
                 f"run's state (different config?): {e}"
             ) from e
+
+    def _mismatch(self, step: int, abstract_state) -> str | None:
+        """Why the arrays saved at ``step`` cannot fill ``abstract_state`` (their number or a
+        shape differs, in flattening order), or None; None too when orbax has no metadata."""
+        try:
+            saved = self._manager.item_metadata(step)
+        except Exception:  # noqa: BLE001 - no readable metadata: the restore itself decides
+            return None
+        saved = getattr(saved, "tree", saved)
+        if saved is None:
+            return None
+        flat = jax.tree_util.tree_leaves_with_path
+        got = [tuple(getattr(x, "shape", ())) for _, x in flat(saved)]
+        want = [(jax.tree_util.keystr(p), tuple(x.shape)) for p, x in flat(abstract_state)]
+        if len(got) != len(want):
+            return f"it holds {len(got)} arrays, this run's state has {len(want)}"
+        for shape, (name, expected) in zip(got, want, strict=True):
+            if shape != expected:
+                return f"{name} has shape {shape} there, {expected} here"
+        return None
 
     def close(self) -> None:
         self._manager.close()

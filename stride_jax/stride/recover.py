@@ -15,16 +15,26 @@ lambda path under ``lax.scan``, and are vmapped over queries.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import jaxopt
 import numpy as np
 
 from stride_jax import resources, sharding
 from stride_jax.stride.subsets import Design
+
+# jaxopt warns on import that it is no longer maintained. We depend on it knowingly (its FISTA
+# is all we use; tests/test_recover.py::test_jaxopt_still_works_with_installed_jax fails if a
+# jax upgrade breaks it, and setup.py bounds jax below the next minor), so the warning is
+# silenced here, once, rather than shown to every user and test run.
+with warnings.catch_warnings():
+    warnings.filterwarnings(
+        "ignore", message="JAXopt is no longer maintained", category=DeprecationWarning
+    )
+    import jaxopt
 
 _POWER_ITERS = 100
 _LIPSCHITZ_SAFETY = 1.01

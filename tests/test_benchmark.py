@@ -210,24 +210,6 @@ def test_cli_bad_input_prints_one_line_and_writes_nothing(tmp_path):
     assert not (out / "results.json").exists()
 
 
-def test_cli_unknown_config_key_is_refused(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.lds_benchmark",
-            f"--workdir={tmp_path}",
-            "--config.stride.stage1.nonexistent=3",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode != 0
-    assert "nonexistent" in proc.stderr
-
-
 def test_user_npz_runs_through_the_same_job(tiny, tmp_path):
     from sklearn.datasets import load_iris
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from stride_jax.data.dataset import DataError
 from stride_jax.data.text import Record, TokenBlocks, load_jsonl, pack, tokenize
-from stride_jax.data.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
+from stride_jax.data.tokenizer import CharTokenizer, Tokenizer, check_encodes, load_tokenizer
 from stride_jax.optional import require
 
 SHAKESPEARE_PATH = os.path.join(
@@ -74,8 +74,8 @@ def _split_sizes(total: int, n_train: int | None, n_val, n_query, what: str):
     if n_train + n_val + n_query > total:
         raise DataError(
             f"data.n_train + n_val + n_query = {n_train} + {n_val} + {n_query} = "
-            f"{n_train + n_val + n_query} exceeds the {total} {what}; lower them, or set "
-            "data.n_train=None (all the rest) and n_val / n_query=None (automatic)"
+            f"{n_train + n_val + n_query} exceeds the {total} {what}; lower them, or leave "
+            "them unset (n_train: all the rest; n_val / n_query: automatic)"
         )
     return n_train, n_val, n_query
 
@@ -99,6 +99,9 @@ def tokenize_splits(name: str, splits: RecordSplits, tokenizer, block_len: int) 
     if isinstance(tokenizer, str) and tokenizer == "char":
         recs = splits.train + splits.val + splits.query
         tokenizer = CharTokenizer.from_corpus("".join(r.prompt + r.response for r in recs))
+    elif splits.train:
+        first = splits.train[0]
+        check_encodes(tokenizer, first.prompt + first.response, "data.tokenizer")
     train, query = (tokenize(s, tokenizer, block_len) for s in (splits.train, splits.query))
     val = tokenize(splits.val, tokenizer, block_len) if splits.val else None
     return TextSplits(name, train, query, tokenizer, val)

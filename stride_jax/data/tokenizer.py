@@ -213,20 +213,49 @@ def tokenizer_from_json(text: str) -> Tokenizer:
         if kind == "char":
             return CharTokenizer(tuple(d["chars"]), d["use_unk"])
         if kind == "hf":
-            from tokenizers import Tokenizer as _Tokenizer
-
-            tok = _Tokenizer.from_str(json.dumps(d["tokenizer"]))
+            tokenizers = require("tokenizers", "a saved Hugging Face tokenizer")
+            tok = tokenizers.Tokenizer.from_str(json.dumps(d["tokenizer"]))
             return HFTokenizer(tok, d["eos_id"], d["pad_id"], d["bos_id"])
     except KeyError as e:
         raise DataError(f"saved {kind!r} tokenizer is missing key {e}") from e
     raise DataError(f"not a saved stride_jax tokenizer (type {kind!r}; expected 'char' or 'hf')")
 
 
+SAVED_NAME = "stride_tokenizer.json"  # a tokenizer saved beside a model directory
+
+
+def check_encodes(tokenizer, text: str, where: str) -> None:
+    """Refuse a tokenizer that encodes a sample of the data to nothing or to ids outside its
+    own vocabulary (a wrong tokenizer, e.g. a model directory whose tokenizer files are not
+    the ones the model was trained with)."""
+    sample = text[:200]
+    if not sample.strip():
+        return
+    ids = tokenizer.encode(sample)
+    if not ids:
+        raise DataError(
+            f"the tokenizer ({where}) encodes the data's first example {sample[:40]!r} to no "
+            "tokens: it is not a tokenizer for this text (point data.tokenizer at the model's "
+            "own tokenizer, or leave it 'auto')"
+        )
+    bad = [i for i in ids if not 0 <= i < tokenizer.vocab_size]
+    if bad:
+        raise DataError(
+            f"the tokenizer ({where}) produced ids {bad[:3]} outside its vocabulary of "
+            f"{tokenizer.vocab_size}"
+        )
+
+
 def load_tokenizer(path: str) -> Tokenizer:
     """A tokenizer from a path: a GGUF file, a HF model directory, a tokenizer saved with
     ``save``, or a bare tokenizer.json (which names no EOS/pad; pass its directory, or use
-    ``HFTokenizer.from_file`` with the token names, to get them)."""
+    ``HFTokenizer.from_file`` with the token names, to get them). A directory written by this
+    project's pre-training (``experiments.pretrain_lm``) holds its tokenizer as
+    ``stride_tokenizer.json``, which is used when present."""
     if os.path.isdir(path):
+        own = os.path.join(path, SAVED_NAME)
+        if os.path.isfile(own):
+            return load_tokenizer(own)
         return HFTokenizer.from_pretrained(path)
     if not os.path.isfile(path):
         raise DataError(f"tokenizer path {path!r} does not exist")

@@ -119,7 +119,47 @@ def _decoder_blocks(c: ml_collections.ConfigDict) -> None:
 
 
 def base_config(kind: str = "classifier") -> ml_collections.ConfigDict:
-    """Every key of a run config of task kind ``kind``, with its default."""
+    """Every key of a run config of task kind ``kind`` ("classifier" | "decoder"), with its
+    default. Config files and ``--config.a.b=v`` override values; they never add keys.
+
+    - ``task``: "classifier" (features -> class logits) or "decoder" (a causal LM on text).
+    - ``data``: what is attributed.
+      Classifier: ``name`` ("digits" | "mnist5k", embedded) or ``path`` (a user .npz with
+      x_train, y_train, x_query, y_query and optional ids_train; wins over ``name``),
+      ``n_train`` / ``n_query`` (sizes for embedded sets), ``seed`` (the split),
+      ``query_split`` ("query", or "val" to tune on the validation rows).
+      Decoder: ``name`` ("shakespeare" | "chitchat" | "jsonl") and ``path`` (the JSONL file),
+      ``tokenizer`` ("auto": the model's own, "char" for a model built here; "char",
+      "pretrained", or a tokenizer path), ``block_len`` (tokens per row; unset: the model's
+      max_len, at most 128), ``n_train`` / ``n_val`` / ``n_query`` in examples (unset: a tenth
+      each for val and query, at most 100, n_train the rest), ``seed``.
+    - ``model``: the base model.
+      Classifier: the library MLP (``hidden`` widths, ``steps``, ``lr``, ``weight_decay``,
+      ``seed``), full-batch AdamW; the same recipe retrains every ground-truth model.
+      Decoder: ``source`` ("scratch" | "pretrain" | "hf" | "gguf"), ``path`` (the HF
+      directory or GGUF file), and for a model built here ``family``, ``d_model``,
+      ``n_layers``, ``n_heads``, ``max_len``, ``seed``.
+    - ``pretrain`` (decoder, used only by ``model.source="pretrain"``): a run of
+      experiments/pretrain_lm.py (its own ``data``, ``model``, ``train``, ``ckpt_every``).
+    - ``train`` (decoder): the one fine-tuning recipe of the base model and of every retrain
+      (``steps``, ``batch``, ``lr``, ``warmup_steps``, ``lr_end_frac``, ``clip``,
+      ``weight_decay``, ``seed``).
+    - ``groundtruth``: the retrains the LDS is measured against: ``num_models`` models on
+      random ``alpha``-fractions of the training examples (``seed``), ``models_per_batch``
+      trained per vmapped call (memory and speed only, not results), ``noise_ceiling`` (also
+      retrain the same subsets with seeds from ``ceiling_seed``: the LDS the retrains reach
+      against each other).
+    - ``stride``: STRIDE's config (``stride_jax.stride.defaults``; every block is described in
+      ``help(stride_jax.attribute)``): seed, design (``num_subsets=0``: automatic T), hook /
+      layer, stage1, lasso, size_weighted and batch sizes.
+    - ``baselines``: one block per other method, its defaults for this kind
+      (``stride_jax.methods.default_configs(kind)``); only the methods in ``methods`` run.
+    - ``methods``: names of the methods to score and compare (``stride_jax.methods.names(kind)``).
+    - ``ablations``: STRIDE variants to run as well: "no_fidelity", "no_stability",
+      "no_linearity" (that loss weight set to 0) and "bernoulli_design".
+    - ``mesh``: the device mesh: ``data`` (rows) x ``ops`` (STRIDE's operators).
+    - ``lds``: ``n_boot``, the bootstrap resamples behind every 95% CI.
+    """
     if kind not in KINDS:
         raise ConfigError(f"task must be one of {KINDS}, got {kind!r}")
     c = ml_collections.ConfigDict()
@@ -213,6 +253,9 @@ def _validate_decoder(config) -> None:
         raise ConfigError(
             f"model.source must be scratch, pretrain, hf or gguf, got {config.model.source!r}"
         )
+    if config.model.source in ("hf", "gguf") and not config.model.path:
+        what = "a Hugging Face directory" if config.model.source == "hf" else "a .gguf file"
+        raise ConfigError(f"model.source={config.model.source!r} needs model.path ({what})")
     if config.data.tokenizer == "char" and config.model.source != "scratch":
         raise ConfigError(
             "data.tokenizer='char' builds a new character vocabulary, which cannot match a "

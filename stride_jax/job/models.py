@@ -272,8 +272,19 @@ def _decoder_task(config, splits, mesh, workdir: str):
             f"the model's vocabulary ({cfg.vocab_size}) is smaller than the tokenizer's "
             f"({splits.tokenizer.vocab_size}): model and tokenizer do not match"
         )
+    tok = splits.tokenizer
+    for name in ("pad_id", "eos_id", "bos_id"):
+        i = getattr(tok, name, None)
+        if i is not None and not 0 <= i < cfg.vocab_size:
+            raise ConfigError(
+                f"the tokenizer's {name}={i} is outside the model's vocabulary of "
+                f"{cfg.vocab_size}: model and tokenizer do not match"
+            )
     if splits.train.block_len > cfg.max_len:
-        raise ConfigError(f"data.block_len exceeds the model's max_len {cfg.max_len}")
+        raise ConfigError(
+            f"data.block_len={splits.train.block_len} exceeds the model's max_len {cfg.max_len}: "
+            "lower it, or leave it unset (automatic)"
+        )
     c = config
     recipe = {"data": c.data.to_dict(), "model": c.model.to_dict(), "train": c.train.to_dict()}
     if c.model.source == "pretrain":

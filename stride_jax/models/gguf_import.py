@@ -176,6 +176,11 @@ def read_gguf(path):
     return config, tensors
 
 
+def context_length(path) -> int:
+    """The model's context length from a GGUF file's metadata (no tensors are read)."""
+    return int(_field(_open(path), "llama.context_length"))
+
+
 def load_gguf(path):
     """Llama GGUF file -> (DecoderConfig, graphdef, params) of the NNX decoder."""
     config, tensors = read_gguf(path)

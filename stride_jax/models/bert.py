@@ -17,8 +17,9 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 from flax import nnx
+
+from stride_jax.optional import require
 
 _INIT = nnx.initializers.normal(0.02)
 # Tensors of BertModel / BertFor* checkpoints that the encoder does not use.
@@ -267,4 +268,5 @@ def load_bert(directory) -> tuple[BertConfig, object, nnx.State]:
             raise FileNotFoundError(f"{directory}: no {path.name} (a HF BERT directory has both)")
     hf_config = json.loads(config_path.read_text())
     BertConfig.from_hf(hf_config)  # an unsupported model fails before reading any weights
-    return from_state_dict(hf_config, safetensors.numpy.load_file(weights_path))
+    st = require("safetensors.numpy", "loading a BERT checkpoint")
+    return from_state_dict(hf_config, st.load_file(weights_path))

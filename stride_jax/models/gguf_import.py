@@ -10,9 +10,9 @@ import os
 import re
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, quants
 
 from stride_jax.models import hf_import
+from stride_jax.optional import require
 
 _MAGIC = b"GGUF"
 _REQUIRED = object()
@@ -37,9 +37,15 @@ _BLOCK_NAMES = {
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
+def _gguf():
+    """The `gguf` package (the `lm` extra), imported when a GGUF file is read."""
+    return require("gguf", "reading GGUF checkpoints")
+
+
 def _open(path):
     """A `GGUFReader` over `path`, after checking the file exists and starts with GGUF's magic."""
     path = os.fspath(path)
+    gguf = _gguf()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
     with open(path, "rb") as f:
@@ -47,7 +53,7 @@ def _open(path):
     if magic != _MAGIC:
         raise ValueError(f"{path} is not a GGUF file (starts with {magic!r}, expected {_MAGIC!r})")
     try:
-        return GGUFReader(path, "r")
+        return gguf.GGUFReader(path, "r")
     except Exception as e:
         raise ValueError(f"{path} could not be parsed as GGUF: {e}") from e
 
@@ -120,9 +126,10 @@ def _hf_name(gguf_name):
 
 def _dequantize(tensor):
     """float32 numpy array of a GGUF tensor in numpy (row-major, HF) shape."""
-    qtype = GGMLQuantizationType(tensor.tensor_type)
+    gguf = _gguf()
+    qtype = gguf.GGMLQuantizationType(tensor.tensor_type)
     try:
-        values = quants.dequantize(tensor.data, qtype)
+        values = gguf.quants.dequantize(tensor.data, qtype)
     except NotImplementedError as e:
         raise ValueError(
             f"tensor {tensor.name!r} has quantisation type {qtype.name}, which the gguf package "
@@ -189,8 +196,10 @@ def load_gguf(path):
 
 def gguf_tokenizer(path):
     """The tokenizer stored in a GGUF file's metadata, built offline by transformers."""
-    from transformers import AutoTokenizer
+    transformers = require("transformers", "a GGUF file's tokenizer")
 
     path = os.path.abspath(os.fspath(path))
     _open(path)
-    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    return transformers.AutoTokenizer.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path)
+    )

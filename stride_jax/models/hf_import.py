@@ -13,11 +13,11 @@ import pathlib
 
 import jax
 import numpy as np
-import safetensors.numpy
 from flax import nnx
 
 from stride_jax.models import transformer
 from stride_jax.models.transformer import DecoderConfig
+from stride_jax.optional import require
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Buffers some checkpoints carry that hold no weights: GPT-2's causal masks, rotary tables.
@@ -175,9 +175,10 @@ def load_hf(directory) -> tuple[DecoderConfig, object, nnx.State]:
         raise FileNotFoundError(f"{directory}: no config.json (not a Hugging Face checkpoint dir)")
     hf_config = json.loads(config_path.read_text())
     DecoderConfig.from_hf(hf_config)  # an unsupported model fails before reading any weights
+    st = require("safetensors.numpy", "loading Hugging Face checkpoints")
     tensors = {}
     for path in _weight_files(directory):
-        tensors.update(safetensors.numpy.load_file(path))
+        tensors.update(st.load_file(path))
     return from_state_dict(hf_config, tensors)
 
 
@@ -193,9 +194,10 @@ def to_state_dict(cfg: DecoderConfig, params) -> dict[str, np.ndarray]:
 def save_hf(cfg: DecoderConfig, params, directory) -> None:
     """Write config.json and model.safetensors that ``load_hf`` and transformers' PyTorch
     ``AutoModelForCausalLM.from_pretrained`` both load."""
+    st = require("safetensors.numpy", "writing Hugging Face checkpoints")
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
-    safetensors.numpy.save_file(
+    st.save_file(
         to_state_dict(cfg, params), directory / "model.safetensors", metadata={"format": "pt"}
     )

@@ -90,7 +90,7 @@ def _classifier_blocks(c: ml_collections.ConfigDict) -> None:
     c.model = dict(hidden=(128,), steps=150, lr=3e-3, weight_decay=1e-2, seed=0)
     # The noise ceiling retrains the same subsets with seeds from ``ceiling_seed``.
     c.groundtruth = dict(
-        num_models=100, alpha=0.5, seed=1, models_per_batch=50, noise_ceiling=True, ceiling_seed=7
+        num_models=100, alpha=0.5, seed=1, models_per_batch=0, noise_ceiling=True, ceiling_seed=7
     )
 
 
@@ -114,7 +114,7 @@ def _decoder_blocks(c: ml_collections.ConfigDict) -> None:
     c.pretrain = pretrain_config()
     c.train = recipe()
     c.groundtruth = dict(
-        num_models=64, alpha=0.5, seed=1, models_per_batch=16, noise_ceiling=True, ceiling_seed=7
+        num_models=64, alpha=0.5, seed=1, models_per_batch=0, noise_ceiling=True, ceiling_seed=7
     )
 
 
@@ -146,7 +146,8 @@ def base_config(kind: str = "classifier") -> ml_collections.ConfigDict:
       ``weight_decay``, ``seed``).
     - ``groundtruth``: the retrains the LDS is measured against: ``num_models`` models on
       random ``alpha``-fractions of the training examples (``seed``), ``models_per_batch``
-      trained per vmapped call (memory and speed only, not results), ``noise_ceiling`` (also
+      trained per vmapped call (memory and speed only, not results; 0: as many as fit in
+      half the free memory), ``noise_ceiling`` (also
       retrain the same subsets with seeds from ``ceiling_seed``: the LDS the retrains reach
       against each other).
     - ``stride``: STRIDE's config (``stride_jax.stride.defaults``; every block is described in
@@ -201,7 +202,12 @@ def validate(config) -> None:
         raise ConfigError(
             f"config.groundtruth.alpha must be in (0, 1], got {config.groundtruth.alpha}"
         )
-    _positive(config, "groundtruth.num_models", "groundtruth.models_per_batch", "lds.n_boot")
+    _positive(config, "groundtruth.num_models", "lds.n_boot")
+    if not config.groundtruth.models_per_batch >= 0:
+        raise ConfigError(
+            "config.groundtruth.models_per_batch must be >= 0 (0: as many as fit in memory), "
+            f"got {config.groundtruth.models_per_batch}"
+        )
     _validate_design(config)
     (_validate_classifier if kind == "classifier" else _validate_decoder)(config)
 

@@ -387,9 +387,8 @@ def _decoder_gt(config, task, splits, workdir: str, seed: int, name: str) -> dic
         jax.random.key(gt.seed), gt.num_models, splits.train.num_examples, gt.alpha
     )
     keys = jax.random.split(jax.random.key(seed), gt.num_models)
-    logging.info(
-        "ground truth: retraining %d decoders (%d at a time)", gt.num_models, gt.models_per_batch
-    )
+    what = "ground truth" if name == "groundtruth.npz" else "noise ceiling"
+    logging.info("%s: retraining %d decoders", what, gt.num_models)
     # Validation rows are scored by the same retrains, so tuning (job.tune) needs no
     # retraining of its own and never sees the reported queries.
     rows = [task.arrays(splits.query)]
@@ -399,13 +398,12 @@ def _decoder_gt(config, task, splits, workdir: str, seed: int, name: str) -> dic
     t0 = time.time()
     done = checkpoint.load_arrays(partial)["losses"] if os.path.exists(partial) else ()
 
-    def on_group(losses, stop):
+    def on_group(losses, stop):  # progress (rate, ETA) is logged by retrain_losses
         checkpoint.save_arrays(partial, losses=losses)
-        logging.info("ground truth: %d/%d models (%.1f s)", stop, gt.num_models, time.time() - t0)
 
     weights = task.example_weights(np.asarray(masks))
     losses = decoder_task.retrain_losses(
-        task, keys, weights, evaluated, gt.models_per_batch, on_group, done
+        task, keys, weights, evaluated, gt.models_per_batch, on_group, done, label=what
     )
     q = len(splits.query)
     logging.info(

@@ -20,12 +20,24 @@ setup(
     python_requires=">=3.11",
     install_requires=_REQS,
     extras_require={
+        # Language models: HF config.json + safetensors import/export, GGUF reading, HF
+        # tokenizers, the chit-chat SFT dialogues. Without them every classifier path works and
+        # a language-model feature says `pip install -e ".[lm]"`.
+        "lm": [
+            "transformers>=5.24.0,<6",
+            "tokenizers>=0.23.3",
+            "safetensors>=0.8.0",
+            "gguf>=0.19.0",
+            "chitchat-dataset>=0.9.0",
+        ],
+        # What the test suite needs beside the `lm` extra (README: `pip install -e ".[lm,test]"`).
         # torch (CPU wheel) only for parity tests against transformers' PyTorch models.
         # pytest-xdist: the default suite runs in 2 worker processes (pyproject addopts).
+        # ruff is exact: another version formats differently.
         "test": [
-            "pytest==9.0.3",
-            "pytest-xdist==3.8.0",
-            "execnet==2.1.2",
+            "pytest>=9.0.3",
+            "pytest-xdist>=3.8.0",
+            "execnet>=2.1.2",
             "ruff==0.17.6",
             "torch==2.13.0",
         ],

@@ -214,6 +214,19 @@ def test_steps_zero_needs_the_newton_start(tiny):
         validate(tiny)
 
 
+@pytest.mark.parametrize("hidden_hook", [False, True])
+def test_subset_gradients_streamed_equal_the_per_example_ones(hidden_hook, monkeypatch):
+    """Above _MAX_G_BYTES of N x P gradients the subset means are summed as rows stream (no
+    N x P array, and the chunks here do not divide N): the same Newton gates."""
+    ops, inputs, cfg = _setup(hidden_hook, n=90, t=12, deg=3)
+    want = jax.jit(lambda: newton.newton_gates(ops, inputs, cfg))()
+    monkeypatch.setattr(newton, "_MAX_G_BYTES", 0)
+    monkeypatch.setattr(newton.curvature_and_gradients, "__defaults__", (32, False))
+    got = jax.jit(lambda: newton.newton_gates(ops, inputs, cfg))()
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("t", [8, 60])
 def test_newton_gates_solve_each_subset_like_a_dense_solve(t):
     """T <= N solves the T subset gradients, T > N the N per-example ones and averages: both

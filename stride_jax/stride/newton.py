@@ -106,11 +106,15 @@ def _aggregate(x_NxP, inputs) -> jax.Array:
     return out.reshape(-1, p)[:t]
 
 
-def curvature_and_gradients(ops, inputs, chunk: int = 256):
+def curvature_and_gradients(ops, inputs, chunk: int = 256, per_subset: bool = False):
     """(``H`` P x P, mean over the training rows; ``G`` N x P, the per-example fidelity
     gradients at zero gates), streamed over row chunks of ``chunk``. A subset's gradient
-    ``g_k`` is the mean of its members' rows of G (``_aggregate``)."""
+    ``g_k`` is the mean of its members' rows of G (``_aggregate``); with ``per_subset``
+    those T x P means are accumulated chunk by chunk instead of G (memory T x P, not N x P;
+    the same up to float rounding)."""
     n = inputs.y_N.shape[0]
+    if per_subset:
+        return _curvature_and_subset_gradients(ops, inputs, chunk)
     n_chunks = -(-n // chunk)
     idx = jnp.arange(n_chunks * chunk)
     valid = idx < n
@@ -129,22 +133,58 @@ def curvature_and_gradients(ops, inputs, chunk: int = 256):
     return _assemble(blocks, sizes) / n, g_CxBxP.reshape(n_chunks * chunk, -1)[:n]
 
 
+def _curvature_and_subset_gradients(ops, inputs, chunk: int):
+    """``curvature_and_gradients`` with the subset means of G summed in as the rows stream."""
+    n = inputs.y_N.shape[0]
+    t = inputs.members_TxS.shape[0]
+    n_chunks = -(-n // chunk)
+    idx = jnp.arange(n_chunks * chunk)
+    valid = (idx < n).reshape(n_chunks, chunk)
+    idx = jnp.minimum(idx, n - 1).reshape(n_chunks, chunk)
+    sizes_T = jnp.maximum((inputs.members_TxS < n).sum(1), 1).astype(jnp.float32)
+    shape_blocks, shape_g = jax.eval_shape(lambda: _chunk_stats(ops, inputs, idx[0], valid[0]))
+
+    def body(carry, xs):
+        blocks, g_TxP = carry
+        b, g_BxP = _chunk_stats(ops, inputs, *xs)
+        sub_BxD = inputs.subsets_NxD[xs[0]]
+        share_BxD = 1.0 / sizes_T[jnp.minimum(sub_BxD, t - 1)]
+        g_TxP = g_TxP.at[sub_BxD].add(share_BxD[..., None] * g_BxP[:, None, :], mode="drop")
+        return (jax.tree_util.tree_map(jnp.add, blocks, b), g_TxP), None
+
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shape_blocks)
+    g0 = jnp.zeros((t, shape_g.shape[1]), shape_g.dtype)
+    (blocks, g_TxP), _ = jax.lax.scan(body, (zeros, g0), (idx, valid))
+    num_sites = max(s for s, _ in blocks) + 1
+    sizes = [blocks[(s, s)].shape[0] * blocks[(s, s)].shape[1] for s in range(num_sites)]
+    return _assemble(blocks, sizes) / n, g_TxP
+
+
+# Above this many bytes of per-example gradients (N x P) the subset means are accumulated as
+# the rows stream (digits and MNIST stay below it: their numbers are unchanged).
+_MAX_G_BYTES = 2**30
+
+
 def newton_gates(ops, inputs, config) -> list[jax.Array]:
     """The damped Gauss-Newton gates of every operator, one array (T x O_s x R_s) per site of
     ``ops.linear_sites`` (in its order).
 
     The step is linear in the gradients, so the solve runs on whichever is fewer: the T
     subset gradients, or the N per-example gradients (then averaged over each subset)."""
-    h_PxP, g_NxP = curvature_and_gradients(ops, inputs)
-    n, p = g_NxP.shape
-    t = inputs.members_TxS.shape[0]
+    n, t = inputs.y_N.shape[0], inputs.members_TxS.shape[0]
+    p = jax.eval_shape(lambda: curvature_and_gradients(ops, inputs))[1].shape[1]
+    per_subset = t <= n and 4 * n * p > _MAX_G_BYTES
+    h_PxP, g_XxP = curvature_and_gradients(ops, inputs, per_subset=per_subset)
     damped = (config.w_fidelity + config.w_stability) * h_PxP + config.gate_l2 * jnp.eye(p)
     factor = jax.scipy.linalg.cho_factor(damped)
 
     def solve(rhs_XxP):
         return -config.w_fidelity * jax.scipy.linalg.cho_solve(factor, rhs_XxP.T).T
 
-    if t <= n:
+    g_NxP = g_XxP
+    if per_subset:
+        b_TxP = solve(g_XxP)
+    elif t <= n:
         b_TxP = solve(_aggregate(g_NxP, inputs))
     else:
         b_TxP = _aggregate(solve(g_NxP), inputs)

@@ -29,6 +29,7 @@ def _check_results(workdir, methods):
     return res
 
 
+@pytest.mark.slow  # ~90 s; test_user_hf_checkpoint_and_jsonl runs the same SFT job path
 def test_sft_quick_config_end_to_end(tmp_path):
     """Pre-train here, fine-tune on chit-chat responses, retrain, score, LDS."""
     c = sft_chitchat_quick.get_config()
@@ -42,7 +43,9 @@ def test_sft_quick_config_end_to_end(tmp_path):
 
 
 def test_user_hf_checkpoint_and_jsonl(tmp_path):
-    """Point the job at a saved HF directory and a prompt/response JSONL file."""
+    """Point the job at a saved HF directory and a prompt/response JSONL file: fine-tune,
+    retrain, noise ceiling, STRIDE and baselines, LDS; a restart reproduces the numbers. (The
+    slow test_sft_quick_config_end_to_end also pre-trains the model in the job.)"""
     records = [
         {"prompt": f"q{i % 7}: how many {i}?", "response": f"{i % 5} of them, {'ab' * (i % 4)}"}
         for i in range(40)
@@ -61,11 +64,15 @@ def test_user_hf_checkpoint_and_jsonl(tmp_path):
     c.data.update(name="jsonl", path=str(jsonl), tokenizer=str(model_dir / "tokenizer.json"))
     c.data.update(n_train=30, n_query=6)
     c.model.update(source="hf", path=str(model_dir))
-    c.groundtruth.noise_ceiling = False
-    c.methods = ("repsim", "bm25", "random")  # STRIDE's path is covered by the SFT test
+    c.methods = ("stride", "repsim", "bm25", "random")
     res = benchmark.run(c, str(tmp_path / "run"))
     _check_results(str(tmp_path / "run"), c.methods)
     assert res["dataset"]["n_train_examples"] == 30
+    assert res["base_model"]["query_loss"] < res["base_model"]["start_query_loss"]
+    assert 0 < res["noise_ceiling"]["lds"] <= 1
+    # A restart reuses every cached stage and reproduces the numbers.
+    again = benchmark.run(c, str(tmp_path / "run"))
+    assert again["methods"]["stride"]["lds"] == res["methods"]["stride"]["lds"]
 
 
 def test_pretrain_resumes_to_the_same_model(tmp_path):

@@ -13,6 +13,9 @@ import pytest
 from experiments.benchmarks import throughput
 
 # Agreement tolerances (measured on the quick sizes: 5e-7, 4e-7, 8e-5, 6e-8, 3e-7).
+# One worker runs the whole module (pyproject: --dist loadgroup): the fixture is the cost.
+pytestmark = pytest.mark.xdist_group("throughput_smoke")
+
 TOLERANCES = {
     ("responses", "max_abs_diff_vs_loop"): 1e-5,  # float32 logits, same maths
     ("lasso", "max_abs_diff_batched_vs_loop"): 1e-5,  # same solver, vmapped vs one query

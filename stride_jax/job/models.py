@@ -228,13 +228,21 @@ def _classifier_task(config, splits, mesh):
     return task, abstract, recipe
 
 
+STATS_CHUNK = 65536  # rows per forward pass of the base-model statistics
+
+
 def _classifier_stats(task, splits) -> dict:
     """Mean cross-entropy and accuracy on the training and query sets."""
     stats = {}
     for split, ds in (("train", splits.train), ("query", splits.query)):
-        logits = task.logits(jnp.asarray(ds.x_NxF))
-        stats[f"{split}_loss"] = float(mlp.cross_entropy(logits, ds.y_N).mean())
-        stats[f"{split}_accuracy"] = float((logits.argmax(-1) == ds.y_N).mean())
+        loss = hits = 0.0
+        for lo in range(0, len(ds.y_N), STATS_CHUNK):  # bounded memory at any N
+            logits = task.logits(jnp.asarray(ds.x_NxF[lo : lo + STATS_CHUNK]))
+            y = ds.y_N[lo : lo + STATS_CHUNK]
+            loss += float(mlp.cross_entropy(logits, y).sum())
+            hits += float((logits.argmax(-1) == y).sum())
+        stats[f"{split}_loss"] = loss / len(ds.y_N)
+        stats[f"{split}_accuracy"] = hits / len(ds.y_N)
     logging.info(
         "base model: train loss %.4f acc %.4f | query loss %.4f acc %.4f",
         stats["train_loss"],

@@ -9,6 +9,7 @@ mode a plain ``open()`` gives (0644 under umask 022).
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -30,6 +31,8 @@ class TrainCheckpoints:
         self._manager = ocp.CheckpointManager(
             os.path.abspath(directory),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            # Named, so that a manager opened on an existing directory reads its metadata.
+            item_handlers=ocp.StandardCheckpointHandler(),
         )
 
     def latest_step(self) -> int | None:
@@ -59,8 +62,9 @@ class TrainCheckpoints:
             ) from e
 
     def _mismatch(self, step: int, abstract_state) -> str | None:
-        """Why the arrays saved at ``step`` cannot fill ``abstract_state`` (their number or a
-        shape differs, in flattening order), or None; None too when orbax has no metadata."""
+        """Why the arrays saved at ``step`` cannot fill ``abstract_state`` (their number or
+        their shapes differ), or None; None too when orbax has no metadata. Shapes are compared
+        as multisets: the saved tree's flattening order need not be the state's."""
         try:
             saved = self._manager.item_metadata(step)
         except Exception:  # noqa: BLE001 - no readable metadata: the restore itself decides
@@ -69,13 +73,14 @@ class TrainCheckpoints:
         if saved is None:
             return None
         flat = jax.tree_util.tree_leaves_with_path
-        got = [tuple(getattr(x, "shape", ())) for _, x in flat(saved)]
+        got = collections.Counter(tuple(getattr(x, "shape", ())) for _, x in flat(saved))
         want = [(jax.tree_util.keystr(p), tuple(x.shape)) for p, x in flat(abstract_state)]
-        if len(got) != len(want):
-            return f"it holds {len(got)} arrays, this run's state has {len(want)}"
-        for shape, (name, expected) in zip(got, want, strict=True):
-            if shape != expected:
-                return f"{name} has shape {shape} there, {expected} here"
+        if sum(got.values()) != len(want):
+            return f"it holds {sum(got.values())} arrays, this run's state has {len(want)}"
+        for name, shape in want:
+            if got[shape] == 0:
+                return f"this run's {name} has shape {shape}, which no array saved there has"
+            got[shape] -= 1
         return None
 
     def close(self) -> None:

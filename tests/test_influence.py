@@ -311,7 +311,10 @@ def test_shapes_chunking_and_errors(tiny):
     for name, fisher in (("exact_if", "empirical"), ("kfac", "true"), ("ekfac", "empirical")):
         a = run(name, task, query, chunk=3, fisher=fisher)
         b = run(name, task, query, chunk=1000, fisher=fisher)
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+        # Other chunks sum the float32 per-example terms in another order: up to ~6e-5 of the
+        # largest score for exact_if (an ill-conditioned solve) under the suite's unoptimised
+        # XLA (conftest), ~3e-6 under XLA's default. A chunking bug is off by O(1).
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
     assert {"exact_if", "kfac", "ekfac"} <= set(methods.names("classifier"))
     assert {"kfac", "ekfac"} <= set(methods.names("decoder"))
     cfg = _config("exact_if", max_exact_params=grads.num_params(task.params, None) - 1)

@@ -113,6 +113,9 @@ def test_bad_configs_are_refused(tmp_path):
         benchmark.run(c, str(tmp_path / "x"))
     c = lm_shakespeare_quick.get_config()
     c.model.source = "hf"
+    with pytest.raises(ConfigError, match="model.source='hf' needs model.path"):
+        benchmark.run(c, str(tmp_path / "z"))
+    c.model.path, c.data.tokenizer = str(tmp_path), "char"  # a char vocabulary cannot match
     with pytest.raises(ConfigError, match="cannot match a model"):
         benchmark.run(c, str(tmp_path / "z"))
     c = lm_shakespeare_quick.get_config()

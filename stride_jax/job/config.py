@@ -247,6 +247,24 @@ def _validate_classifier(config) -> None:
         )
 
 
+def _require_lm_packages(config) -> None:
+    """The `lm` extra's packages this decoder run will import, checked before any work (a
+    ``MissingExtraError`` naming ``pip install -e ".[lm]"``)."""
+    from stride_jax.optional import require
+
+    source, tok = config.model.source, config.data.tokenizer
+    if source in ("hf", "pretrain"):
+        require("safetensors.numpy", f"model.source={source!r}")
+    if source == "gguf":
+        require("gguf", "model.source='gguf'")
+    if config.data.name == "chitchat":
+        require("chitchat_dataset", "data.name='chitchat'")
+    if tok not in ("char", "pretrained") and not (tok == "auto" and source == "scratch"):
+        require("tokenizers", f"data.tokenizer={tok!r}")
+        if source in ("hf", "gguf"):
+            require("transformers", f"the tokenizer of model.source={source!r}")
+
+
 def _validate_decoder(config) -> None:
     if "minilm" in config.methods:  # fail now, not after the retrains
         path = config.baselines.minilm.path
@@ -268,6 +286,7 @@ def _validate_decoder(config) -> None:
             f"model from model.source={config.model.source!r}: use 'pretrained' or the "
             "model's tokenizer path"
         )
+    _require_lm_packages(config)
     if config.data.tokenizer == "pretrained" and config.model.source != "pretrain":
         raise ConfigError("data.tokenizer='pretrained' needs model.source='pretrain'")
     s = config.stride

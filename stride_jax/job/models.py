@@ -213,7 +213,7 @@ def base_task(config, splits, mesh, workdir: str):
         logging.info("base model: reusing %s", path)
     else:
         t0 = time.time()
-        task.params = task.retrain(jax.random.key(task.seed))
+        task.params = jax.block_until_ready(task.retrain(jax.random.key(task.seed)))
         logging.info("base model: trained in %.1fs", time.time() - t0)
         cache.save_tree(path, task.params)
     stats = _classifier_stats(task, splits) if config.task == "classifier" else _lm_stats(task)

@@ -231,11 +231,13 @@ def initialise(ops, inputs, config):
     t0 = time.time()
     graphdef, state = nnx.split(ops)
 
+    # The inputs are an argument, not a closure: captured, their arrays became constants of
+    # the compiled step, which XLA then spent seconds constant-folding at 1M rows.
     @jax.jit
-    def solve(state):
+    def solve(state, inputs):
         return newton_gates(nnx.merge(graphdef, state), inputs, config)
 
-    gates = jax.block_until_ready(solve(state))
+    gates = jax.block_until_ready(solve(state, inputs))
     sites = ops.linear_sites(inputs.rows(jnp.zeros((1,), jnp.int32)), inputs.fixed)
     for (module, _, _), g in zip(sites, gates, strict=True):
         module.gates[...] = g

@@ -115,12 +115,14 @@ def claim(path: str, config_slice: dict, *dependents: str) -> list[str]:
     old = recorded_config(path)
     if old == new:
         return []
-    changed = changed_keys(old, new) or ["(layout)"] if old is not None else []
-    for p in (path, *dependents) if old is not None else ():
-        if os.path.isdir(p):
-            shutil.rmtree(p)
-        elif os.path.exists(p):
-            os.remove(p)
+    changed = []
+    if old is not None:  # stale: drop what the old config made
+        changed = changed_keys(old, new) or ["(layout)"]
+        for p in (path, *dependents):
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.remove(p)
     record_config(path, new)
     return changed
 

@@ -108,6 +108,11 @@ def _keys(cfg):
     return jax.random.split(jax.random.key(cfg.seed), 3)  # sketch, stage 1, Lasso
 
 
+def _stage1_slice(cfg) -> dict:
+    """The settings stage 1 reads: all of ``config.stride`` but the Lasso's."""
+    return {k: v for k, v in cfg.to_dict().items() if k != "lasso"}
+
+
 # Stage 1 does not depend on ``lasso``: a tuning sweep over Lasso settings in one process
 # reuses the trained operators (one fit kept, keyed by everything else it depends on).
 _FITS: dict = {}
@@ -118,7 +123,7 @@ def fit(task, cfg, *, reuse: bool = True) -> Fitted:
     when params, rows and every setting but ``lasso`` are the same (Lasso sweeps)."""
     if not reuse:
         return _fit(task, cfg)
-    stage1_cfg = json.dumps({k: v for k, v in cfg.to_dict().items() if k != "lasso"})
+    stage1_cfg = json.dumps(_stage1_slice(cfg))
     hit = _FITS.get("entry")
     # The entry holds the task's params and rows, so ``is`` cannot match a new object.
     if hit and hit[0] == stage1_cfg and hit[1] is task.params and hit[2] is task.train:
@@ -134,9 +139,8 @@ def _fit(task, cfg) -> Fitted:
     workdir = os.path.join(task.workdir, "stride") if task.workdir else None
     design = design_for(cfg.design, len(task.train), task.kind)
     if workdir:  # stage 1 reads everything but the Lasso; a stale checkpoint is dropped
-        stage1_slice = {k: v for k, v in cfg.to_dict().items() if k != "lasso"}
-        stage1_slice["rows"] = [len(task.train), design.num_subsets]  # N and the resolved T
-        changed = checkpoint.claim(workdir, stage1_slice)
+        stage1_slice = _stage1_slice(cfg) | {"rows": [len(task.train), design.num_subsets]}
+        changed = checkpoint.claim(workdir, stage1_slice)  # N and the resolved T too
         if changed:
             logging.warning("stride: config changed (%s); retraining stage 1", ", ".join(changed))
     t0 = time.time()

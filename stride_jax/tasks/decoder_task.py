@@ -193,13 +193,11 @@ def retrain_losses(
 def group_size(task: DecoderTask, num_models: int, requested: int, what: str = "retrains"):
     """Models per vmapped retrain call: ``requested``, or when 0
     ``resources.models_at_once`` for one retrain of the task's recipe."""
-    if int(requested) > 0:
-        return int(requested)
     num_params = sum(int(np.size(x)) for x in jax.tree.leaves(task.params0))
     per_model = resources.decoder_retrain_bytes(
         task.model_config, task.recipe.batch, len(task.train), num_params
     )
-    return resources.models_at_once(0, num_models, per_model, what=what)
+    return resources.models_at_once(requested, num_models, per_model, what=what)
 
 
 @functools.lru_cache(maxsize=4)

@@ -109,6 +109,16 @@ class Task(abc.ABC):
         """Row weights M x rows from example masks M x examples (each row takes its example's)."""
         return np.asarray(masks_MxE)
 
+    def with_train(self, train) -> Task:
+        """This task with other training rows (same model and recipe; ``retrain`` fits them)."""
+        return dataclasses.replace(self, train=train)
+
+    def perturbed(self, rows, key, amount: float):
+        """A lightly changed copy of ``rows`` (applications: near-duplicates); ``amount`` is
+        the kind's strength (classifier: noise in feature standard deviations; decoder: the
+        fraction of target tokens replaced)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot perturb rows")
+
     def render(self, rows, i: int):
         """What a person reads for row ``i`` of ``rows`` (an image tile or text)."""
         raise NotImplementedError(f"{type(self).__name__} cannot render rows")
@@ -122,6 +132,11 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def output(self, params, batch: dict) -> tuple[jax.Array, jax.Array]:
         """TRAK's output function f_B and reweighting w_B; pure, jittable."""
+
+    def row_metrics(self, rows, params=None) -> dict[str, np.ndarray]:
+        """Per-row ``{"loss": B}`` of ``rows`` under ``params`` (default: base); a classifier
+        adds ``"correct"`` (1.0 where the arg-max class is the label)."""
+        return {"loss": np.asarray(self.row_losses(rows, params), np.float32)}
 
     def row_losses(self, rows, params=None, batch: int = 64) -> jax.Array:
         """Per-row loss of every row of ``rows`` under ``params`` (default: base), in batches."""

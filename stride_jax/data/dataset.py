@@ -27,6 +27,34 @@ class Dataset:
     def __len__(self) -> int:
         return int(self.y_N.shape[0])
 
+    def subset(self, idx) -> Dataset:
+        """Rows ``idx`` (in that order)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.ndim != 1 or (idx.size and (idx.min() < 0 or idx.max() >= len(self))):
+            raise DataError(f"subset indices must be 1-D in [0, {len(self)}), got {idx.shape}")
+        return Dataset(self.x_NxF[idx], self.y_N[idx], self.ids_N[idx])
+
+    def concat(self, other: Dataset) -> Dataset:
+        """These rows followed by ``other``'s (the same features)."""
+        if other.x_NxF.shape[1:] != self.x_NxF.shape[1:]:
+            raise DataError(
+                f"cannot append rows of {other.x_NxF.shape[1]} features to rows of "
+                f"{self.x_NxF.shape[1]}"
+            )
+        return Dataset(
+            np.concatenate([self.x_NxF, other.x_NxF]).astype(self.x_NxF.dtype),
+            np.concatenate([self.y_N, other.y_N]).astype(self.y_N.dtype),
+            _concat_ids(self.ids_N, other.ids_N),
+        )
+
+
+def _concat_ids(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Ids of both sets; kept as objects when their kinds differ (e.g. ints and strings)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype.kind == b.dtype.kind:
+        return np.concatenate([a, b])
+    return np.concatenate([a.astype(object), b.astype(object)])
+
 
 @dataclasses.dataclass(frozen=True)
 class Splits:

@@ -171,6 +171,21 @@ class TokenBlocks:
             tuple(self.example_keys[int(e)] for e in uniq[order]),
         )
 
+    def concat(self, other: TokenBlocks) -> TokenBlocks:
+        """These rows followed by ``other``'s, whose examples follow these (ids shifted)."""
+        if other.block_len != self.block_len:
+            raise DataError(
+                f"cannot append rows of {other.block_len} tokens to rows of {self.block_len}"
+            )
+        cat = lambda a, b: np.concatenate([a, b])  # noqa: E731
+        return TokenBlocks(
+            cat(self.tokens_NxL, other.tokens_NxL),
+            cat(self.loss_mask_NxL, other.loss_mask_NxL),
+            cat(self.attn_mask_NxL, other.attn_mask_NxL),
+            cat(self.example_id_N, other.example_id_N + self.num_examples),
+            self.example_keys + other.example_keys,
+        )
+
     def sum_to_examples(self, scores_QxN) -> np.ndarray:
         """Sum row (chunk) scores over the rows of each example: ``(Q, N) -> (Q, E)``."""
         scores_QxN = np.asarray(scores_QxN)

@@ -55,9 +55,16 @@ def method_config(config, name: str):
 def context(config, workdir: str):
     """Validate, load data, then the base model and ground truth (reused when cached).
     Returns ``(ctx, gt)``; bad config or data fail before the workdir is created."""
+    ctx = prepare(config, workdir)
+    return ctx, models.ground_truth(config, ctx.task, ctx.splits, workdir)
+
+
+def prepare(config, workdir: str, splits=None) -> Context:
+    """Validate, load data (or take ``splits``), then the base model (reused when cached):
+    the run's ``Context`` without ground truth (what the applications start from)."""
     validate(config)
     notes = models.resolve(config)
-    splits = models.load_data(config, workdir)
+    splits = models.load_data(config, workdir) if splits is None else splits
     notes += models.plan(config, splits)
     for line in notes:
         logging.info("auto: %s", line)
@@ -65,7 +72,7 @@ def context(config, workdir: str):
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.ops)
     ctx = Context(config, workdir, splits, mesh)
     ctx.task, ctx.base_stats, ctx.base_slice = models.base_task(config, splits, mesh, workdir)
-    return ctx, models.ground_truth(config, ctx.task, splits, workdir)
+    return ctx
 
 
 def run_method(ctx: Context, name: str, cfg, workdir: str | None = None, query=None):
@@ -101,8 +108,9 @@ def evaluate(scores_QxN, gt, n_boot: int) -> dict:
     return out
 
 
-def scored(ctx: Context, label: str, method: str, cfg, sub_dir: str, gt) -> dict:
-    """Run (or reuse, if made with the same config) one method's scores and evaluate them."""
+def method_scores(ctx: Context, label: str, method: str, cfg, sub_dir: str):
+    """``(scores_QxE, meta)`` of one method on the run's queries: reused from
+    ``scores_<label>.npy`` when made with the same method config and base model."""
 
     def compute():
         logging.info("%s: scoring %s", label, _sizes(ctx))
@@ -112,7 +120,12 @@ def scored(ctx: Context, label: str, method: str, cfg, sub_dir: str, gt) -> dict
     # its stage directory is dropped when the base model's slice changed.
     cache.guarded(os.path.dirname(sub_dir), os.path.basename(sub_dir), ctx.base_slice)
     key = {"method": cfg.to_dict(), "base": ctx.base_slice}
-    scores, meta = cache.scores(ctx.workdir, label, compute, key)
+    return cache.scores(ctx.workdir, label, compute, key)
+
+
+def scored(ctx: Context, label: str, method: str, cfg, sub_dir: str, gt) -> dict:
+    """Run (or reuse, if made with the same config) one method's scores and evaluate them."""
+    scores, meta = method_scores(ctx, label, method, cfg, sub_dir)
     result = {**evaluate(scores, gt, ctx.config.lds.n_boot), **meta}
     lo, hi = result["lds_ci95"]
     logging.info(

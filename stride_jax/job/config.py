@@ -18,6 +18,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from stride_jax import methods
+from stride_jax.apps import config as apps_config
 from stride_jax.errors import ConfigError
 from stride_jax.stride import defaults as stride_defaults
 from stride_jax.stride import newton
@@ -160,6 +161,8 @@ def base_config(kind: str = "classifier") -> ml_collections.ConfigDict:
       "no_linearity" (that loss weight set to 0) and "bernoulli_design".
     - ``mesh``: the device mesh: ``data`` (rows) x ``ops`` (STRIDE's operators).
     - ``lds``: ``n_boot``, the bootstrap resamples behind every 95% CI.
+    - ``apps``: the applications (data selection, contamination audit, tail-patch, top-k
+      removal, query reports); see ``stride_jax.apps.config``.
     """
     if kind not in KINDS:
         raise ConfigError(f"task must be one of {KINDS}, got {kind!r}")
@@ -172,6 +175,7 @@ def base_config(kind: str = "classifier") -> ml_collections.ConfigDict:
     c.ablations = ()
     c.mesh = dict(data=1, ops=1)
     c.lds = dict(n_boot=1000)
+    c.apps = apps_config.defaults()
     return c
 
 

@@ -71,6 +71,13 @@ class ClassifierTask(Task):
         image = x.reshape(side, side) if side * side == x.size else x
         return {"image": image, "label": int(rows.y_N[i]), "id": str(rows.ids_N[i])}
 
+    def perturbed(self, rows: Dataset, key, amount: float) -> Dataset:
+        """``rows`` plus Gaussian noise of ``amount`` training-feature standard deviations."""
+        std_F = np.asarray(self.train.x_NxF, np.float64).std(axis=0)
+        noise = np.asarray(jax.random.normal(key, np.shape(rows.x_NxF)), np.float64)
+        x = np.asarray(rows.x_NxF, np.float64) + amount * std_F * noise
+        return Dataset(x.astype(np.asarray(rows.x_NxF).dtype), rows.y_N, rows.ids_N)
+
     # --- the model --------------------------------------------------------------------------
 
     def logits(self, x_BxF, params=None) -> jax.Array:
@@ -78,6 +85,13 @@ class ClassifierTask(Task):
 
     def features(self, x_BxF, params=None) -> jax.Array:
         return self.features_fn(self.graphdef, self.params if params is None else params, x_BxF)
+
+    def row_metrics(self, rows: Dataset, params=None) -> dict[str, np.ndarray]:
+        out = super().row_metrics(rows, params)
+        b = self.arrays(rows)
+        pred = np.asarray(jnp.argmax(self.logits(b["x"], params), axis=-1))
+        out["correct"] = (pred == np.asarray(rows.y_N)).astype(np.float32)
+        return out
 
     def loss(self, params, batch: dict) -> jax.Array:
         return cross_entropy(self.logits_fn(self.graphdef, params, batch["x"]), batch["y"])

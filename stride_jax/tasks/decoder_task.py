@@ -67,6 +67,21 @@ class DecoderTask(Task):
         key = rows.example_keys[int(rows.example_id_N[i])]
         return {"text": text, "tokens": ids, "target": target, "id": str(key)}
 
+    def perturbed(self, rows, key, amount: float):
+        """``rows`` with a fraction ``amount`` of each row's target tokens (at least one)
+        replaced by tokens drawn uniformly from the model's vocabulary."""
+        tokens = np.array(rows.tokens_NxL)
+        rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+        vocab = int(self.model_config.vocab_size)
+        for i in range(len(rows)):
+            where = np.flatnonzero(rows.loss_mask_NxL[i] > 0)
+            if where.size == 0:
+                continue
+            n = max(1, int(round(amount * where.size)))
+            pos = rng.choice(where, size=min(n, where.size), replace=False)
+            tokens[i, pos] = rng.integers(0, vocab, size=pos.size)
+        return dataclasses.replace(rows, tokens_NxL=tokens)
+
     # --- the model --------------------------------------------------------------------------
 
     def loss(self, params, batch: dict) -> jax.Array:

@@ -32,7 +32,9 @@ def defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
             methods=(),
-            selection=dict(fractions=(0.1, 0.3), aggregate=("greedy", "mean"), random_draws=5, seed=0),
+            selection=dict(
+                fractions=(0.1, 0.3), aggregate=("greedy", "mean"), random_draws=5, seed=0
+            ),
             contamination=dict(rate=0.1, noise=0.1, token_frac=0.1, ks=(10, 100), seed=0),
             tailpatch=dict(ks=(10,), lr=1e-2, num_queries=0, random_draws=5, seed=0),
             removal=dict(ks=(10, 50), num_queries=20, seeds=2, seed=0),

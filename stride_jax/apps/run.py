@@ -87,13 +87,18 @@ def run_methods(results: dict) -> list[str]:
 def check_method(name: str, available) -> None:
     """A ``ConfigError`` when ``name`` is not among the methods a run computed."""
     if name not in available:
-        raise ConfigError(f"method {name!r} was not computed by this run; it has {sorted(available)}")
+        raise ConfigError(
+            f"method {name!r} was not computed by this run; it has {sorted(available)}"
+        )
 
 
 def check_query(index: int, num_queries: int) -> None:
     """A ``ConfigError`` when a query index is outside the run's queries."""
     if not 0 <= index < num_queries:
-        raise ConfigError(f"query {index} is out of range: the run has {num_queries} queries (0..{num_queries - 1})")
+        raise ConfigError(
+            f"query {index} is out of range: the run has {num_queries} queries "
+            f"(0..{num_queries - 1})"
+        )
 
 
 def save(workdir: str, name: str, payload: dict) -> str:

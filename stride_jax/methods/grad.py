@@ -47,6 +47,7 @@ import numpy as np
 from stride_jax import methods
 from stride_jax.errors import ConfigError
 from stride_jax.func import curvature, grads, projections
+from stride_jax.resources import Progress
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -157,12 +158,16 @@ def _trak_featurizer(task, cfg):
 
 def _trak_fit(task, cfg):
     feats, data, states = _trak_featurizer(task, cfg), task.arrays(task.train), []
-    for m in range(int(cfg.num_models)):
+    num_models = int(cfg.num_models)
+    progress = Progress("trak: models (retrain + features)", num_models)
+    for m in range(num_models):
         params = task.params if m == 0 else task.retrain(jax.random.key(cfg.seed + m))
         key = projections.projection_key(int(cfg.seed), m)
         phi_NxK, w_N = feats(params, key, data)
         w_NxK = projections.kernel_weights(phi_NxK, w_N, cfg.damping, cfg.damping_mode)
         states.append({"params": params, "proj_key": key, "w_NxK": w_NxK})
+        if num_models > 1:
+            progress.update(m + 1)
     return states
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from stride_jax import checkpoint, methods, profiling, sharding
+from stride_jax.apps import explain
 from stride_jax.eval import metrics, report
 from stride_jax.job import cache, models
 from stride_jax.job.config import validate
@@ -192,4 +193,5 @@ def run(config, workdir: str) -> dict:
     checkpoint.save_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
     checkpoint.save_json(os.path.join(workdir, "results.json"), results)
     report.write_report(results, workdir)
+    explain.run_report(ctx, results)  # workdir/report: summary plots, query pages, index.html
     return results

@@ -176,7 +176,8 @@ def run(config, workdir: str) -> dict:
         progress.update(i + 1)
     expect = {}
     for k in ks:
-        expect.update({f"recall_at_{k}": k / e, f"union_recall_at_{k}": 2 * k / e})
+        expect.update({f"{w}recall_at_{k}": k / e for w in ("", "bottom_")})
+        expect[f"union_recall_at_{k}"] = 2 * k / e
     results = {
         "settings": {"rate": rate, "perturbation": amount, "ks": list(ks), "seed": cc.seed},
         "num_train_examples": e0,
@@ -207,9 +208,7 @@ def format_table(results: dict) -> str:
             cells = [f"{r[f'{p}{kind}_at_{k}']:.3f}" for kind in kinds for k in ks]
             rows.append([label, *cells, f"{r[f'{p}median_rank']:.0f}", f"{r[f'{p}mean_rank']:.1f}"])
     ex = results["random_expectation"]
-    chance = [
-        f"{ex[f'{kind}_at_{k}']:.3f}" for kind in ("recall", "recall", "union_recall") for k in ks
-    ]
+    chance = [f"{ex[f'{kind}_at_{k}']:.3f}" for kind in kinds for k in ks]
     rows.append(["chance (k/E)", *chance, "-", "-"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]

@@ -64,14 +64,12 @@ def affected_queries(num_queries: int, rate: float, key) -> np.ndarray:
 def renamed(rows, prefix: str):
     """``rows`` with one example per row, named ``<prefix>:<original id>`` (a copy must not
     share its id with the example it copies; ``#<row>`` is added where names would clash)."""
-    if hasattr(rows, "example_keys"):  # token rows: a query example may span several rows
-        old = [rows.example_keys[int(e)] for e in rows.example_id_N]
-    else:
-        old = list(rows.ids_N)
+    tokens = hasattr(rows, "example_keys")  # token rows: a query example may span rows
+    old = [rows.example_keys[e] for e in rows.example_id_N] if tokens else list(rows.ids_N)
     names = [f"{prefix}:{k}" for k in old]
     if len(set(names)) < len(names):
         names = [f"{n}#{i}" for i, n in enumerate(names)]
-    if hasattr(rows, "example_keys"):
+    if tokens:
         return dataclasses.replace(
             rows, example_id_N=np.arange(len(rows)), example_keys=tuple(names)
         )

@@ -34,12 +34,17 @@ setup(
         # torch (CPU wheel) only for parity tests against transformers' PyTorch models.
         # pytest-xdist: the default suite runs in 2 worker processes (pyproject addopts).
         # ruff is exact: another version formats differently.
+        # nbclient, nbformat, ipykernel: tests/test_notebooks.py runs the Colab notebooks in a
+        # "python3" kernel (ipykernel installs that kernelspec into the environment).
         "test": [
             "pytest>=9.0.3",
             "pytest-xdist>=3.8.0",
             "execnet>=2.1.2",
             "ruff==0.17.6",
             "torch==2.13.0",
+            "nbclient>=0.11.0",
+            "nbformat>=5.11.1",
+            "ipykernel>=7.4.0",
         ],
         # Optional cross-check of TRAK against MadryLab's traker (tests/test_trak_crosscheck.py).
         "crosscheck": ["torch==2.13.0", "traker==0.3.2"],

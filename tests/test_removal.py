@@ -136,6 +136,6 @@ def test_binary_one_line_error_and_removal_json_untouched(tmp_path):
     )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert lines[-1] == "error: config.baselines has no block for method 'nosuch'"
+    assert lines[-1].startswith("error: config.apps.methods: unknown attribution method 'nosuch'")
     assert json.loads((tmp_path / "removal.json").read_text()) == {"previous": 1}
     assert sorted(os.listdir(tmp_path)) == ["removal.json"]

@@ -15,7 +15,7 @@ removal.py, explain.py); the LDS job reads only ``apps.report``.
   replaced, at least one), ``ks`` (the top / bottom k of each recall), ``seed``.
 - ``tailpatch``: ``ks`` (proponents per step), ``lr`` (the one gradient step's learning
   rate), ``num_queries`` (0: all), ``random_draws``, ``seed``.
-- ``removal``: ``ks`` (examples removed), ``num_queries`` (a sample of the queries),
+- ``removal``: ``ks`` (examples removed), ``num_queries`` (a sample of the queries; 0: all),
   ``seeds`` (retrain seeds per removal), ``seed``.
 - ``report``: ``queries`` (how many query pages the LDS job writes next to results.json) and
   ``top`` (proponents and opponents shown on a page).

@@ -36,7 +36,6 @@ from absl import logging
 
 from stride_jax.apps import config as apps_config
 from stride_jax.apps import run as apps_run
-from stride_jax.apps import tailpatch
 from stride_jax.errors import ConfigError
 from stride_jax.resources import Progress
 
@@ -148,8 +147,8 @@ def run(config, workdir: str) -> dict:
     cc = config.apps.contamination
     rate = apps_config.fraction(cc.rate, "contamination.rate")
     amount = perturbation(config)
-    splits, names = tailpatch.checked_data(clean_config, workdir)
-    e0 = tailpatch.num_examples(splits.train)
+    splits, names = apps_run.load_checked(clean_config, workdir)
+    e0 = apps_run.num_examples(splits.train)
     ks = apps_config.counts(cc.ks, "contamination.ks", e0, "the training examples")
     ctx = apps_run.open_run(clean_config, workdir, splits=splits)
     key_pick, key_noise = jax.random.split(jax.random.key(cc.seed))

@@ -34,7 +34,6 @@ from absl import logging
 
 from stride_jax.apps import config as apps_config
 from stride_jax.apps import run as apps_run
-from stride_jax.apps import selection
 from stride_jax.errors import ConfigError
 from stride_jax.eval import metrics
 
@@ -48,9 +47,8 @@ def check(cfg, num_examples: int, num_queries: int) -> tuple[tuple[int, ...], in
         num_examples - 1,
         f"at least one of the {num_examples} training examples must remain",
     )
-    (nq,) = apps_config.counts(
-        (cfg.num_queries,), "removal.num_queries", num_queries, "the run's queries"
-    )
+    nq = cfg.num_queries or num_queries  # 0: every query
+    apps_config.counts((nq,), "removal.num_queries", num_queries, "the run's queries; 0: all")
     seeds = cfg.seeds
     if not (isinstance(seeds, int) and seeds >= 1):
         raise ConfigError(f"config.apps.removal.seeds must be an integer >= 1, got {seeds!r}")
@@ -168,10 +166,10 @@ def run(ctx, scores_by_method: dict, cfg) -> dict:
 def job(config, workdir: str) -> dict:
     """experiments/removal.py: check, open the run, score, remove, write removal.json."""
     cfg = config.apps.removal
-    splits = selection.load_splits(config, workdir)
-    check(cfg, selection.num_examples(splits), len(splits.query))
+    splits, names = apps_run.load_checked(config, workdir)
+    check(cfg, apps_run.num_examples(splits.train), len(splits.query))
     ctx = apps_run.open_run(config, workdir, splits)
-    names = [m for m in apps_config.app_methods(config) if m != "random"]
+    names = [m for m in names if m != "random"]  # random selections are drawn, not scored
     result = run(ctx, apps_run.scores(ctx, names), cfg)
     result["path"] = apps_run.save(workdir, "removal", result)
     return result

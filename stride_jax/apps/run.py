@@ -17,9 +17,39 @@ import ml_collections
 import numpy as np
 
 from stride_jax import checkpoint
+from stride_jax import methods as registry
 from stride_jax.apps import config as apps_config
 from stride_jax.errors import ConfigError
-from stride_jax.job import benchmark
+from stride_jax.job import benchmark, models
+from stride_jax.job.config import validate
+
+
+def load_checked(config, workdir: str):
+    """``(splits, names)``: the run's data (``models.load_data``) and the methods an
+    application compares (``apps_config.app_methods``), each checked before any model is
+    trained, so that a bad setting found against the data costs no training. An unknown
+    method, or one the task kind lacks, is a ``ConfigError`` naming the config key. When
+    ``apps.methods`` is set it becomes the run's ``methods`` (so STRIDE's automatic sizes are
+    planned when only the applications ask for it)."""
+    validate(config)
+    key = "config.apps.methods" if tuple(config.apps.methods) else "config.methods"
+    names = apps_config.app_methods(config)
+    for name in names:
+        try:
+            registry.get(name, config.task)
+        except ConfigError as e:
+            raise ConfigError(f"{key}: {e}") from None
+        if name != "stride" and name not in config.baselines:
+            raise ConfigError(f"{key}: config.baselines has no block for method {name!r}")
+    if tuple(config.apps.methods):
+        config.methods = tuple(names)
+    models.resolve(config)
+    return models.load_data(config, workdir), names
+
+
+def num_examples(rows) -> int:
+    """Training examples of a row set (a decoder's long examples span several rows)."""
+    return int(getattr(rows, "num_examples", len(rows)))
 
 
 def open_run(config, workdir: str, splits=None) -> benchmark.Context:

@@ -204,29 +204,13 @@ def run(ctx, scores_by_method: dict, cfg) -> dict:
     }
 
 
-def num_examples(splits) -> int:
-    """Training examples of a run's splits (a decoder's long examples span several rows)."""
-    return int(getattr(splits.train, "num_examples", len(splits.train)))
-
-
-def load_splits(config, workdir: str):
-    """The run's data, with the config validated, before any model is trained (so that a
-    bad application setting found against the data costs no training)."""
-    from stride_jax.job import models
-    from stride_jax.job.config import validate
-
-    validate(config)
-    models.resolve(config)
-    return models.load_data(config, workdir)
-
-
 def job(config, workdir: str) -> dict:
     """experiments/selection.py: check, open the run, score, select, write selection.json."""
     cfg = config.apps.selection
-    splits = load_splits(config, workdir)
-    check(cfg, num_examples(splits))
+    splits, names = apps_run.load_checked(config, workdir)
+    check(cfg, apps_run.num_examples(splits.train))
     ctx = apps_run.open_run(config, workdir, splits)
-    names = [m for m in apps_config.app_methods(config) if m != "random"]
+    names = [m for m in names if m != "random"]  # random selections are drawn, not scored
     result = run(ctx, apps_run.scores(ctx, names), cfg)
     result["path"] = apps_run.save(workdir, "selection", result)
     return result

@@ -16,8 +16,6 @@ sign, where negative is good.)
 Every (query, k-set) step of one k runs in jitted ``lax.map`` chunks (``BATCH`` steps vmapped
 at a time) over padded row-index sets: examples map to rows through ``task.example_weights``
 (a decoder example spans a varying number of rows), and the padding rows have weight 0.
-``checked_data`` loads a run's data and checks an application's methods before any model is
-trained (the contamination audit uses it too).
 """
 
 from __future__ import annotations
@@ -27,39 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from stride_jax import methods as registry
 from stride_jax.apps import config as apps_config
 from stride_jax.apps import run as apps_run
 from stride_jax.errors import ConfigError
 from stride_jax.eval import metrics
-from stride_jax.job import models
-from stride_jax.job.config import validate
 from stride_jax.resources import Progress
 
 CHUNK = 256  # (query, k-set) steps per jitted call (one compilation per k)
 BATCH = 32  # steps vmapped at once inside a call (each holds one gradient of the params)
-
-
-def checked_data(config, workdir: str):
-    """``(splits, names)``: the run's data (``models.load_data``) and the compared methods
-    (``apps_config.app_methods``), each checked before any model is trained; an unknown
-    method, or one the task kind lacks, is a ``ConfigError`` naming the config key."""
-    validate(config)
-    key = "config.apps.methods" if tuple(config.apps.methods) else "config.methods"
-    for name in apps_config.app_methods(config):
-        try:
-            registry.get(name, config.task)
-        except ConfigError as e:
-            raise ConfigError(f"{key}: {e}") from None
-        if name != "stride" and name not in config.baselines:
-            raise ConfigError(f"{key}: config.baselines has no block for method {name!r}")
-    models.resolve(config)
-    return models.load_data(config, workdir), apps_config.app_methods(config)
-
-
-def num_examples(rows) -> int:
-    """Training examples of a row set (a decoder's long examples span several rows)."""
-    return int(getattr(rows, "num_examples", len(rows)))
 
 
 def settings(config, num_queries: int, num_train: int) -> dict:
@@ -181,8 +154,8 @@ def patch_sets(task, query_rows, scores_by_method, q_S, rand_PxK, k: int, lr: fl
 
 def run(config, workdir: str) -> dict:
     """The tail-patch evaluation of a run config; writes and returns ``tailpatch.json``."""
-    splits, names = checked_data(config, workdir)
-    s = settings(config, len(splits.query), num_examples(splits.train))
+    splits, names = apps_run.load_checked(config, workdir)
+    s = settings(config, len(splits.query), apps_run.num_examples(splits.train))
     ctx = apps_run.open_run(config, workdir, splits=splits)
     scores = apps_run.scores(ctx, names)
     task, e, n_boot = ctx.task, ctx.task.num_examples, config.lds.n_boot

@@ -152,7 +152,9 @@ def test_run_structure_and_direct_retrains(tiny_run):
 def test_job_refuses_bad_settings_before_training(tmp_path):
     config = tiny_config()
     config.apps.methods = ("nosuch",)
-    with pytest.raises(ConfigError, match="config.apps.methods: unknown attribution method 'nosuch'"):
+    with pytest.raises(
+        ConfigError, match="config.apps.methods: unknown attribution method 'nosuch'"
+    ):
         selection.job(config, str(tmp_path / "a"))
     config = tiny_config()
     config.apps.selection.fractions = (1.5,)

@@ -7,7 +7,6 @@ lds.png, table.md, scores_<method>.npy and config.json.
 """
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from stride_jax.job import benchmark, cli
 
@@ -17,8 +16,7 @@ DEFAULT_CONFIG = cli.config_file("digits.py")
 def define_flags(default_config: str = DEFAULT_CONFIG) -> None:
     """Flags live here, not at import: the LM alias defines them with its own default (a
     config path is resolved against the repository when it does not exist from here)."""
-    config_flags.DEFINE_config_file("config", default_config, "Run config file.", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+    cli.define_run_flags(default_config)
 
 
 def main(argv):

@@ -11,28 +11,10 @@ in the same workdir. Writes DIR/selection.json and prints a table.
 python -m experiments.selection --workdir=/tmp/apps --config.data.path=FILE.npz
 """
 
-from absl import app, flags
-from ml_collections import config_flags
-
 from stride_jax.apps import selection
 from stride_jax.job import cli
 
 DEFAULT_CONFIG = cli.config_file("apps_quick.py")
 
-
-def define_flags(default_config: str = DEFAULT_CONFIG) -> None:
-    """Flags live here, not at import: tests import this module beside other binaries."""
-    config_flags.DEFINE_config_file("config", default_config, "Run config file.", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Output directory.", required=True)
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    result = cli.run_job(selection.job, flags.FLAGS.config, flags.FLAGS.workdir)
-    print(selection.format_table(result))
-    print(f"results: {result['path']}")
-
-
 if __name__ == "__main__":
-    cli.run_app(main, define_flags, DEFAULT_CONFIG)
+    cli.application(selection.job, selection.format_table, "selection", DEFAULT_CONFIG)

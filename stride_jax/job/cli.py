@@ -164,6 +164,33 @@ def run_job(job, *args, extra_errors: tuple = ()):
         sys.exit(1)
 
 
+def define_run_flags(default_config: str) -> None:
+    """``--config`` (a run config file, locked: overrides cannot add keys) and ``--workdir``;
+    called by a binary's ``define_flags``, not at import (tests import several binaries)."""
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", default_config, "Run config file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+
+
+def application(job, format_table, name: str, default_config: str) -> None:
+    """The whole of an application binary (experiments/selection.py, ...): flags
+    (``define_run_flags``), ``job(config, workdir)`` with user errors as one line, its result
+    printed with ``format_table`` and the path of ``workdir/<name>.json``."""
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+        # A decoder run also reports a bad checkpoint directory as one line.
+        extra = (ValueError, FileNotFoundError) if config.get("task") == "decoder" else ()
+        result = run_job(job, config, workdir, extra_errors=extra)
+        print(format_table(result))
+        print(f"results: {os.path.join(workdir, name + '.json')}")
+
+    run_app(main, lambda: define_run_flags(default_config), default_config)
+
+
 def print_summary(results: dict, workdir: str) -> None:
     """The LDS table, the noise ceiling (with what it means) and where results.json is."""
     print(format_table(results))

@@ -318,13 +318,18 @@ def index_page(results: dict, pages: list[str], images: dict[str, str], out_dir:
     return path
 
 
-def run_report(ctx, results: dict) -> str:
+def run_report(ctx, results: dict) -> str | None:
     """The LDS job's report in ``ctx.workdir/report``: summary plots, the first
-    ``config.apps.report.queries`` query pages, ``index.html`` (returned); logs its time."""
+    ``config.apps.report.queries`` query pages, ``index.html`` (returned); logs its time.
+    A run that scored no method (e.g. the tuner's base run) has nothing to show: None."""
     t0 = time.time()
+    names = list(results.get("methods") or {})
+    if not names:
+        logging.info("report: no method was scored; no report written")
+        return None
     num_queries, top = report_settings(ctx.config)
     out_dir = os.path.join(ctx.workdir, "report")
-    scores = load_scores(ctx.workdir, list(results.get("methods") or {}))
+    scores = load_scores(ctx.workdir, names)
     images = plots.write_summary(results, scores, out_dir)
     lds_png = os.path.join(ctx.workdir, "lds.png")
     if os.path.exists(lds_png):

@@ -116,7 +116,10 @@ def test_kill_and_resume_give_byte_identical_topk(problem, full_run, tmp_path):
         stream.stream_scores(design, crashing, CFG, out_dir, K, B, **run)
     batches = sorted(f for f in os.listdir(out_dir) if f.startswith("batch_"))
     assert batches == ["batch_000000000.npz", "batch_000000008.npz"]
+    with open(os.path.join(out_dir, ".tmp-abc-batch_000000016.npz"), "wb") as f:
+        f.write(b"half a file")  # what a kill -9 during a write leaves behind
     resumed = stream.stream_scores(design, responses, CFG, out_dir, K, B, **run)
+    assert not any(name.startswith(".tmp-") for name in os.listdir(out_dir))
     assert resumed["complete"] and resumed["batches_skipped"] == 2
     assert resumed["batches_computed"] == 1 and resumed["queries_computed"] == Q - 2 * B
     assert _sha(os.path.join(out_dir, stream.TOPK)) == ref_sha

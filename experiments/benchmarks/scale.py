@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import os
 import pathlib
 import resource
@@ -44,6 +45,10 @@ from stride_jax.errors import ConfigError
 from stride_jax.job import cli
 from stride_jax.stride import defaults, recover, stream, subsets
 
+# The Lasso's speed is being worked on: which recover.py this process imported (hashed at
+# import, not when the run ends: the file may be edited while a long run goes on).
+_RECOVER_SHA256 = hashlib.sha256(pathlib.Path(recover.__file__).read_bytes()).hexdigest()[:16]
+
 
 @dataclasses.dataclass(frozen=True)
 class ScaleParams:
@@ -56,7 +61,7 @@ class ScaleParams:
     topk: int = 100
     nnz: int = 10
     noise: float = 0.1
-    query_batch: int = 8
+    query_batch: int = 32  # a batch of scores in memory at once (recover chunks it to ~1 GB)
     lam_frac: float = defaults.lasso_defaults()["lam_frac"]
     maxiter: int = defaults.lasso_defaults()["maxiter"]
     path_len: int = defaults.lasso_defaults()["path_len"]
@@ -176,9 +181,10 @@ def machine() -> dict:
     lines = info.read_text().splitlines() if info.exists() else []
     model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
     root = pathlib.Path(__file__).resolve().parents[2]
-    head = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-    ).stdout.strip()
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout
+
     return dict(
         cpu_model=model,
         os_cpu_count=os.cpu_count(),
@@ -186,7 +192,9 @@ def machine() -> dict:
         jax=jax.__version__,
         backend=jax.default_backend(),
         device_kind=jax.devices()[0].device_kind,
-        git_head=head,
+        git_head=git("rev-parse", "--short", "HEAD").strip(),
+        stride_jax_uncommitted=git("status", "--porcelain", "stride_jax").splitlines(),
+        recover_py_sha256=_RECOVER_SHA256,
         date=datetime.datetime.now(datetime.UTC).isoformat(),
     )
 

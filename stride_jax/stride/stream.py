@@ -266,6 +266,9 @@ def stream_scores(
         design, responses, num_queries, lasso_config, topk, query_batch, key, keep_full, tag
     )
     _claim(out_dir, manifest)
+    for name in os.listdir(out_dir):  # half-written files of a run killed mid-write
+        if name.startswith(".tmp-") or name == TOPK + ".tmp":
+            os.remove(os.path.join(out_dir, name))
     starts = list(range(0, num_queries, query_batch))
     done = [s for s in starts if os.path.exists(batch_path(out_dir, s))]
     queries_done = sum(min(s + query_batch, num_queries) - s for s in done)

@@ -69,15 +69,11 @@ def stage1_defaults(**overrides) -> dict:
 
 
 def lasso_defaults(**overrides) -> dict:
-    """The ``lasso`` block of a STRIDE config: ``recover.LassoConfig`` with a 6-point path down
-    to 0.01 lambda_max, each point stopped at duality gap tol = 1e-6 (scikit-learn's rule) or
-    25 coordinate-descent sweeps. Chosen with the earlier FISTA solver (25 steps per point) on
-    the validation queries (responses of the default operators): digits 0.6807 vs 0.6809 for
-    4 points x 100 steps (which matched 8 x 500 to 4 digits), MNIST-5k 0.6491 vs 0.6465, at
-    0.5x / 0.4x of the time; 4 x 25 equals 4 x 100 on both; lam_frac 0.003 / 0.01 / 0.05 gave
-    0.652 / 0.653 / 0.637 on digits. Coordinate descent reaches the tol within the cap on the
-    default digits job (at most 23 sweeps a point), where FISTA had stopped at a relative gap
-    of ~1e-2: its STRIDE LDS went from 0.6694 to 0.6766, the Lasso from 3.4 s to 0.54 s."""
+    """The ``lasso`` block of a STRIDE config: ``recover.LassoConfig`` with a 6-point path of
+    25 FISTA steps each down to 0.01 lambda_max. On the validation queries (responses of the
+    default operators): digits 0.6807 vs 0.6809 for 4 points x 100 steps (which matched
+    8 x 500 to 4 digits), MNIST-5k 0.6491 vs 0.6465, at 0.5x / 0.4x of the time; 4 x 25 equals
+    4 x 100 on both; lam_frac 0.003 / 0.01 / 0.05 gave 0.652 / 0.653 / 0.637 on digits."""
     base = dict(path_len=6, maxiter=25, lam_frac=0.01)
     return dataclasses.asdict(recover.LassoConfig(**(base | overrides)))
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import Lasso
 
-from stride_jax.stride import recover, subsets
+from stride_jax.stride import lasso_cd, recover, subsets
 from stride_jax.stride.recover import LassoConfig, lasso_scores
 
 T, N, D, Q = 60, 100, 4, 4
@@ -16,6 +16,7 @@ T, N, D, Q = 60, 100, 4, 4
 # ~T active coefficients the Lasso solution is near non-unique and only objectives agree.
 COEF_RTOL = 2e-4
 TIGHT = dict(maxiter=3000, tol=1e-7)
+SOLVERS = pytest.mark.parametrize("solver", ["fista", "cd"])  # cd: stride/lasso_cd.py
 
 
 def _problem(seed=0, t=T, n=N, q=Q, noise_Q=None, k=5, offset=2.0, positive=False):
@@ -54,10 +55,11 @@ def _assert_close_to_sklearn(out, a_TxN, y_QxT, fit_intercept, positive=False):
         assert err < COEF_RTOL, (q, err)
 
 
+@SOLVERS
 @pytest.mark.parametrize("fit_intercept", [True, False])
-def test_matches_sklearn_lasso(fit_intercept):
+def test_matches_sklearn_lasso(fit_intercept, solver):
     design, a_TxN, y_QxT = _problem(seed=0, offset=2.0 if fit_intercept else 0.0)
-    cfg = LassoConfig(lam_frac=0.05, fit_intercept=fit_intercept, **TIGHT)
+    cfg = LassoConfig(lam_frac=0.05, fit_intercept=fit_intercept, solver=solver, **TIGHT)
     out = lasso_scores(design, jnp.asarray(y_QxT), cfg)
     assert out["scores_QxN"].shape == (Q, N) and out["scores_QxN"].dtype == jnp.float32
     lam_ref_Q = [0.05 * _alpha_max(a_TxN, y, fit_intercept) for y in y_QxT]
@@ -67,9 +69,10 @@ def test_matches_sklearn_lasso(fit_intercept):
     np.testing.assert_array_equal(out["nnz_Q"], nnz_ref_Q)
 
 
-def test_nonneg_matches_sklearn_positive():
+@SOLVERS
+def test_nonneg_matches_sklearn_positive(solver):
     design, a_TxN, y_QxT = _problem(seed=1, positive=True)
-    cfg = LassoConfig(lam_frac=0.05, nonneg=True, **TIGHT)
+    cfg = LassoConfig(lam_frac=0.05, nonneg=True, solver=solver, **TIGHT)
     out = lasso_scores(design.to_arrays(), y_QxT, cfg)
     assert float(out["scores_QxN"].min()) >= 0.0
     _assert_close_to_sklearn(out, a_TxN, y_QxT, fit_intercept=True, positive=True)
@@ -93,15 +96,17 @@ def test_masked_rows_equal_sklearn_on_kept_rows():
     _assert_close_to_sklearn(out, a_kept, y_kept, fit_intercept=True)
 
 
+@SOLVERS
 @pytest.mark.parametrize("nonneg", [False, True])
-def test_lambda_max_is_the_zero_threshold(nonneg):
+def test_lambda_max_is_the_zero_threshold(nonneg, solver):
     design, a_TxN, y_QxT = _problem(seed=2)
-    at_max = lasso_scores(design, y_QxT, LassoConfig(lam_frac=1.0, nonneg=nonneg, path_len=2))
+    cfg = dict(nonneg=nonneg, path_len=2, solver=solver)
+    at_max = lasso_scores(design, y_QxT, LassoConfig(lam_frac=1.0, **cfg))
     assert float(jnp.abs(at_max["scores_QxN"]).max()) == 0.0
     np.testing.assert_array_equal(at_max["nnz_Q"], 0)
     ref_Q = [_alpha_max(a_TxN, y, True, nonneg) for y in y_QxT]
     np.testing.assert_allclose(at_max["lam_Q"], ref_Q, rtol=1e-5)
-    below = lasso_scores(design, y_QxT, LassoConfig(lam_frac=0.97, nonneg=nonneg, path_len=2))
+    below = lasso_scores(design, y_QxT, LassoConfig(lam_frac=0.97, **cfg))
     assert (np.asarray(below["nnz_Q"]) > 0).all()
 
 
@@ -124,12 +129,14 @@ def test_gather_operators_equal_dense(fit_intercept):
     assert top <= lip <= 1.011 * top
 
 
-def test_heldout_selection():
+@SOLVERS
+def test_heldout_selection(solver):
     t, n = 200, 60
     # Query 0: clean signal; query 1: pure noise (b_true = 0); query 2: signal, heavy noise.
     design, a_TxN, y_QxT = _problem(seed=4, t=t, n=n, q=3, noise_Q=[0.05, 3.0, 3.0])
     y_QxT[1] = 2.0 + 3.0 * np.random.default_rng(5).normal(size=t)
-    cfg = LassoConfig(select="heldout", holdout_frac=0.25, path_len=6, path_min_frac=0.005, **TIGHT)
+    cfg = dict(select="heldout", holdout_frac=0.25, path_len=6, path_min_frac=0.005, **TIGHT)
+    cfg = LassoConfig(solver=solver, **cfg)
     out = lasso_scores(design, y_QxT, cfg, key=jax.random.PRNGKey(0))
     lam_max_Q = np.array([_alpha_max(a_TxN, y, True) for y in y_QxT])
     frac_Q = np.asarray(out["lam_frac_Q"])
@@ -154,6 +161,7 @@ def test_heldout_selection():
         (None, LassoConfig(lam_frac=-0.1), "lam_frac must be > 0"),
         (None, LassoConfig(select="cv"), "unknown select"),
         (None, LassoConfig(select="heldout"), "needs a PRNG key"),
+        (None, LassoConfig(solver="newton"), "unknown solver"),
     ],
 )
 def test_bad_input_raises(y_change, cfg, match):
@@ -191,3 +199,157 @@ def test_jaxopt_still_works_with_installed_jax():
     got_P = solve(jnp.asarray(x_MxP, jnp.float32), jnp.asarray(y_M, jnp.float32))
     ref_P = _sklearn(x_MxP, y_M, alpha, fit_intercept=False)
     np.testing.assert_allclose(got_P, ref_P, atol=1e-4)
+
+
+# --- solver="cd" (stride/lasso_cd.py): its cores, colouring and stopping rule ---------------
+
+
+def _cd_args(design, y_QxT, blocks_CxB=None, w_T=None):
+    """Positional arguments of ``lasso_cd.scores_arrays`` up to the row weights."""
+    if blocks_CxB is None:
+        blocks_CxB = lasso_cd.colour_blocks(design.subsets_NxD, design.num_subsets)
+    w_T = jnp.ones(design.num_subsets, jnp.float32) if w_T is None else jnp.asarray(w_T)
+    tables = (jnp.asarray(design.members_TxS), jnp.asarray(design.subsets_NxD))
+    return (*tables, jnp.asarray(blocks_CxB), jnp.asarray(y_QxT, jnp.float32), w_T)
+
+
+def _cd_fracs(end_frac, path_len):
+    return recover._fracs(jnp.float32(end_frac), path_len)
+
+
+def test_cd_masked_rows_equal_sklearn_on_kept_rows():
+    design, a_TxN, y_QxT = _problem(seed=5)
+    keep_T = np.random.default_rng(5).random(T) > 0.2
+    settings = lasso_cd.Settings(nonneg=False, fit_intercept=True, **TIGHT)
+    args = _cd_args(design, y_QxT, w_T=np.asarray(keep_T, np.float32))
+    scores_QxN, lam_Q = lasso_cd.scores_arrays(*args, _cd_fracs(0.05, 8), settings)
+    a_kept, y_kept = a_TxN[keep_T], y_QxT[:, keep_T]
+    lam_ref_Q = [0.05 * _alpha_max(a_kept, y, True) for y in y_kept]
+    np.testing.assert_allclose(lam_Q, lam_ref_Q, rtol=1e-5)
+    out = {"scores_QxN": scores_QxN, "lam_Q": lam_Q}
+    _assert_close_to_sklearn(out, a_kept, y_kept, fit_intercept=True)
+
+
+@pytest.mark.parametrize("kind", ["expander", "bernoulli"])
+def test_colour_blocks_partition_columns_into_independent_sets(kind):
+    """Every column in exactly one block; no two columns of a block share a subset (so their
+    coordinate updates touch disjoint residual rows and can run at once)."""
+    design = subsets.make_design(jax.random.PRNGKey(7), kind, T, N, D)
+    blocks_CxB = lasso_cd.colour_blocks(design.subsets_NxD, T)
+    real = blocks_CxB[blocks_CxB < N]
+    np.testing.assert_array_equal(np.sort(real), np.arange(N))
+    a_TxN = design.dense()
+    for block in blocks_CxB:
+        assert a_TxN[:, block[block < N]].sum(1).max() <= 1
+    if kind == "expander":  # the largest subset size is a lower bound on the colours
+        assert len(blocks_CxB) <= design.sizes_T.max() + 2
+    cached = lasso_cd.cached_blocks(np.asarray(design.subsets_NxD, np.int32), T)
+    np.testing.assert_array_equal(cached, blocks_CxB)
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_cd_centring_and_fitted_values_equal_dense(fit_intercept):
+    design, a_TxN, y_QxT = _problem(seed=3)
+    b_NxQ = np.random.default_rng(3).normal(size=(N, Q))
+    settings = lasso_cd.Settings(nonneg=False, fit_intercept=fit_intercept, maxiter=1, tol=0.0)
+    members, subs, blocks, y, ones_T = _cd_args(design, y_QxT)
+
+    @jax.jit
+    def pieces(y_TxQ, b_NxQ, ybar_Q):
+        cd = lasso_cd._setup(members, subs, blocks, ones_T, settings)
+        return (*cd.centre(y_TxQ), cd.fitted(b_NxQ, ybar_Q))
+
+    ybar_ref_Q = y_QxT.mean(1) if fit_intercept else np.zeros(Q)
+    yc_TxQ, ybar_Q, lam_max_Q, fitted_TxQ = pieces(
+        y.T, jnp.asarray(b_NxQ, jnp.float32), jnp.asarray(ybar_ref_Q, jnp.float32)
+    )
+    np.testing.assert_allclose(ybar_Q, ybar_ref_Q, rtol=1e-5)
+    np.testing.assert_allclose(yc_TxQ, (y_QxT - ybar_ref_Q[:, None]).T, atol=1e-4)
+    lam_ref_Q = [_alpha_max(a_TxN, y, fit_intercept) for y in y_QxT]
+    np.testing.assert_allclose(lam_max_Q, lam_ref_Q, rtol=1e-5)
+    a_ref = a_TxN - a_TxN.mean(0) if fit_intercept else a_TxN
+    np.testing.assert_allclose(fitted_TxQ, a_ref @ b_NxQ + ybar_ref_Q, atol=1e-4)
+
+
+def _gap_and_objective(a_TxN, y_T, b_N, alpha, fit_intercept=True, positive=False):
+    """scikit-learn's duality gap (``gap_enet``) / (||y_c||^2 / T) and the objective, float64."""
+    if fit_intercept:
+        a_TxN, y_T = a_TxN - a_TxN.mean(0), y_T - y_T.mean()
+    t = len(y_T)
+    r_T = y_T - a_TxN @ b_N
+    xtr_N = a_TxN.T @ r_T
+    dual = xtr_N.max() if positive else np.abs(xtr_N).max()
+    const = min(1.0, alpha * t / dual) if dual > 0 else 1.0
+    r2, l1 = r_T @ r_T, np.abs(b_N).sum()
+    gap = 0.5 * r2 * (1 + const**2) + alpha * t * l1 - const * (r_T @ y_T)
+    return gap / (y_T @ y_T), 0.5 * r2 / t + alpha * l1
+
+
+@pytest.mark.parametrize("nonneg", [False, True])
+@pytest.mark.parametrize("tol", [1e-4, 1e-6])
+def test_cd_duality_gap_within_tol_and_objective_near_sklearn_optimum(tol, nonneg):
+    """For solver "cd" ``tol`` is scikit-learn's: each returned solution's gap (recomputed here
+    in float64) is within tol * ||y_c||^2 / T, so its objective is at most that above the
+    optimum (sklearn at tol 1e-12); the solver sums in float32: ~1e-7 of slack on the gap."""
+    design, a_TxN, y_QxT = _problem(seed=6, positive=nonneg)
+    cfg = LassoConfig(lam_frac=0.02, nonneg=nonneg, tol=tol, maxiter=5000, path_len=4, solver="cd")
+    out = lasso_scores(design, y_QxT, cfg)
+    slack = 1.02 * tol + 1e-7
+    for q in range(Q):
+        alpha = float(out["lam_Q"][q])
+        b_N = np.asarray(out["scores_QxN"][q], np.float64)
+        gap, obj = _gap_and_objective(a_TxN, y_QxT[q], b_N, alpha, positive=nonneg)
+        ref_N = _sklearn(a_TxN, y_QxT[q], alpha, True, nonneg)
+        ref_gap, ref_obj = _gap_and_objective(a_TxN, y_QxT[q], ref_N, alpha, positive=nonneg)
+        y_c = y_QxT[q] - y_QxT[q].mean()
+        assert ref_gap < 1e-9 and gap <= slack, (q, gap)
+        assert ref_obj - 1e-6 * obj <= obj <= ref_obj + slack * (y_c @ y_c) / T, (q, obj)
+
+
+def test_cd_objective_never_rises_over_sweeps():
+    """A colour's updates are taken together; the centring term couples them, and each step
+    majorises it, so the objective is non-increasing sweep by sweep (Bernoulli design: degrees
+    differ, so the centring term differs between columns)."""
+    design = subsets.bernoulli(jax.random.PRNGKey(8), T, N, D)
+    a_TxN = design.dense().astype(np.float64)
+    y_T = a_TxN[:, :5] @ np.array([3.0, -2.0, 1.0, 2.5, -1.5]) + 2.0
+    y_T += np.random.default_rng(8).normal(size=T)
+    alpha = 0.02 * _alpha_max(a_TxN, y_T, True)
+    args = _cd_args(design, y_T[None])
+    objectives = []
+    for sweeps in (1, 2, 3, 6):  # each is a compile: maxiter is static
+        settings = lasso_cd.Settings(nonneg=False, fit_intercept=True, maxiter=sweeps, tol=0.0)
+        b_N = lasso_cd.scores_arrays(*args, _cd_fracs(0.02, 1), settings)[0][0]
+        objectives.append(_gap_and_objective(a_TxN, y_T, np.asarray(b_N, np.float64), alpha)[1])
+    assert np.all(np.diff(objectives) <= 1e-6 * objectives[0]), objectives
+
+
+def test_cd_query_result_does_not_depend_on_its_batch():
+    """Each query stops at its own gap and is then frozen: alone, in a batch, or in padded
+    chunks of a batch it gets the same scores (up to float32 reduction order)."""
+    design, _, y_QxT = _problem(seed=9, q=5)
+    members, subs, blocks, y, ones_T = _cd_args(design, y_QxT)
+
+    def scores(y_QxT, chunk):
+        settings = lasso_cd.Settings(False, True, maxiter=500, tol=1e-5, query_chunk=chunk)
+        args = (members, subs, blocks, y_QxT, ones_T, _cd_fracs(0.03, 3), settings)
+        return np.asarray(lasso_cd.scores_arrays(*args)[0])
+
+    together = scores(y, 0)
+    atol = 1e-5 * np.abs(together).max()
+    np.testing.assert_allclose(scores(y, 2), together, atol=atol)  # chunks 2 + 2 + (1 + pad)
+    for q in (0, 3):
+        np.testing.assert_allclose(scores(y[q : q + 1], 0)[0], together[q], atol=atol)
+
+
+def test_cd_one_column_per_block_gives_the_same_solution():
+    """One column per block is plain cyclic coordinate descent: the same optimum, slower."""
+    design, _, y_QxT = _problem(seed=10)
+    settings = lasso_cd.Settings(nonneg=False, fit_intercept=True, **TIGHT)
+    fracs_K = _cd_fracs(0.05, 4)
+    cyclic = lasso_cd.scores_arrays(
+        *_cd_args(design, y_QxT, np.arange(N)[:, None]), fracs_K, settings
+    )
+    coloured = lasso_cd.scores_arrays(*_cd_args(design, y_QxT), fracs_K, settings)
+    ref = np.abs(np.asarray(cyclic[0])).max()
+    np.testing.assert_allclose(coloured[0], cyclic[0], atol=COEF_RTOL * ref)

@@ -9,7 +9,11 @@ rows). With ``fit_intercept`` the columns of A and y are centred implicitly on t
 (``A_c = A - 1 mu^T``), exactly like ``sklearn.linear_model.Lasso``. A is only applied through
 its gather form (``members_TxS`` / ``subsets_NxD``, see :mod:`stride_jax.subsets`). Solves use
 jaxopt's FISTA with the fixed step 1/L (L from power iteration), warm-started along a geometric
-lambda path under ``lax.scan``, and are vmapped over queries.
+lambda path under ``lax.scan``, and are vmapped over queries. ``solver="cd"`` opts in to
+:mod:`stride_jax.stride.lasso_cd` instead: batched coordinate descent on the same problem, which
+stops each query at scikit-learn's duality-gap tolerance; on CPU it is several times faster than
+scikit-learn's coordinate descent looped over queries, where this FISTA is slower (BENCHMARKS.md,
+"Lasso: batched JAX vs scikit-learn coordinate descent").
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stride_jax import resources, sharding
+from stride_jax.stride import lasso_cd
 from stride_jax.stride.subsets import Design
 
 # jaxopt warns on import that it is no longer maintained. We depend on it knowingly (its FISTA
@@ -39,6 +44,7 @@ with warnings.catch_warnings():
 _POWER_ITERS = 100
 _LIPSCHITZ_SAFETY = 1.01
 _SELECTS = ("fixed", "heldout")
+_SOLVERS = ("fista", "cd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,12 +54,14 @@ class LassoConfig:
     lam_frac: float = 0.05  # lambda = lam_frac * lambda_max (per query)
     nonneg: bool = False
     fit_intercept: bool = True
-    maxiter: int = 500  # FISTA iterations per path point
-    tol: float = 1e-6  # jaxopt's ||b_k+1 - b_k|| * L stopping tolerance
+    maxiter: int = 500  # FISTA iterations (solver "cd": at most this many sweeps) per path point
+    tol: float = 1e-6  # jaxopt's ||b_k+1 - b_k|| * L stopping tolerance (solver "cd": a query
+    # stops at duality gap <= tol * ||y_c||^2 / T', scikit-learn's rule)
     path_len: int = 8  # warm-started path from lambda_max down to lam_frac*lambda_max (geometric)
     select: str = "fixed"  # "fixed": use lam_frac; "heldout": choose per query on held-out rows
     holdout_frac: float = 0.1
     path_min_frac: float = 0.005  # smallest fraction considered when select == "heldout"
+    solver: str = "fista"  # "fista" (jaxopt) or "cd" (opt-in coordinate descent, lasso_cd.py)
 
 
 def _ops(members_TxS, subsets_NxD, w_T, fit_intercept: bool):
@@ -263,6 +271,8 @@ def _validate(config: LassoConfig, members_TxS, y_QxT, key) -> None:
         raise ValueError("responses y_QxT have no queries (Q = 0)")
     if not bool(jnp.all(jnp.isfinite(y_QxT))):
         raise ValueError("responses y_QxT contain NaN or inf")
+    if config.solver not in _SOLVERS:
+        raise ValueError(f"unknown solver {config.solver!r}; choose one of {list(_SOLVERS)}")
     if config.select not in _SELECTS:
         raise ValueError(f"unknown select {config.select!r}; choose one of {list(_SELECTS)}")
     if not config.lam_frac > 0:
@@ -299,9 +309,14 @@ def lasso_scores(design_or_arrays, y_QxT, config: LassoConfig, key=None, mesh=No
     members_TxS, subsets_NxD = _design_arrays(design_or_arrays)
     y_QxT = jnp.asarray(y_QxT, jnp.float32)
     _validate(config, members_TxS, y_QxT, key)
-    # Each query's solve holds a few N-vectors (about 128 bytes per example): at most ~1 GB
-    # of queries at once, so memory does not grow with N x Q (digits: all queries at once).
-    step = resources.items_at_once(int(y_QxT.shape[0]), 128 * int(np.shape(subsets_NxD)[0]))
+    # Each query's solve holds a few N-vectors (about 128 bytes per example; coordinate
+    # descent: residual, responses and scores, and one sweep's gathers, ~3T + (2d+2)N floats,
+    # twice over): at most ~1 GB of queries at once (digits: all queries at once).
+    (num_examples, degree), num_subsets = np.shape(subsets_NxD), int(members_TxS.shape[0])
+    per_query = 128 * num_examples
+    if config.solver == "cd":
+        per_query = 8 * (3 * num_subsets + (2 * degree + 2) * num_examples)
+    step = resources.items_at_once(int(y_QxT.shape[0]), per_query)
     if y_QxT.shape[0] > step:
         parts = [
             lasso_scores(design_or_arrays, y_QxT[i : i + step], config, key, mesh)
@@ -317,14 +332,23 @@ def lasso_scores(design_or_arrays, y_QxT, config: LassoConfig, key=None, mesh=No
         members_TxS, subsets_NxD = jax.device_put(
             (members_TxS, subsets_NxD), sharding.replicated(mesh)
         )
+    if config.solver == "cd":
+        out = _cd_scores(members_TxS, subsets_NxD, y_QxT, config, key, mesh)
+        return {k: v[:num_queries] for k, v in out.items()}
     solver = Solver(*(getattr(config, name) for name in Solver._fields))
-    num_subsets = int(members_TxS.shape[0])
     if config.select == "fixed":
         ones_T = jnp.ones(num_subsets, jnp.float32)
         out = lasso_scores_arrays(
             members_TxS, subsets_NxD, y_QxT, ones_T, jnp.float32(config.lam_frac), solver
         )
         return {k: v[:num_queries] for k, v in out.items()}
+    fit_mask_T = _fit_mask(config, num_subsets, key)
+    min_frac = jnp.float32(config.path_min_frac)
+    return lasso_heldout_arrays(members_TxS, subsets_NxD, y_QxT, fit_mask_T, min_frac, solver)
+
+
+def _fit_mask(config: LassoConfig, num_subsets: int, key) -> np.ndarray:
+    """float32 0/1 over the T rows: 0 on ``holdout_frac`` of them, drawn with ``key``."""
     num_held = max(1, round(config.holdout_frac * num_subsets))
     if num_subsets - num_held < 2:
         raise ValueError(
@@ -333,5 +357,24 @@ def lasso_scores(design_or_arrays, y_QxT, config: LassoConfig, key=None, mesh=No
     held = np.asarray(jax.random.permutation(key, num_subsets))[:num_held]
     fit_mask_T = np.ones(num_subsets, np.float32)
     fit_mask_T[held] = 0.0
-    min_frac = jnp.float32(config.path_min_frac)
-    return lasso_heldout_arrays(members_TxS, subsets_NxD, y_QxT, fit_mask_T, min_frac, solver)
+    return fit_mask_T
+
+
+def _cd_scores(members_TxS, subsets_NxD, y_QxT, config: LassoConfig, key, mesh) -> dict:
+    """``solver="cd"``: :mod:`lasso_cd`'s cores on the same path and held-out rows."""
+    num_subsets = int(members_TxS.shape[0])
+    blocks_CxB = lasso_cd.cached_blocks(np.asarray(subsets_NxD, np.int32), num_subsets)
+    if mesh is not None:
+        blocks_CxB = jax.device_put(blocks_CxB, sharding.replicated(mesh))
+    settings = lasso_cd.Settings(
+        config.nonneg, config.fit_intercept, config.maxiter, config.tol, lasso_cd.query_chunk(mesh)
+    )
+    args = (members_TxS, subsets_NxD, blocks_CxB, y_QxT)
+    if config.select == "fixed":
+        fracs_K = _fracs(jnp.float32(config.lam_frac), config.path_len)
+        ones_T = jnp.ones(num_subsets, jnp.float32)
+        scores_QxN, lam_Q = lasso_cd.scores_arrays(*args, ones_T, fracs_K, settings)
+        return _result(scores_QxN, lam_Q, jnp.full(lam_Q.shape, fracs_K[-1]))
+    fracs_K = _fracs(jnp.float32(config.path_min_frac), config.path_len)
+    fit_mask_T = _fit_mask(config, num_subsets, key)
+    return _result(*lasso_cd.heldout_arrays(*args, fit_mask_T, fracs_K, settings))

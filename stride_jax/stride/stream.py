@@ -21,6 +21,10 @@ Layout of ``out_dir``::
     topk.npz            the same keys over all Q queries (``_QxK``, ``lam_Q``, ``nnz_Q``),
                         assembled when every batch is done
 
+The manifest knows the inputs and settings, not the solver's code: batches written before an
+upgrade of ``recover`` and after it would be mixed, so finish or delete a half-done out_dir
+before upgrading.
+
 Only nonzero scores are kept: a query with fewer than k positive (negative) scores has its
 remaining proponent (opponent) slots set to index -1 and score 0. The Lasso is sparse, so
 zeros carry no ranking, and padding them out makes the output independent of how top_k

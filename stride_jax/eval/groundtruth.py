@@ -1,11 +1,11 @@
 """Ground truth for LDS: M models really retrained on random alpha-subsets.
 
 The M retrains run in groups, one jitted call per group: ``mlp.fit`` (the base model's
-recipe, unchanged) vmapped over (init key, kept mask), the models sharded over the mesh's
-``data`` axis; the group size is ``groundtruth.models_per_batch``, or when 0 chosen from the
-memory available (``resources.models_at_once``); progress is logged with rate and ETA.
-Each model has its own init key drawn from the ground-truth seed. The masks and the
-per-model query losses are cached in the workdir.
+recipe, unchanged) vmapped over (init key, kept mask), the models split over every device
+of the mesh (``sharding.EVERY``); the group size is ``groundtruth.models_per_batch``, or
+when 0 chosen from the memory available (``resources.models_at_once``); progress is logged
+with rate and ETA. Each model has its own init key drawn from the ground-truth seed. The
+masks and the per-model query losses are cached in the workdir.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def retrain_many(
     model_config, keys_M, x_NxF, y_N, masks_MxN, num_classes, mesh, batch: int, label="retrains"
 ):
     """Params of M models (stacked on a leading axis), model m trained on masks_MxN[m];
-    ``batch`` models per vmapped call (0: ``group_size``'s automatic choice), sharded over
-    the mesh's ``data`` axis, the last group padded; progress logged as ``label``."""
+    ``batch`` models per vmapped call (0: ``group_size``'s automatic choice), split over
+    every device of the mesh, the last group padded; progress logged as ``label``."""
     x, y = jnp.asarray(x_NxF), jnp.asarray(y_N)
     masks = jnp.asarray(masks_MxN, jnp.float32)
     m = masks.shape[0]
@@ -52,8 +52,8 @@ def group_size(
 ) -> int:
     """Models per vmapped retrain call: ``requested`` (at most M) or, when 0,
     ``resources.models_at_once`` for one MLP retrain on ``x_shape = (N, F)``; rounded up to
-    a multiple of the mesh's ``data`` axis (the models are sharded over it)."""
-    multiple = 1 if mesh is None else mesh.shape[sharding.DATA]
+    a multiple of the mesh's device count (the models are split over every device)."""
+    multiple = 1 if mesh is None else sharding.size(mesh)
     if int(requested) > 0:
         group = min(int(requested), max(int(num_models), 1))
         return -(-group // multiple) * multiple
@@ -74,11 +74,8 @@ def _retrain_fn(model_config_json: str, num_classes: int, mesh):
     def train_group(keys, x, y, masks):
         return jax.vmap(lambda k, w: mlp.fit(model_config, k, x, y, w, num_classes))(keys, masks)
 
-    models = sharding.along(mesh, sharding.DATA, 1)
-    rep = sharding.replicated(mesh)
-    return jax.jit(
-        train_group, in_shardings=(models, rep, rep, sharding.along(mesh, sharding.DATA, 2))
-    )
+    models, rep = sharding.over_every(mesh), sharding.replicated(mesh)
+    return jax.jit(train_group, in_shardings=(models, rep, rep, models), out_shardings=models)
 
 
 def query_losses(model_config, params_M, x_QxF, y_Q, num_classes, batch: int = 50) -> jax.Array:

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from absl import logging
 from flax import nnx
 
+from stride_jax import sharding
 from stride_jax.errors import ConfigError
 
 INITS = ("zero", "newton")
@@ -106,45 +107,35 @@ def _aggregate(x_NxP, inputs) -> jax.Array:
     return out.reshape(-1, p)[:t]
 
 
-def curvature_and_gradients(ops, inputs, chunk: int = 256, per_subset: bool = False):
-    """(``H`` P x P, mean over the training rows; ``G`` N x P, the per-example fidelity
-    gradients at zero gates), streamed over row chunks of ``chunk``. A subset's gradient
-    ``g_k`` is the mean of its members' rows of G (``_aggregate``); with ``per_subset``
-    those T x P means are accumulated chunk by chunk instead of G (memory T x P, not N x P;
-    the same up to float rounding)."""
-    n = inputs.y_N.shape[0]
-    if per_subset:
-        return _curvature_and_subset_gradients(ops, inputs, chunk)
+def _row_chunks(n: int, chunk: int, groups: int):
+    """Row indices (clamped to n - 1) and validity, ``groups*C x chunk``: C chunks per group
+    (a device's share of the rows on the mesh's ``data`` axis)."""
     n_chunks = -(-n // chunk)
-    idx = jnp.arange(n_chunks * chunk)
-    valid = idx < n
-    idx = jnp.minimum(idx, n - 1).reshape(n_chunks, chunk)
-    valid = valid.reshape(n_chunks, chunk)
-    shape_blocks, _ = jax.eval_shape(lambda: _chunk_stats(ops, inputs, idx[0], valid[0]))
-
-    def body(blocks, xs):
-        b, g_BxP = _chunk_stats(ops, inputs, *xs)
-        return jax.tree_util.tree_map(jnp.add, blocks, b), g_BxP
-
-    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shape_blocks)
-    blocks, g_CxBxP = jax.lax.scan(body, zeros, (idx, valid))
-    num_sites = max(s for s, _ in blocks) + 1
-    sizes = [blocks[(s, s)].shape[0] * blocks[(s, s)].shape[1] for s in range(num_sites)]
-    return _assemble(blocks, sizes) / n, g_CxBxP.reshape(n_chunks * chunk, -1)[:n]
-
-
-def _curvature_and_subset_gradients(ops, inputs, chunk: int):
-    """``curvature_and_gradients`` with the subset means of G summed in as the rows stream."""
-    n = inputs.y_N.shape[0]
-    t = inputs.members_TxS.shape[0]
-    n_chunks = -(-n // chunk)
+    n_chunks = -(-n_chunks // groups) * groups
     idx = jnp.arange(n_chunks * chunk)
     valid = (idx < n).reshape(n_chunks, chunk)
-    idx = jnp.minimum(idx, n - 1).reshape(n_chunks, chunk)
-    sizes_T = jnp.maximum((inputs.members_TxS < n).sum(1), 1).astype(jnp.float32)
-    shape_blocks, shape_g = jax.eval_shape(lambda: _chunk_stats(ops, inputs, idx[0], valid[0]))
+    return jnp.minimum(idx, n - 1).reshape(n_chunks, chunk), valid
 
-    def body(carry, xs):
+
+def _scan_rows(ops, inputs, idx_CxB, valid_CxB, per_subset: bool):
+    """(H blocks summed over the chunks' rows; per_subset: the T x P subset means of G summed
+    over those rows, else G of the chunks' rows C x B x P), one chunk per scan step."""
+    n = inputs.y_N.shape[0]
+    t = inputs.members_TxS.shape[0]
+    shape_blocks, shape_g = jax.eval_shape(
+        lambda: _chunk_stats(ops, inputs, idx_CxB[0], valid_CxB[0])
+    )
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shape_blocks)
+    if not per_subset:
+
+        def body(blocks, xs):
+            b, g_BxP = _chunk_stats(ops, inputs, *xs)
+            return jax.tree_util.tree_map(jnp.add, blocks, b), g_BxP
+
+        return jax.lax.scan(body, zeros, (idx_CxB, valid_CxB))
+    sizes_T = jnp.maximum((inputs.members_TxS < n).sum(1), 1).astype(jnp.float32)
+
+    def body_subsets(carry, xs):
         blocks, g_TxP = carry
         b, g_BxP = _chunk_stats(ops, inputs, *xs)
         sub_BxD = inputs.subsets_NxD[xs[0]]
@@ -152,12 +143,45 @@ def _curvature_and_subset_gradients(ops, inputs, chunk: int):
         g_TxP = g_TxP.at[sub_BxD].add(share_BxD[..., None] * g_BxP[:, None, :], mode="drop")
         return (jax.tree_util.tree_map(jnp.add, blocks, b), g_TxP), None
 
-    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shape_blocks)
     g0 = jnp.zeros((t, shape_g.shape[1]), shape_g.dtype)
-    (blocks, g_TxP), _ = jax.lax.scan(body, (zeros, g0), (idx, valid))
+    return jax.lax.scan(body_subsets, (zeros, g0), (idx_CxB, valid_CxB))[0]
+
+
+def curvature_and_gradients(ops, inputs, chunk: int = 256, per_subset: bool = False, *, mesh=None):
+    """(``H`` P x P, mean over the training rows; ``G`` N x P, the per-example fidelity
+    gradients at zero gates), streamed over row chunks of ``chunk``. A subset's gradient
+    ``g_k`` is the mean of its members' rows of G (``_aggregate``); with ``per_subset``
+    those T x P means are accumulated chunk by chunk instead of G (memory T x P, not N x P;
+    the same up to float rounding).
+
+    With a ``mesh`` the row chunks are split over its ``data`` axis: each device scans its own
+    chunks and the sums are added across devices (a psum), so only the order of the
+    additions changes; one device scans them all, as without a mesh."""
+    n = inputs.y_N.shape[0]
+    groups = 1 if mesh is None else sharding.size(mesh, sharding.DATA)
+    idx, valid = _row_chunks(n, chunk, groups)
+    if mesh is None:
+        out = _scan_rows(ops, inputs, idx, valid, per_subset)
+    else:
+        graphdef, state = nnx.split(ops)
+
+        def local(state, inputs, idx, valid):
+            part = _scan_rows(nnx.merge(graphdef, state), inputs, idx, valid, per_subset)
+            if per_subset:
+                return jax.lax.psum(part, sharding.DATA)
+            blocks, g_CxBxP = part
+            return jax.lax.psum(blocks, sharding.DATA), g_CxBxP
+
+        rows, rep = sharding.spec(sharding.DATA), sharding.spec()
+        out_specs = rep if per_subset else (rep, rows)
+        fn = sharding.shard_map(local, mesh, (rep, rep, rows, rows), out_specs)
+        out = fn(state, inputs, idx, valid)
+    blocks, g = out
     num_sites = max(s for s, _ in blocks) + 1
     sizes = [blocks[(s, s)].shape[0] * blocks[(s, s)].shape[1] for s in range(num_sites)]
-    return _assemble(blocks, sizes) / n, g_TxP
+    if not per_subset:
+        g = g.reshape(-1, g.shape[-1])[:n]
+    return _assemble(blocks, sizes) / n, g
 
 
 # Above this many bytes of per-example gradients (N x P) the subset means are accumulated as
@@ -165,21 +189,31 @@ def _curvature_and_subset_gradients(ops, inputs, chunk: int):
 _MAX_G_BYTES = 2**30
 
 
-def newton_gates(ops, inputs, config) -> list[jax.Array]:
+def newton_gates(ops, inputs, config, mesh=None) -> list[jax.Array]:
     """The damped Gauss-Newton gates of every operator, one array (T x O_s x R_s) per site of
     ``ops.linear_sites`` (in its order).
 
     The step is linear in the gradients, so the solve runs on whichever is fewer: the T
-    subset gradients, or the N per-example gradients (then averaged over each subset)."""
+    subset gradients, or the N per-example gradients (then averaged over each subset). With
+    a ``mesh``, the curvature's rows are split over ``data`` (``curvature_and_gradients``)
+    and the right-hand sides over ``ops``: each device solves its own columns against the
+    one (replicated) Cholesky factor."""
     n, t = inputs.y_N.shape[0], inputs.members_TxS.shape[0]
     p = jax.eval_shape(lambda: curvature_and_gradients(ops, inputs))[1].shape[1]
     per_subset = t <= n and 4 * n * p > _MAX_G_BYTES
-    h_PxP, g_XxP = curvature_and_gradients(ops, inputs, per_subset=per_subset)
+    h_PxP, g_XxP = curvature_and_gradients(ops, inputs, per_subset=per_subset, mesh=mesh)
     damped = (config.w_fidelity + config.w_stability) * h_PxP + config.gate_l2 * jnp.eye(p)
     factor = jax.scipy.linalg.cho_factor(damped)
 
+    def solve_block(c_PxP, rhs_XxP):
+        return -config.w_fidelity * jax.scipy.linalg.cho_solve((c_PxP, factor[1]), rhs_XxP.T).T
+
     def solve(rhs_XxP):
-        return -config.w_fidelity * jax.scipy.linalg.cho_solve(factor, rhs_XxP.T).T
+        if mesh is None:
+            return solve_block(factor[0], rhs_XxP)
+        padded, x = sharding.pad_to_multiple(rhs_XxP, sharding.size(mesh, sharding.OPS))
+        cols, rep = sharding.spec(sharding.OPS), sharding.spec()
+        return sharding.shard_map(solve_block, mesh, (rep, cols), cols)(factor[0], padded)[:x]
 
     g_NxP = g_XxP
     if per_subset:
@@ -223,21 +257,29 @@ def check_config(config, ops) -> None:
             raise ConfigError("stage1.init='newton' needs stage1.gate_l2 > 0 or w_stability > 0")
 
 
-def initialise(ops, inputs, config):
-    """Set ``ops``' gates to the Newton step (``config.init == 'newton'``); returns ``ops``."""
+def initialise(ops, inputs, config, mesh=None):
+    """Set ``ops``' gates to the Newton step (``config.init == 'newton'``); returns ``ops``.
+    The step is jitted on ``mesh`` (default: one device): operators and inputs in
+    replicated, the gates out split over ``ops`` (``newton_gates``)."""
     check_config(config, ops)
     if _init(config) != "newton":
         return ops
     t0 = time.time()
+    mesh = mesh if mesh is not None else sharding.make_mesh()
     graphdef, state = nnx.split(ops)
+    num_sites = len(ops.linear_sites(inputs.rows(jnp.zeros((1,), jnp.int32)), inputs.fixed))
+    rep = sharding.replicated(mesh)
+    gates_out = [sharding.along(mesh, sharding.OPS, 3)] * num_sites
+    if inputs.members_TxS.shape[0] % sharding.size(mesh, sharding.OPS):
+        gates_out = [rep] * num_sites
 
     # The inputs are an argument, not a closure: captured, their arrays became constants of
     # the compiled step, which XLA then spent seconds constant-folding at 1M rows.
-    @jax.jit
     def solve(state, inputs):
-        return newton_gates(nnx.merge(graphdef, state), inputs, config)
+        return newton_gates(nnx.merge(graphdef, state), inputs, config, mesh)
 
-    gates = jax.block_until_ready(solve(state, inputs))
+    jitted = jax.jit(solve, in_shardings=(rep, rep), out_shardings=gates_out)
+    gates = jax.block_until_ready(jitted(state, inputs))
     sites = ops.linear_sites(inputs.rows(jnp.zeros((1,), jnp.int32)), inputs.fixed)
     for (module, _, _), g in zip(sites, gates, strict=True):
         module.gates[...] = g

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from stride_jax import sharding
 from stride_jax.models import transformer
 from stride_jax.stride import losses, subsets
 from stride_jax.stride.operators import SteeringOperators
@@ -131,21 +132,27 @@ class LMInputs:
         return self
 
 
-def encode(graphdef, params, data: dict, layer: int, top_k: int, vocab_chunk: int, batch: int):
-    """Base-model cache for rows ``data`` (tokens/attn/loss_mask N x L), ``batch`` at a time.
+def encode(
+    graphdef, params, data: dict, layer: int, top_k: int, vocab_chunk: int, batch: int, mesh=None
+):
+    """Base-model cache for rows ``data`` (tokens/attn/loss_mask N x L), ``batch`` at a time,
+    the rows split over every device of ``mesh`` (default: one device; N is padded).
 
     Returns ``h`` (N x L x D, residual after ``layer``), ``ce`` (N,) the base row losses,
     ``top_idx``/``top_val`` (N x L x K) the base model's top-K next-token logits.
     """
-    return _encode_fn(graphdef, layer, top_k, vocab_chunk, batch)(params, data)
+    mesh = mesh if mesh is not None else sharding.make_mesh()
+    n = data["tokens"].shape[0]
+    padded = {k: sharding.pad_to_multiple(v, sharding.size(mesh))[0] for k, v in data.items()}
+    out = _encode_fn(graphdef, layer, top_k, vocab_chunk, batch, mesh)(params, padded)
+    return {k: v[:n] for k, v in out.items()}
 
 
 @functools.lru_cache(maxsize=8)
-def _encode_fn(graphdef, layer: int, top_k: int, vocab_chunk: int, batch: int):
+def _encode_fn(graphdef, layer: int, top_k: int, vocab_chunk: int, batch: int, mesh):
     upper = Upper(graphdef, layer, vocab_chunk)
 
-    @jax.jit
-    def fn(params, data):
+    def local(params, data):
         def one(row):
             tok, attn, lm = row["tokens"][None], row["attn"][None], row["loss_mask"][None]
             h = transformer.hidden_at(graphdef, params, tok, attn, layer)
@@ -157,7 +164,13 @@ def _encode_fn(graphdef, layer: int, top_k: int, vocab_chunk: int, batch: int):
 
         return jax.lax.map(one, data, batch_size=batch)
 
-    return fn
+    rows, rep = sharding.spec(sharding.EVERY), sharding.spec()
+    fn = sharding.shard_map(local, mesh, (rep, rows), rows)
+    return jax.jit(
+        fn,
+        in_shardings=(sharding.replicated(mesh), sharding.over_every(mesh)),
+        out_shardings=sharding.over_every(mesh),
+    )
 
 
 def make_inputs(upper: Upper, model_params, cache, data: dict, design, config, key) -> LMInputs:
@@ -180,21 +193,37 @@ def make_inputs(upper: Upper, model_params, cache, data: dict, design, config, k
     )
 
 
-def response_matrix(upper: Upper, model_params, ops_graphdef, ops_params, cache_q, data_q, config):
-    """y_QxT = CE_base(q) - CE_k(q) for every query row and operator, one jitted call."""
+def response_matrix(
+    upper: Upper, model_params, ops_graphdef, ops_params, cache_q, data_q, config, mesh=None
+):
+    """y_QxT = CE_base(q) - CE_k(q) for every query row and operator, one jitted call with
+    queries split over the ``data`` axis of ``mesh`` and operators over ``ops`` (default: one
+    device; both padded)."""
+    mesh = mesh if mesh is not None else sharding.make_mesh()
+    n_data, n_ops = sharding.size(mesh, sharding.DATA), sharding.size(mesh, sharding.OPS)
     num_subsets = ops_params["gates"][...].shape[0]
-    op_chunk = min(config.op_chunk, num_subsets)
-    fn = _response_fn(upper, ops_graphdef, num_subsets, op_chunk, config.query_batch)
-    return fn(model_params, ops_params, cache_q["h"], data_q)
+    local_t = -(-num_subsets // n_ops)
+    op_chunk = min(config.op_chunk, local_t)
+    params = sharding.pad_operators(ops_params, num_subsets, n_ops)
+    specs, treedef = sharding.flat_specs(sharding.operator_specs(params, local_t * n_ops))
+    h_QxLxD, q = sharding.pad_to_multiple(cache_q["h"], n_data)
+    data_q = {k: sharding.pad_to_multiple(v, n_data)[0] for k, v in data_q.items()}
+    fn = _response_fn(
+        upper, ops_graphdef, local_t, op_chunk, config.query_batch, mesh, treedef, specs
+    )
+    return fn(model_params, params, h_QxLxD, data_q)[:q, :num_subsets]
 
 
 @functools.lru_cache(maxsize=8)
-def _response_fn(upper: Upper, ops_graphdef, num_subsets: int, op_chunk: int, query_batch: int):
-    n_chunks = -(-num_subsets // op_chunk)
-    ids_CxK = jnp.minimum(jnp.arange(n_chunks * op_chunk), num_subsets - 1).reshape(n_chunks, -1)
+def _response_fn(
+    upper: Upper, ops_graphdef, local_t: int, op_chunk: int, query_batch: int, mesh, treedef, specs
+):
+    """Per device: its queries (``lax.map``, ``query_batch`` at a time) against its
+    ``local_t`` operators (``lax.map`` over chunks of ``op_chunk``)."""
+    n_chunks = -(-local_t // op_chunk)
+    ids_CxK = jnp.minimum(jnp.arange(n_chunks * op_chunk), local_t - 1).reshape(n_chunks, -1)
 
-    @jax.jit
-    def fn(model_params, ops_params, h_QxLxD, data_q):
+    def local(model_params, ops_params, h_QxLxD, data_q):
         ops = nnx.merge(ops_graphdef, ops_params)
 
         def one_query(args):
@@ -212,9 +241,22 @@ def _response_fn(upper: Upper, ops_graphdef, num_subsets: int, op_chunk: int, qu
 
                 return upper.row_losses(model_params, h_k, tile(attn), tile(tok), tile(lm))
 
-            ce_T = jax.lax.map(one_chunk, ids_CxK).reshape(-1)[:num_subsets]
+            ce_T = jax.lax.map(one_chunk, ids_CxK).reshape(-1)[:local_t]
             return base - ce_T
 
         return jax.lax.map(one_query, (h_QxLxD, data_q), batch_size=query_batch)
 
-    return fn
+    ops_specs = jax.tree_util.tree_unflatten(treedef, specs)
+    rows, rep = sharding.spec(sharding.DATA), sharding.spec()
+    out = sharding.spec(sharding.DATA, sharding.OPS)
+    fn = sharding.shard_map(local, mesh, (rep, ops_specs, rows, rows), out)
+    return jax.jit(
+        fn,
+        in_shardings=(
+            sharding.replicated(mesh),
+            sharding.named(mesh, ops_specs),
+            sharding.named(mesh, rows),
+            sharding.named(mesh, rows),
+        ),
+        out_shardings=sharding.named(mesh, out),
+    )

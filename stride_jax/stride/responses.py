@@ -35,16 +35,20 @@ def _responses_one(ops, cache_row, y, fixed):
 
 
 @functools.lru_cache(maxsize=16)
-def make_response_fn(graphdef, mesh, batch_size: int = 64):
-    """Jitted ``(params, cache_Q, fixed, y_Q) -> y_QxT`` with queries sharded on ``data``.
+def make_response_fn(graphdef, mesh, batch_size: int, params_treedef, params_specs: tuple):
+    """Jitted ``(params, cache_Q, fixed, y_Q) -> y_QxT`` with queries split over ``data`` and
+    operators over ``ops``: each device runs its queries (``lax.map`` over micro-batches of
+    ``batch_size``) against its own operators.
 
     ``cache_Q`` maps names to Q x ... arrays (``h``, ``logits``, ...); ``fixed`` holds the
-    hook's frozen weights (or None). Cached per (graphdef, mesh, batch size), so repeated
-    calls do not recompile. Q must be a multiple of the mesh's data axis (``response_matrix``
-    pads for you).
+    hook's frozen weights (or None); ``params_specs`` are the operators' leaf specs
+    (``sharding.operator_specs``, flattened with ``params_treedef``). Cached per (graphdef,
+    mesh, batch size, specs), so repeated calls do not recompile. Q must be a multiple of the
+    mesh's data axis and T of its ops axis (``response_matrix`` pads for you).
     """
+    specs = jax.tree_util.tree_unflatten(params_treedef, params_specs)
 
-    def fn(params, cache_Q, fixed, y_Q):
+    def local(params, cache_Q, fixed, y_Q):
         ops = nnx.merge(graphdef, params)
 
         def one(args):
@@ -53,16 +57,18 @@ def make_response_fn(graphdef, mesh, batch_size: int = 64):
 
         return jax.lax.map(one, (cache_Q, y_Q), batch_size=batch_size)
 
-    rows = sharding.along(mesh, sharding.DATA, 2)
+    rows, rep = sharding.spec(sharding.DATA), sharding.spec()
+    out = sharding.spec(sharding.DATA, sharding.OPS)
+    fn = sharding.shard_map(local, mesh, (specs, rows, rep, rows), out)
     return jax.jit(
         fn,
         in_shardings=(
+            sharding.named(mesh, specs),
+            sharding.named(mesh, rows),
             sharding.replicated(mesh),
-            rows,
-            sharding.replicated(mesh),
-            sharding.along(mesh, sharding.DATA, 1),
+            sharding.named(mesh, rows),
         ),
-        out_shardings=rows,
+        out_shardings=sharding.named(mesh, out),
     )
 
 
@@ -70,10 +76,14 @@ def response_matrix(
     graphdef, params, cache_q: dict, y_Q, mesh, batch_size: int = 64, fixed=None
 ) -> jax.Array:
     """Response matrix y_QxT (float32) for queries with cached base activations ``cache_q``
-    (every entry Q x D; ``fixed``: the hook's frozen weights, e.g. ``HiddenHook.fixed``)."""
-    n_data = mesh.shape[sharding.DATA]
+    (every entry Q x D; ``fixed``: the hook's frozen weights, e.g. ``HiddenHook.fixed``),
+    queries split over the mesh's ``data`` axis and operators over ``ops`` (both padded)."""
+    n_data = sharding.size(mesh, sharding.DATA)
     padded = {k: sharding.pad_to_multiple(jnp.asarray(v), n_data)[0] for k, v in cache_q.items()}
     y, q = sharding.pad_to_multiple(jnp.asarray(y_Q), n_data)
-    params = jax.device_put(params, sharding.replicated(mesh))
-    out = make_response_fn(graphdef, mesh, batch_size)(params, padded, fixed, y)
-    return out[:q]
+    t = nnx.merge(graphdef, params).num_subsets
+    n_ops = sharding.size(mesh, sharding.OPS)
+    params = sharding.pad_operators(params, t, n_ops)
+    specs, treedef = sharding.flat_specs(sharding.operator_specs(params, -(-t // n_ops) * n_ops))
+    out = make_response_fn(graphdef, mesh, batch_size, treedef, specs)(params, padded, fixed, y)
+    return out[:q, :t]

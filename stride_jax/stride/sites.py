@@ -140,6 +140,7 @@ class ResidualSite(Site):
             c.stage1.top_k,
             c.vocab_chunk,
             c.encode_batch,
+            self.task.mesh,
         )
 
     def stage1_inputs(self, cache, design, key):
@@ -153,7 +154,6 @@ class ResidualSite(Site):
         return {"dims": (d, d)}
 
     def responses(self, ops_graphdef, ops_params, cache_q, rows_q, mesh):
-        del mesh
         return residual.response_matrix(
             self.upper,
             self.task.params,
@@ -162,6 +162,7 @@ class ResidualSite(Site):
             cache_q,
             self.task.arrays(rows_q),
             self.cfg,
+            mesh,
         )
 
 

@@ -196,14 +196,8 @@ def build_train_chunk(graphdef, tx, inputs, config, mesh, state_shardings):
 
 def state_shardings(state, mesh, num_subsets: int):
     """Gates (and their optimizer moments: the 3-D arrays with a leading T axis) shard that
-    axis over ``ops``; the rest is replicated."""
-
-    def rule(x):
-        if hasattr(x, "shape") and x.ndim == 3 and x.shape[0] == num_subsets:
-            return sharding.along(mesh, sharding.OPS, 3)
-        return sharding.replicated(mesh)
-
-    return jax.tree_util.tree_map(rule, state)
+    axis over ``ops``; the rest is replicated (``sharding.operator_specs``)."""
+    return sharding.named(mesh, sharding.operator_specs(state, num_subsets))
 
 
 def check_config(config, num_subsets: int) -> None:
@@ -265,7 +259,7 @@ def fit_operators(
     try:
         resume = ckpts is not None and ckpts.latest_step() is not None
         if not resume:  # a restored state replaces the start, so do not compute it
-            ops = newton.initialise(ops, inputs, config)
+            ops = newton.initialise(ops, inputs, config, mesh)
         graphdef, state = init_state(ops, tx)
         shardings = state_shardings(state, mesh, num_subsets)
         state = jax.device_put(state, shardings)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from stride_jax import resources
+from stride_jax import resources, sharding
 from stride_jax.models import lm_train
 from stride_jax.task import Task, as_weights
 
@@ -189,15 +189,18 @@ def retrain_losses(
     ``group`` 0 chooses it from the memory available (``group_size``); progress is logged
     as ``label`` with rate and ETA."""
     m = len(weights_MxN)
-    group = group_size(task, m, group, label)
-    fn = _retrain_fn(task.recipe.to_json(), task.graphdef)
+    mesh = task.mesh if task.mesh is not None else sharding.make_mesh()
+    group = group_size(task, m, group, label, mesh)
+    fn = _retrain_fn(task.recipe.to_json(), task.graphdef, mesh)
     q = rows if isinstance(rows, dict) else task.arrays(rows)
     data, out = task.data(), list(done)
     progress = resources.Progress(label, m, start=len(out))
     for start in range(len(out), m, group):
         stop = min(start + group, m)
         weights = jnp.asarray(np.asarray(weights_MxN[start:stop]), jnp.float32)
-        losses = fn(task.params0, keys_M[start:stop], data, weights, q)
+        weights_G, n = sharding.pad_to_multiple(weights, group)  # the last group padded
+        keys_G, _ = sharding.pad_to_multiple(keys_M[start:stop], group)
+        losses = fn(task.params0, keys_G, data, weights_G, q)[:n]
         out.extend(np.asarray(jax.device_get(losses), np.float32))
         progress.update(stop)
         if on_group is not None:
@@ -205,24 +208,31 @@ def retrain_losses(
     return np.stack(out)
 
 
-def group_size(task: DecoderTask, num_models: int, requested: int, what: str = "retrains"):
-    """Models per vmapped retrain call: ``requested``, or when 0
-    ``resources.models_at_once`` for one retrain of the task's recipe."""
+def group_size(
+    task: DecoderTask, num_models: int, requested: int, what: str = "retrains", mesh=None
+):
+    """Models per vmapped retrain call: ``requested`` (at most M), or when 0
+    ``resources.models_at_once`` for one retrain of the task's recipe; rounded up to a
+    multiple of the mesh's device count (the models are split over every device)."""
+    multiple = 1 if mesh is None else sharding.size(mesh)
+    if int(requested) > 0:
+        group = min(int(requested), max(int(num_models), 1))
+        return -(-group // multiple) * multiple
     num_params = sum(int(np.size(x)) for x in jax.tree.leaves(task.params0))
     per_model = resources.decoder_retrain_bytes(
         task.model_config, task.recipe.batch, len(task.train), num_params
     )
-    return resources.models_at_once(requested, num_models, per_model, what=what)
+    return resources.models_at_once(requested, num_models, per_model, what=what, multiple=multiple)
 
 
 @functools.lru_cache(maxsize=4)
-def _retrain_fn(recipe_json: str, graphdef):
-    """Jitted: a group of models trained at once (vmap) -> their losses on the rows ``q``,
-    evaluated ``recipe.batch`` rows at a time (an evaluation costs no more than a step)."""
+def _retrain_fn(recipe_json: str, graphdef, mesh):
+    """Jitted: a group of models trained at once (vmap, the models split over every device
+    of ``mesh``) -> their losses on the rows ``q``, evaluated ``recipe.batch`` rows at a time
+    (an evaluation costs no more than a step)."""
     recipe = ml_collections.ConfigDict(json.loads(recipe_json))
     chunk = int(recipe.batch)
 
-    @jax.jit
     def fn(params0, keys_G, data, weights_GxN, q):
         n = q["tokens"].shape[0]
         q_CxB = jax.tree.map(
@@ -242,4 +252,5 @@ def _retrain_fn(recipe_json: str, graphdef):
 
         return jax.vmap(one)(keys_G, weights_GxN)
 
-    return fn
+    models, rep = sharding.over_every(mesh), sharding.replicated(mesh)
+    return jax.jit(fn, in_shardings=(rep, models, rep, models, rep), out_shardings=models)

@@ -4,7 +4,9 @@ Stage-1 training state goes through an orbax ``CheckpointManager`` (atomic, keep
 restored into an abstract target). Finished stage outputs (base model, ground truth,
 responses, scores) are small .npz files written to a temporary name and renamed, so a job
 killed mid-write never leaves a half-written file that a restart would trust; they get the
-mode a plain ``open()`` gives (0644 under umask 022).
+mode a plain ``open()`` gives (0644 under umask 022). In a multi-process run only process 0
+writes or deletes files, while the others wait (``distributed.exclusive``); orbax coordinates
+its own multi-host saves.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import tempfile
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from stride_jax import distributed
 
 
 class CheckpointError(ValueError):
@@ -118,13 +122,20 @@ def claim(path: str, config_slice: dict, *dependents: str) -> list[str]:
     changed = []
     if old is not None:  # stale: drop what the old config made
         changed = changed_keys(old, new) or ["(layout)"]
-        for p in (path, *dependents):
+        remove(path, *dependents)
+    record_config(path, new)
+    return changed
+
+
+def remove(*paths: str) -> None:
+    """Delete each of ``paths`` that exists (a file or a directory); in a multi-process run
+    process 0 deletes while the others wait."""
+    with distributed.exclusive(f"remove {paths[0]}") as writer:
+        for p in paths if writer else ():
             if os.path.isdir(p):
                 shutil.rmtree(p)
             elif os.path.exists(p):
                 os.remove(p)
-    record_config(path, new)
-    return changed
 
 
 def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -172,7 +183,14 @@ def _umask() -> int:
 def _atomic_write(path: str, write) -> None:
     """``write(f)`` into a temporary file beside ``path``, then rename it to ``path``. The file
     gets the mode ``open()`` would give (0o666 minus the umask: 0644 under umask 022), not
-    ``mkstemp``'s private 0600, so the group and others can read a run's outputs."""
+    ``mkstemp``'s private 0600, so the group and others can read a run's outputs. Only the
+    writer process writes; the others wait for it (``distributed.exclusive``)."""
+    with distributed.exclusive(f"write {path}") as writer:
+        if writer:
+            _write_renamed(path, write)
+
+
+def _write_renamed(path: str, write) -> None:
     directory = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
@@ -189,7 +207,7 @@ def _atomic_write(path: str, write) -> None:
 
 def save_arrays(path: str, **arrays) -> None:
     """Atomically write a .npz of host copies of ``arrays``."""
-    host = {k: np.asarray(jax.device_get(v)) for k, v in arrays.items()}
+    host = {k: distributed.to_host(v) for k, v in arrays.items()}
     _atomic_write(path, lambda f: np.savez(f, **host))
 
 
@@ -199,7 +217,8 @@ def load_arrays(path: str) -> dict[str, np.ndarray]:
 
 
 def save_npy(path: str, array) -> None:
-    _atomic_write(path, lambda f: np.save(f, np.asarray(jax.device_get(array))))
+    host = distributed.to_host(array)  # on every process: gathering may take all of them
+    _atomic_write(path, lambda f: np.save(f, host))
 
 
 def save_json(path: str, obj) -> None:

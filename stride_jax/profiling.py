@@ -44,7 +44,7 @@ class PeakMemory:
         self._thread.join()
         self._peak = max(self._peak, _rss_bytes())
         self.peak_mb = (self._peak - self._start) / 2**20
-        stats = jax.devices()[0].memory_stats() or {}
+        stats = jax.local_devices()[0].memory_stats() or {}
         if "peak_bytes_in_use" in stats:
             self.peak_mb = stats["peak_bytes_in_use"] / 2**20
         return False

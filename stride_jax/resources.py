@@ -26,6 +26,8 @@ import time
 import jax
 from absl import logging
 
+from stride_jax import distributed
+
 MAX_GROUP = 64
 # Rows per step of the full-batch MLP's gradient (``models.mlp``): above this many training
 # rows the gradient is accumulated over chunks, so one retrain's memory does not grow with N.
@@ -34,7 +36,12 @@ _F32 = 4
 
 
 def available_bytes() -> int:
-    """Half of the free memory of the default device (CPU: ``MemAvailable``)."""
+    """Half of the free memory of the default device (CPU: ``MemAvailable``); in a multi-host
+    run process 0's (whose device is the first), so every process sizes its work alike."""
+    return distributed.agreed(_available_bytes())
+
+
+def _available_bytes() -> int:
     stats = {}
     try:
         stats = jax.devices()[0].memory_stats() or {}

@@ -20,7 +20,7 @@ import time
 import numpy as np
 from absl import logging
 
-from stride_jax import checkpoint, methods, profiling, sharding
+from stride_jax import checkpoint, distributed, methods, profiling, sharding
 from stride_jax.apps import explain
 from stride_jax.eval import metrics, report
 from stride_jax.job import cache, models
@@ -70,7 +70,7 @@ def prepare(config, workdir: str, splits=None) -> Context:
     for line in notes:
         logging.info("auto: %s", line)
     os.makedirs(workdir, exist_ok=True)
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.ops)
+    mesh = sharding.make_mesh(*distributed.mesh_axes(config.mesh.data, config.mesh.ops))
     ctx = Context(config, workdir, splits, mesh)
     ctx.task, ctx.base_stats, ctx.base_slice = models.base_task(config, splits, mesh, workdir)
     return ctx
@@ -192,6 +192,10 @@ def run(config, workdir: str) -> dict:
     # The resolved config (automatic values filled in) beside the results it made.
     checkpoint.save_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
     checkpoint.save_json(os.path.join(workdir, "results.json"), results)
-    report.write_report(results, workdir)
-    explain.run_report(ctx, results)  # workdir/report: summary plots, query pages, index.html
+    # The report's pages and plots are plain files: process 0 writes them (their few model
+    # evaluations are local, no collectives), the others wait.
+    with distributed.exclusive("report") as writer:
+        if writer:
+            report.write_report(results, workdir)
+            explain.run_report(ctx, results)  # workdir/report: plots, query pages, index.html
     return results

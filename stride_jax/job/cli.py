@@ -12,6 +12,7 @@ import textwrap
 
 from absl import app, flags, logging
 
+from stride_jax import distributed
 from stride_jax.checkpoint import CheckpointError
 from stride_jax.data import DataError
 from stride_jax.errors import ConfigError
@@ -128,15 +129,41 @@ def _flag_error(e: BaseException, argv: list[str], i: int | None, default_config
     sys.exit(2)
 
 
+def define_host_flags() -> None:
+    """Flags of every binary that ``run_app`` runs: the multi-host triple passed to
+    ``jax.distributed.initialize`` (``stride_jax.distributed``) and the persistent XLA
+    compilation cache."""
+    flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "Multi-host: host:port of process 0's coordinator (with --num_processes, --process_id).",
+    )
+    flags.DEFINE_integer("num_processes", None, "Multi-host: how many processes run the job.")
+    flags.DEFINE_integer("process_id", None, "Multi-host: this process, 0 .. num_processes-1.")
+    flags.DEFINE_string(
+        "compilation_cache_dir",
+        None,
+        "Persistent XLA compilation cache directory: reruns load compiled programs from it.",
+    )
+
+
+def _host_flags() -> tuple:
+    f = flags.FLAGS
+    return f.coordinator_address, f.num_processes, f.process_id
+
+
 def run_app(main, define_flags, default_config: str | None = None) -> None:
-    """``app.run(main)`` for the binaries, after ``define_flags()``: a --config path that does
-    not exist from here is looked up in the repository (``resolve_config_path``), and any flag
-    error (an unknown flag or config key, a bad value, a missing config file) prints one line
-    naming it and exits 2 instead of a traceback. ml_collections applies the overrides of a
-    default config when the flag is defined, so both steps are guarded."""
+    """``app.run(main)`` for the binaries, after ``define_flags()`` and ``define_host_flags()``:
+    a --config path that does not exist from here is looked up in the repository
+    (``resolve_config_path``), and any flag error (an unknown flag or config key, a bad value,
+    a missing config file, a bad multi-host combination) prints one line naming it and exits 2
+    instead of a traceback. ml_collections applies the overrides of a default config when the
+    flag is defined, so both steps are guarded. Before ``main`` runs, a multi-host run joins
+    its peers and the compilation cache is set."""
     sys.argv, i = _resolved_argv(sys.argv)
     try:
         define_flags()
+        define_host_flags()
     except Exception as e:  # noqa: BLE001 - every flag error ends in one line
         _flag_error(e, sys.argv, i, default_config)
 
@@ -145,11 +172,21 @@ def run_app(main, define_flags, default_config: str | None = None) -> None:
             rest = flags.FLAGS(argv)
             if "config" in flags.FLAGS:  # a config file that failed to load fails lazily
                 flags.FLAGS.config.to_dict()
-            return rest
         except Exception as e:  # noqa: BLE001
             _flag_error(e, argv, i, default_config)
+        try:
+            distributed.check_flags(*_host_flags())
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        return rest
 
-    app.run(main, flags_parser=parse)
+    def start(argv):
+        distributed.set_compilation_cache(flags.FLAGS.compilation_cache_dir)
+        distributed.initialize(*_host_flags())
+        return main(argv)
+
+    app.run(start, flags_parser=parse)
 
 
 def run_job(job, *args, extra_errors: tuple = ()):

@@ -424,6 +424,5 @@ def _decoder_gt(config, task, splits, workdir: str, seed: int, name: str) -> dic
     if splits.val is not None:
         out["losses_val_MxV"] = losses[:, q:]
     checkpoint.save_arrays(path, **out)
-    if os.path.exists(partial):  # finished: the resume file has served its purpose
-        os.remove(partial)
+    checkpoint.remove(partial)  # finished: the resume file has served its purpose
     return out

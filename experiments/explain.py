@@ -15,6 +15,7 @@ import os
 
 from absl import app, flags
 
+from stride_jax import distributed
 from stride_jax.apps import explain, run
 from stride_jax.errors import ConfigError
 from stride_jax.job import cli
@@ -43,7 +44,11 @@ def explain_query(workdir: str, query: int, names, top, out) -> str:
     run.check_query(query, next(iter(scores.values())).shape[0])
     ctx = run.open_run(config, workdir)
     out = out or os.path.join(workdir, "report")
-    return explain.query_report(ctx.task, ctx.splits, scores, query, out, top, results)
+    page = os.path.join(out, f"query_{query}.html")  # the page query_report writes
+    with distributed.exclusive("query page") as writer:  # multi-host: process 0 writes it
+        if writer:
+            page = explain.query_report(ctx.task, ctx.splits, scores, query, out, top, results)
+    return page
 
 
 def main(argv):

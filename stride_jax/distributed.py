@@ -122,6 +122,32 @@ def agreed(value: int) -> int:
     return (hi << 20) | lo
 
 
+def put(tree, shardings):
+    """``jax.device_put(tree, shardings)`` that also places arrays living on this process's
+    devices onto a sharding spread over several processes (which ``jax.device_put`` refuses):
+    such an array goes through the host, every process holding the same value (they run the
+    same program). One process: exactly ``jax.device_put``."""
+    if not is_multiprocess():
+        return jax.device_put(tree, shardings)
+
+    def one(x, sharding):
+        if sharding is None:
+            return x
+        local = isinstance(x, jax.Array) and x.is_fully_addressable
+        if not local or sharding.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed keys: via their data
+            data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return jax.device_put(np.asarray(x), sharding)
+
+    def subtree(sharding, xs):  # ``shardings`` may be a prefix of ``tree``
+        return jax.tree.map(lambda x: one(x, sharding), xs)
+
+    is_sharding = lambda s: s is None or isinstance(s, jax.sharding.Sharding)  # noqa: E731
+    return jax.tree.map(subtree, shardings, tree, is_leaf=is_sharding)
+
+
 def to_host(x) -> np.ndarray:
     """A host copy of the whole of ``x`` on every process, also of a ``jax.Array`` spread over
     several processes' devices (which ``np.asarray`` refuses)."""

@@ -129,15 +129,16 @@ def one_process(tmp_path_factory):
     return workdir
 
 
-# Until the stride pipeline's own files take multi-host arrays: stride/method.py pulls the
-# responses and Lasso outputs to the host with ``distributed.to_host`` (np.asarray refuses an
-# array split over processes) and ``sharding.jit`` places its arguments with
-# ``distributed.put`` (jax.device_put refuses a local array onto a multi-process sharding).
-# With those two changes both tests pass (measured); then delete this marker (strict: an
-# unexpected pass fails, so it cannot be forgotten).
+# Until the pipeline's own files take multi-host arrays: stride/method.py (responses, Lasso
+# outputs), eval/groundtruth.py (build's losses) and tasks/classifier_task.py (retrain_losses)
+# pull results to the host with ``distributed.to_host`` (np.asarray refuses an array split
+# over processes), and ``sharding.jit`` places its arguments with ``distributed.put``
+# (jax.device_put refuses a local array onto a multi-process sharding). With those changes
+# both tests pass (measured); then delete this marker (strict: an unexpected pass fails, so
+# it cannot be forgotten).
 PENDING = pytest.mark.xfail(
     strict=True,
-    reason="stride/method.py and sharding.jit need distributed.to_host / distributed.put",
+    reason="method.py, groundtruth.py, classifier_task.py, sharding.jit: distributed.to_host/put",
 )
 
 

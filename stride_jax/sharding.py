@@ -131,6 +131,18 @@ def pad_operators(tree, num_subsets: int, multiple: int):
     return jax.tree_util.tree_map(pad, tree)
 
 
+def jit(fn, in_shardings, out_shardings):
+    """``jax.jit`` with explicit in/out shardings whose arguments are first moved onto their
+    shardings (a no-op when they are there): a cache split over rows may feed a step that
+    wants it replicated, or a query set on one device a step split over ``data``."""
+    jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings)
+
+    def call(*args):
+        return jitted(*jax.device_put(args, tuple(in_shardings)))
+
+    return call
+
+
 def shard_map(fn, mesh: Mesh, in_specs, out_specs):
     """``fn`` run once per device on its own blocks (``jax.shard_map``; collectives such as
     ``jax.lax.psum`` name the mesh axes). Replication checks are off: scans whose carries

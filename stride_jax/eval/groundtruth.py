@@ -75,7 +75,7 @@ def _retrain_fn(model_config_json: str, num_classes: int, mesh):
         return jax.vmap(lambda k, w: mlp.fit(model_config, k, x, y, w, num_classes))(keys, masks)
 
     models, rep = sharding.over_every(mesh), sharding.replicated(mesh)
-    return jax.jit(train_group, in_shardings=(models, rep, rep, models), out_shardings=models)
+    return sharding.jit(train_group, (models, rep, rep, models), models)
 
 
 def query_losses(model_config, params_M, x_QxF, y_Q, num_classes, batch: int = 50) -> jax.Array:

@@ -278,8 +278,7 @@ def initialise(ops, inputs, config, mesh=None):
     def solve(state, inputs):
         return newton_gates(nnx.merge(graphdef, state), inputs, config, mesh)
 
-    jitted = jax.jit(solve, in_shardings=(rep, rep), out_shardings=gates_out)
-    gates = jax.block_until_ready(jitted(state, inputs))
+    gates = jax.block_until_ready(sharding.jit(solve, (rep, rep), gates_out)(state, inputs))
     sites = ops.linear_sites(inputs.rows(jnp.zeros((1,), jnp.int32)), inputs.fixed)
     for (module, _, _), g in zip(sites, gates, strict=True):
         module.gates[...] = g

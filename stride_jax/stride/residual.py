@@ -166,11 +166,8 @@ def _encode_fn(graphdef, layer: int, top_k: int, vocab_chunk: int, batch: int, m
 
     rows, rep = sharding.spec(sharding.EVERY), sharding.spec()
     fn = sharding.shard_map(local, mesh, (rep, rows), rows)
-    return jax.jit(
-        fn,
-        in_shardings=(sharding.replicated(mesh), sharding.over_every(mesh)),
-        out_shardings=sharding.over_every(mesh),
-    )
+    every = sharding.over_every(mesh)
+    return sharding.jit(fn, (sharding.replicated(mesh), every), every)
 
 
 def make_inputs(upper: Upper, model_params, cache, data: dict, design, config, key) -> LMInputs:
@@ -250,13 +247,13 @@ def _response_fn(
     rows, rep = sharding.spec(sharding.DATA), sharding.spec()
     out = sharding.spec(sharding.DATA, sharding.OPS)
     fn = sharding.shard_map(local, mesh, (rep, ops_specs, rows, rows), out)
-    return jax.jit(
+    return sharding.jit(
         fn,
-        in_shardings=(
+        (
             sharding.replicated(mesh),
             sharding.named(mesh, ops_specs),
             sharding.named(mesh, rows),
             sharding.named(mesh, rows),
         ),
-        out_shardings=sharding.named(mesh, out),
+        sharding.named(mesh, out),
     )

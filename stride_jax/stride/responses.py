@@ -60,15 +60,15 @@ def make_response_fn(graphdef, mesh, batch_size: int, params_treedef, params_spe
     rows, rep = sharding.spec(sharding.DATA), sharding.spec()
     out = sharding.spec(sharding.DATA, sharding.OPS)
     fn = sharding.shard_map(local, mesh, (specs, rows, rep, rows), out)
-    return jax.jit(
+    return sharding.jit(
         fn,
-        in_shardings=(
+        (
             sharding.named(mesh, specs),
             sharding.named(mesh, rows),
             sharding.replicated(mesh),
             sharding.named(mesh, rows),
         ),
-        out_shardings=sharding.named(mesh, out),
+        sharding.named(mesh, out),
     )
 
 

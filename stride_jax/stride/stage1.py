@@ -188,9 +188,8 @@ def build_train_chunk(graphdef, tx, inputs, config, mesh, state_shardings):
         return state, jax.tree_util.tree_map(jnp.mean, terms)
 
     rep = sharding.replicated(mesh)
-    jitted = jax.jit(
-        chunk, in_shardings=(state_shardings, rep, rep), out_shardings=(state_shardings, rep)
-    )
+    jitted = sharding.jit(chunk, (state_shardings, rep, rep), (state_shardings, rep))
+    inputs = jax.device_put(inputs, rep)  # e.g. a decoder's cache arrives split over rows
     return lambda state, key: jitted(state, key, inputs)
 
 

@@ -253,4 +253,4 @@ def _retrain_fn(recipe_json: str, graphdef, mesh):
         return jax.vmap(one)(keys_G, weights_GxN)
 
     models, rep = sharding.over_every(mesh), sharding.replicated(mesh)
-    return jax.jit(fn, in_shardings=(rep, models, rep, models, rep), out_shardings=models)
+    return sharding.jit(fn, (rep, models, rep, models, rep), models)

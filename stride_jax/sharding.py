@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from stride_jax import distributed
 from stride_jax.errors import ConfigError
 
 DATA, OPS = "data", "ops"
@@ -134,11 +135,13 @@ def pad_operators(tree, num_subsets: int, multiple: int):
 def jit(fn, in_shardings, out_shardings):
     """``jax.jit`` with explicit in/out shardings whose arguments are first moved onto their
     shardings (a no-op when they are there): a cache split over rows may feed a step that
-    wants it replicated, or a query set on one device a step split over ``data``."""
+    wants it replicated, or a query set on one device a step split over ``data``. The move
+    is ``distributed.put``: on one process ``jax.device_put``; on several, also a
+    process-local array onto a sharding over every process's devices."""
     jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings)
 
     def call(*args):
-        return jitted(*jax.device_put(args, tuple(in_shardings)))
+        return jitted(*distributed.put(args, tuple(in_shardings)))
 
     return call
 

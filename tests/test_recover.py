@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import Lasso
 
-from stride_jax.stride import lasso_cd, recover, subsets
+from stride_jax.stride import lasso_cd, lasso_ws, recover, subsets
 from stride_jax.stride.recover import LassoConfig, lasso_scores
 
 T, N, D, Q = 60, 100, 4, 4
@@ -162,6 +162,9 @@ def test_heldout_selection(solver):
         (None, LassoConfig(select="cv"), "unknown select"),
         (None, LassoConfig(select="heldout"), "needs a PRNG key"),
         (None, LassoConfig(solver="newton"), "unknown solver"),
+        (None, LassoConfig(working_set=-1), "working_set must be >= 0"),
+        (None, LassoConfig(working_set=8, solver="cd"), "needs solver='fista'"),
+        (None, LassoConfig(working_set=8, select="heldout"), "select='fixed'"),
     ],
 )
 def test_bad_input_raises(y_change, cfg, match):
@@ -353,3 +356,52 @@ def test_cd_one_column_per_block_gives_the_same_solution():
     coloured = lasso_cd.scores_arrays(*_cd_args(design, y_QxT), fracs_K, settings)
     ref = np.abs(np.asarray(cyclic[0])).max()
     np.testing.assert_allclose(coloured[0], cyclic[0], atol=COEF_RTOL * ref)
+
+
+# Working sets (stride/lasso_ws.py): FISTA on W columns at a time, checked on the full problem.
+WS = dict(working_set=48, maxiter=300, tol=1e-6)  # N = 100; supports here are 15-37
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+@pytest.mark.parametrize("nonneg", [False, True])
+def test_working_set_matches_sklearn(fit_intercept, nonneg):
+    design, a_TxN, y_QxT = _problem(
+        seed=4, offset=2.0 if fit_intercept else 0.0, positive=nonneg, q=6
+    )
+    cfg = LassoConfig(lam_frac=0.05, fit_intercept=fit_intercept, nonneg=nonneg, **WS)
+    out = lasso_scores(design, y_QxT, cfg)
+    assert bool(np.all(out["ws_converged_Q"])), out["ws_converged_Q"]  # no fallback used
+    lam_ref_Q = [0.05 * _alpha_max(a_TxN, y, fit_intercept, nonneg) for y in y_QxT]
+    np.testing.assert_allclose(out["lam_Q"], lam_ref_Q, rtol=1e-5)
+    _assert_close_to_sklearn(out, a_TxN, y_QxT, fit_intercept, positive=nonneg)
+
+
+def test_working_set_too_small_falls_back_to_the_full_solver():
+    """A support larger than W cannot be represented: those queries are re-solved by FISTA on
+    all columns, so the scores equal the full solver's."""
+    design, a_TxN, y_QxT = _problem(seed=5, k=12, noise_Q=[0.01] * Q)
+    cfg = LassoConfig(lam_frac=0.01, **TIGHT)
+    full = lasso_scores(design, y_QxT, cfg)
+    assert int(np.min(full["nnz_Q"])) > 4
+    out = lasso_scores(design, y_QxT, LassoConfig(lam_frac=0.01, working_set=4, **TIGHT))
+    assert not bool(np.any(out["ws_converged_Q"]))
+    np.testing.assert_array_equal(out["scores_QxN"], full["scores_QxN"])
+
+
+def test_working_set_query_result_does_not_depend_on_its_batch():
+    design, _, y_QxT = _problem(seed=6, q=8)
+    cfg = LassoConfig(lam_frac=0.05, **WS)
+    together = lasso_scores(design, y_QxT, cfg)["scores_QxN"]
+    alone = lasso_scores(design, y_QxT[3:4], cfg)["scores_QxN"]
+    np.testing.assert_allclose(alone[0], together[3], atol=1e-6)
+
+
+def test_working_set_gram_equals_dense_centred_columns():
+    design, a_TxN, _ = _problem(seed=7)
+    cols = np.array([3, 17, 17 % N, 42, N])  # a repeat and the empty slot N
+    sub_pad = np.concatenate([design.subsets_NxD, np.full((1, D), T)])
+    w_pad = jnp.concatenate([jnp.ones(T), jnp.zeros(1)])
+    mu_pad = np.concatenate([a_TxN.mean(0), [0.0]])
+    got = lasso_ws.gram(jnp.asarray(sub_pad[cols]), jnp.asarray(mu_pad[cols]), w_pad, T, True)
+    a_pad = np.concatenate([a_TxN - a_TxN.mean(0), np.zeros((T, 1))], 1)[:, cols]
+    np.testing.assert_allclose(got, a_pad.T @ a_pad / T, atol=1e-6)

@@ -22,7 +22,8 @@ the top-k recovers the planted nonzeros (means over queries):
 
 The Lasso is ``recover.lasso_scores`` with the pipeline's default path and iterations
 (``stride.defaults.lasso_defaults``) unless --maxiter / --path_len say otherwise, at
-lam_frac 0.1 (--lam_frac; the pipeline's is 0.01).
+lam_frac 0.1 (--lam_frac; the pipeline's is 0.01), in working sets of 64 columns
+(--working_set; 0 = FISTA on all N columns, --solver=cd = coordinate descent).
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ class ScaleParams:
     lam_frac: float = 0.1
     maxiter: int = defaults.lasso_defaults()["maxiter"]
     path_len: int = defaults.lasso_defaults()["path_len"]
+    solver: str = "fista"  # recover.LassoConfig.solver ("cd": coordinate descent)
+    # recover.LassoConfig.working_set: FISTA on 64 columns at a time, checked on all N (0: the
+    # full solver, ~10x slower here: BENCHMARKS.md "Scale").
+    working_set: int = 64
     seed: int = 0
     max_batches: int = 0  # > 0: stop after that many new batches (a planned interruption)
 
@@ -77,7 +82,9 @@ def define_flags() -> None:
     (tests import several binaries)."""
     for f in dataclasses.fields(ScaleParams):
         default = f.default
-        define = flags.DEFINE_integer if isinstance(default, int) else flags.DEFINE_float
+        define = {int: flags.DEFINE_integer, float: flags.DEFINE_float}.get(
+            type(default), flags.DEFINE_string
+        )
         define(f.name, default, f"ScaleParams.{f.name}")
     flags.DEFINE_string("workdir", None, "Output directory (rerun to resume).", required=True)
 
@@ -211,6 +218,12 @@ def _check(p: ScaleParams) -> None:
         raise ConfigError(f"nnz and topk must be in [1, n_train={p.n_train}]")
     if p.noise < 0 or p.lam_frac <= 0 or p.query_batch < 1 or p.maxiter < 1 or p.path_len < 1:
         raise ConfigError("need noise >= 0, lam_frac > 0, query_batch, maxiter, path_len >= 1")
+    if p.solver not in ("fista", "cd") or p.working_set < 0:
+        raise ConfigError(
+            f"need solver fista or cd and working_set >= 0, got {p.solver!r}, {p.working_set}"
+        )
+    if p.working_set and p.solver != "fista":
+        raise ConfigError("working_set > 0 runs FISTA: it needs --solver=fista")
 
 
 def run(p: ScaleParams, workdir: str) -> dict:
@@ -223,7 +236,13 @@ def run(p: ScaleParams, workdir: str) -> dict:
     design = subsets.expander(jax.random.key(p.seed), p.num_subsets, p.n_train, p.degree)
     t_design = time.perf_counter() - t0
     rss_design = rss_mb()
-    lasso = defaults.lasso_defaults(lam_frac=p.lam_frac, maxiter=p.maxiter, path_len=p.path_len)
+    lasso = defaults.lasso_defaults(
+        lam_frac=p.lam_frac,
+        maxiter=p.maxiter,
+        path_len=p.path_len,
+        solver=p.solver,
+        working_set=p.working_set,
+    )
     tag = {"planted": "uniform[1,2] x random sign", "nnz": p.nnz, "noise": p.noise}
     summary = stream.stream_scores(
         design,

@@ -90,7 +90,7 @@ def _pad(x, value, n=1):
     return jnp.concatenate([x, jnp.full((n,) + x.shape[1:], value, x.dtype)])
 
 
-def _gather_sum(x_MxQ, idx_KxJ):
+def gather_sum(x_MxQ, idx_KxJ):
     """``x[idx].sum(1)``, one gather per column of ``idx``: XLA's CPU gather copies whole rows
     fast but is ~10x slower when it gathers a K x J table of rows and reduces it."""
 
@@ -147,14 +147,14 @@ def _setup(members_TxS, subsets_NxD, blocks_CxB, w_T, settings: Settings) -> _Cd
     members_slots_TxS = _pad(slot_N, num_slots)[members_TxS]  # sentinel -> the zero slot
 
     def gradient(u_pad, s_Q):  # rho = A_c^T W r / T' for every slot, C x B x Q
-        rho = _gather_sum(u_pad, rows_CxBxD.reshape(num_slots, -1)).reshape(
+        rho = gather_sum(u_pad, rows_CxBxD.reshape(num_slots, -1)).reshape(
             blocks_CxB.shape + s_Q.shape
         )
         return (rho - muc_CxB[..., None] * s_Q) / n_used
 
     def residual(b_CxBxQ, yc_TxQ):
         b_pad = _pad(b_CxBxQ.reshape(num_slots, -1), 0.0)
-        u_TxQ = w_T[:, None] * (yc_TxQ - _gather_sum(b_pad, members_slots_TxS))
+        u_TxQ = w_T[:, None] * (yc_TxQ - gather_sum(b_pad, members_slots_TxS))
         return _pad(u_TxQ, 0.0), u_TxQ.sum(0)
 
     def gap(b_CxBxQ, u_pad, s_Q, lam_Q):
@@ -173,7 +173,7 @@ def _setup(members_TxS, subsets_NxD, blocks_CxB, w_T, settings: Settings) -> _Cd
         def step(carry, colour):
             u_pad, s_Q = carry
             rows_BxD, wts_BxD, muc_B, lip_B, old_BxQ = colour
-            rho_BxQ = (_gather_sum(u_pad, rows_BxD) - muc_B[:, None] * s_Q) / n_used
+            rho_BxQ = (gather_sum(u_pad, rows_BxD) - muc_B[:, None] * s_Q) / n_used
             new_BxQ = _soft(
                 old_BxQ + rho_BxQ / lip_B[:, None], lam_Q / lip_B[:, None], settings.nonneg
             )
@@ -191,7 +191,7 @@ def _setup(members_TxS, subsets_NxD, blocks_CxB, w_T, settings: Settings) -> _Cd
     def centre(y_TxQ):
         ybar_Q = w_T @ y_TxQ / n_used if settings.fit_intercept else jnp.zeros(y_TxQ.shape[1])
         yc_TxQ = w_T[:, None] * (y_TxQ - ybar_Q)
-        rho_NxQ = _gather_sum(_pad(yc_TxQ, 0.0), subsets_NxD) / n_used
+        rho_NxQ = gather_sum(_pad(yc_TxQ, 0.0), subsets_NxD) / n_used
         lam_max_Q = jnp.max(rho_NxQ if settings.nonneg else jnp.abs(rho_NxQ), 0)
         return yc_TxQ, ybar_Q, jnp.maximum(lam_max_Q, 0.0)
 
@@ -219,7 +219,7 @@ def _setup(members_TxS, subsets_NxD, blocks_CxB, w_T, settings: Settings) -> _Cd
         return carry[0].reshape(num_slots, -1)[slot_N]
 
     def fitted(b_NxQ, ybar_Q):
-        return _gather_sum(_pad(b_NxQ, 0.0), members_TxS) - muc_N @ b_NxQ + ybar_Q
+        return gather_sum(_pad(b_NxQ, 0.0), members_TxS) - muc_N @ b_NxQ + ybar_Q
 
     return _Cd(centre, solve, fitted)
 

@@ -13,7 +13,9 @@ lambda path under ``lax.scan``, and are vmapped over queries. ``solver="cd"`` op
 :mod:`stride_jax.stride.lasso_cd` instead: batched coordinate descent on the same problem, which
 stops each query at scikit-learn's duality-gap tolerance; on CPU it is several times faster than
 scikit-learn's coordinate descent looped over queries, where this FISTA is slower (BENCHMARKS.md,
-"Lasso: batched JAX vs scikit-learn coordinate descent").
+"Lasso: batched JAX vs scikit-learn coordinate descent"). ``working_set=W`` runs the same FISTA
+on at most W columns at a time (:mod:`stride_jax.stride.lasso_ws`): for sparse solutions at
+large N (the paper's T << N), where each full step would touch every column.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stride_jax import resources, sharding
-from stride_jax.stride import lasso_cd
+from stride_jax.stride import lasso_cd, lasso_ws
 from stride_jax.stride.subsets import Design
 
 # jaxopt warns on import that it is no longer maintained. We depend on it knowingly (its FISTA
@@ -62,6 +64,11 @@ class LassoConfig:
     holdout_frac: float = 0.1
     path_min_frac: float = 0.005  # smallest fraction considered when select == "heldout"
     solver: str = "fista"  # "fista" (jaxopt) or "cd" (opt-in coordinate descent, lasso_cd.py)
+    # > 0: FISTA on working sets of this many columns (lasso_ws.py; select "fixed" only), tol is
+    # then the duality-gap rule of solver "cd" and maxiter the steps per restricted solve; a
+    # query whose gap does not close in ws_rounds rounds is re-solved by the full solver.
+    working_set: int = 0
+    ws_rounds: int = 20
 
 
 def _ops(members_TxS, subsets_NxD, w_T, fit_intercept: bool):
@@ -281,6 +288,16 @@ def _validate(config: LassoConfig, members_TxS, y_QxT, key) -> None:
         raise ValueError(
             f"path_len and maxiter must be >= 1, got {config.path_len}, {config.maxiter}"
         )
+    if config.working_set < 0 or config.ws_rounds < 1:
+        raise ValueError(
+            f"working_set must be >= 0 and ws_rounds >= 1, got {config.working_set}, "
+            f"{config.ws_rounds}"
+        )
+    if config.working_set and (config.solver != "fista" or config.select != "fixed"):
+        raise ValueError(
+            "working_set > 0 runs FISTA at a fixed lambda: it needs solver='fista' and "
+            f"select='fixed', got solver={config.solver!r}, select={config.select!r}"
+        )
     if config.select == "heldout":
         if key is None:
             raise ValueError("select='heldout' needs a PRNG key to choose held-out rows")
@@ -314,6 +331,8 @@ def lasso_scores(design_or_arrays, y_QxT, config: LassoConfig, key=None, mesh=No
     # twice over): at most ~1 GB of queries at once (digits: all queries at once).
     (num_examples, degree), num_subsets = np.shape(subsets_NxD), int(members_TxS.shape[0])
     per_query = 128 * num_examples
+    if config.working_set:
+        per_query = 4 * (10 + degree) * num_examples + 4 * config.working_set**2 * degree
     if config.solver == "cd":
         per_query = 8 * (3 * num_subsets + (2 * degree + 2) * num_examples)
     step = resources.items_at_once(int(y_QxT.shape[0]), per_query)
@@ -332,6 +351,9 @@ def lasso_scores(design_or_arrays, y_QxT, config: LassoConfig, key=None, mesh=No
         members_TxS, subsets_NxD = jax.device_put(
             (members_TxS, subsets_NxD), sharding.replicated(mesh)
         )
+    if config.working_set:
+        out = _ws_scores(design_or_arrays, members_TxS, subsets_NxD, y_QxT, config, mesh)
+        return {k: v[:num_queries] for k, v in out.items()}
     if config.solver == "cd":
         out = _cd_scores(members_TxS, subsets_NxD, y_QxT, config, key, mesh)
         return {k: v[:num_queries] for k, v in out.items()}
@@ -378,3 +400,32 @@ def _cd_scores(members_TxS, subsets_NxD, y_QxT, config: LassoConfig, key, mesh) 
     fracs_K = _fracs(jnp.float32(config.path_min_frac), config.path_len)
     fit_mask_T = _fit_mask(config, num_subsets, key)
     return _result(*lasso_cd.heldout_arrays(*args, fit_mask_T, fracs_K, settings))
+
+
+def _ws_scores(design_or_arrays, members_TxS, subsets_NxD, y_QxT, config, mesh) -> dict:
+    """``working_set > 0``: :mod:`lasso_ws`; queries whose gap did not close are re-solved
+    with the full solver (same config, ``working_set=0``)."""
+    width = min(config.working_set, int(subsets_NxD.shape[0]))
+    chunk = lasso_cd.query_chunk(mesh)
+    settings = lasso_ws.Settings(
+        config.nonneg,
+        config.fit_intercept,
+        width,
+        config.ws_rounds,
+        config.maxiter,
+        config.tol,
+        chunk,
+    )
+    lam_frac = jnp.float32(config.lam_frac)
+    scores_QxN, lam_Q, ok_Q = lasso_ws.scores_arrays(
+        members_TxS, subsets_NxD, y_QxT, lam_frac, settings
+    )
+    redo = np.flatnonzero(~np.asarray(ok_Q))
+    if redo.size:
+        full = lasso_scores(
+            design_or_arrays, y_QxT[redo], dataclasses.replace(config, working_set=0)
+        )
+        scores_QxN = scores_QxN.at[redo].set(full["scores_QxN"])
+    out = _result(scores_QxN, lam_Q, jnp.full(lam_Q.shape, lam_frac))
+    out["ws_converged_Q"] = ok_Q
+    return out

@@ -132,6 +132,12 @@ def pad_operators(tree, num_subsets: int, multiple: int):
     return jax.tree_util.tree_map(pad, tree)
 
 
+def put(tree, shardings):
+    """``tree`` moved onto ``shardings`` (a pytree prefix of it): ``distributed.put``, which
+    on one process is ``jax.device_put``."""
+    return distributed.put(tree, shardings)
+
+
 def jit(fn, in_shardings, out_shardings):
     """``jax.jit`` with explicit in/out shardings whose arguments are first moved onto their
     shardings (a no-op when they are there): a cache split over rows may feed a step that
@@ -141,7 +147,7 @@ def jit(fn, in_shardings, out_shardings):
     jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings)
 
     def call(*args):
-        return jitted(*distributed.put(args, tuple(in_shardings)))
+        return jitted(*put(args, tuple(in_shardings)))
 
     return call
 

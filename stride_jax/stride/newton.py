@@ -22,6 +22,11 @@ logits' sensitivity to the site's output (the identity at the logit site; ``diag
 W_head`` at a hidden site). Operators list their sites with ``linear_sites``; the blocks of
 ``H`` are then ``mean_n (L_s M L_t^T)_n (x) (f_s f_t^T)_n``: a (O_s O_t) x (R_s R_t) matmul per
 pair of sites instead of materialising per-row Jacobians.
+
+On a mesh (``initialise``), each device of the ``data`` axis accumulates ``H`` and the
+gradients over its own row chunks (summed across devices), and each device of the ``ops``
+axis solves its own share of the right-hand sides against the one Cholesky factor; the gates
+come out split over ``ops``, as stage 1's Adam steps hold them.
 """
 
 from __future__ import annotations

@@ -189,7 +189,7 @@ def build_train_chunk(graphdef, tx, inputs, config, mesh, state_shardings):
 
     rep = sharding.replicated(mesh)
     jitted = sharding.jit(chunk, (state_shardings, rep, rep), (state_shardings, rep))
-    inputs = jax.device_put(inputs, rep)  # e.g. a decoder's cache arrives split over rows
+    inputs = sharding.put(inputs, rep)  # once: e.g. a decoder's cache arrives split over rows
     return lambda state, key: jitted(state, key, inputs)
 
 

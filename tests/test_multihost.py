@@ -129,20 +129,6 @@ def one_process(tmp_path_factory):
     return workdir
 
 
-# Until the pipeline's own files take multi-host arrays: stride/method.py (responses, Lasso
-# outputs), eval/groundtruth.py (build's losses) and tasks/classifier_task.py (retrain_losses)
-# pull results to the host with ``distributed.to_host`` (np.asarray refuses an array split
-# over processes), and ``sharding.jit`` places its arguments with ``distributed.put``
-# (jax.device_put refuses a local array onto a multi-process sharding). With those changes
-# both tests pass (measured); then delete this marker (strict: an unexpected pass fails, so
-# it cannot be forgotten).
-PENDING = pytest.mark.xfail(
-    strict=True,
-    reason="method.py, groundtruth.py, classifier_task.py, sharding.jit: distributed.to_host/put",
-)
-
-
-@PENDING
 def test_two_processes_write_what_one_writes(one_process, tmp_path):
     workdir = str(tmp_path / "two")
     logs = _run_processes(_config_file(tmp_path), workdir, n=2)
@@ -150,7 +136,6 @@ def test_two_processes_write_what_one_writes(one_process, tmp_path):
     _check_same_run(one_process, workdir)
 
 
-@PENDING
 @pytest.mark.slow
 def test_two_processes_of_two_devices(one_process, tmp_path):
     workdir = str(tmp_path / "two_by_two")

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from stride_jax import checkpoint, resources, sharding
+from stride_jax import checkpoint, distributed, resources, sharding
 from stride_jax.data import Splits
 from stride_jax.models import mlp
 from stride_jax.stride import subsets
@@ -160,7 +160,7 @@ def build(config, model_config, splits: Splits, mesh, workdir: str | None = None
         splits.num_classes,
         group,
     )
-    out = {"masks_MxN": masks, "losses_MxQ": jax.device_get(losses)}
+    out = {"masks_MxN": masks, "losses_MxQ": distributed.to_host(losses)}
     logging.info(
         "ground truth: done in %.1fs; mean query loss %.4f", time.time() - t0, float(losses.mean())
     )

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from stride_jax import checkpoint, sharding
+from stride_jax import checkpoint, distributed, sharding
 from stride_jax.errors import ConfigError
 from stride_jax.stride import defaults, recover, stage1, subsets
 
@@ -164,7 +164,7 @@ def responses(fitted: Fitted, query, mesh) -> np.ndarray:
         return fitted.last_responses[1]
     site = fitted.site
     y = site.responses(fitted.graphdef, fitted.params, site.encode(query), query, mesh)
-    y_QxT = np.asarray(jax.device_get(y), np.float32)
+    y_QxT = np.asarray(distributed.to_host(y), np.float32)
     fitted.last_responses = (query, y_QxT)
     return y_QxT
 
@@ -193,9 +193,9 @@ def attribute_rows(task, fitted: Fitted, query, cfg) -> Scores:
         key=_keys(cfg)[2],
         mesh=mesh,
     )
-    scores = np.asarray(jax.device_get(out["scores_QxN"]), np.float32)
+    scores = np.asarray(distributed.to_host(out["scores_QxN"]), np.float32)
     seconds["lasso"] = time.time() - t0
-    nnz = np.asarray(out["nnz_Q"])
+    nnz = distributed.to_host(out["nnz_Q"])
     logging.info(
         "stride: Lasso in %.2fs; active set p50 %d of %d",
         seconds["lasso"],
@@ -204,7 +204,13 @@ def attribute_rows(task, fitted: Fitted, query, cfg) -> Scores:
     )
     fitted.seconds.update(responses=seconds["responses"], lasso=seconds["lasso"])
     return Scores(
-        scores, y_QxT, np.asarray(out["lam_Q"]), nnz, fitted.design, fitted.history, seconds
+        scores,
+        y_QxT,
+        distributed.to_host(out["lam_Q"]),
+        nnz,
+        fitted.design,
+        fitted.history,
+        seconds,
     )
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from stride_jax import distributed
 from stride_jax.data import Dataset
 from stride_jax.errors import ConfigError
 from stride_jax.models.mlp import cross_entropy
@@ -179,7 +180,7 @@ class ClassifierTask(Task):
         losses_MxB = groundtruth.query_losses(
             self.model_config, params_M, q["x"], q["y"], self.num_classes, group
         )
-        return np.asarray(jax.device_get(losses_MxB), np.float32)
+        return np.asarray(distributed.to_host(losses_MxB), np.float32)
 
     # --- dense layers (K-FAC / EK-FAC) ---------------------------------------------------------
 

@@ -43,7 +43,7 @@ from absl import app, flags
 
 from stride_jax.stride import defaults, recover, subsets
 
-_SHAPE = dict(d=5, k_true=20, tol=1e-4, reps=2, sk_queries=0, dense=True)
+_SHAPE = dict(d=5, k_true=20, tol=1e-4, reps=2, sk_queries=0, dense=True, ws=256)
 # sk_queries: the sparse loop is timed on that many queries (0: all); dense: time the dense loop
 FULL = {
     "digits": _SHAPE | dict(T=3000, N=1400, Q=200, lam_frac=0.003),
@@ -60,8 +60,8 @@ for _s in FULL.values():
 DENSE_QUERIES = 20  # the dense loop is timed on this many queries (it is 10x+ slower)
 GRAM_MAX_N = 5000  # the Gram-matrix variant runs where N x N float64 fits (200 MB)
 QUICK = {
-    "tiny": _SHAPE | dict(T=100, N=200, Q=8, lam_frac=0.01, reps=1),
-    "tiny_nonneg": _SHAPE | dict(T=100, N=200, Q=4, lam_frac=0.01, reps=1, nonneg=True),
+    "tiny": _SHAPE | dict(T=100, N=200, Q=8, lam_frac=0.01, reps=1, ws=64),
+    "tiny_nonneg": _SHAPE | dict(T=100, N=200, Q=4, lam_frac=0.01, reps=1, nonneg=True, ws=64),
 }
 
 
@@ -186,6 +186,10 @@ def bench_shape(s: dict) -> dict:
         "jax_cd_path6": ours(recover.LassoConfig(**cfg, path_len=6, solver="cd")),
         "jax_cd_path1": ours(recover.LassoConfig(**cfg, path_len=1, solver="cd")),
         "jax_fista_default": ours(fista),
+        # FISTA on working sets (lasso_ws.py) at the same gap tolerance as sklearn
+        "jax_fista_ws": ours(
+            recover.LassoConfig(**cfg | dict(maxiter=100), path_len=1, working_set=s["ws"])
+        ),
         "sklearn_sparse": lambda: sklearn_loop(
             a.tocsc(), y_QxT, lam_Q, s, counts["sklearn_sparse"]
         ),
@@ -227,7 +231,7 @@ def bench_shape(s: dict) -> dict:
             nnz_median=float(np.median((b_QxN != 0).sum(1))),
         )
     best_sk = min(v["seconds"] for k, v in out["timings"].items() if k.startswith("sklearn"))
-    for name in ("jax_cd_path6", "jax_cd_path1", "jax_fista_default"):
+    for name in ("jax_cd_path6", "jax_cd_path1", "jax_fista_default", "jax_fista_ws"):
         out[f"ratio_sklearn_best_over_{name}"] = best_sk / out["timings"][name]["seconds"]
     return out
 

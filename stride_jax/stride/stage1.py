@@ -11,7 +11,9 @@ a run resumed from a checkpoint takes exactly the steps an uninterrupted run wou
 
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -164,7 +166,11 @@ def default_operators(inputs, config, dims=None):
 def build_train_chunk(graphdef, tx, inputs, config, mesh, state_shardings):
     """Jitted function running ``config.log_every`` steps; returns (state, mean loss terms).
     ``inputs`` (any site's) travel as an argument, not a constant. With a frozen basis the
-    basis features of all training rows are computed once per call (``with_frozen_basis``)."""
+    basis features of all training rows are computed once per call (``with_frozen_basis``).
+
+    The state argument is donated: the returned state reuses its buffers (params and both
+    optimizer moments are updated in place), so a caller must not read the state it passed in
+    (``state = chunk(state, key)[0]``)."""
 
     def one_step(state, key, inputs):
         step_key = jax.random.fold_in(key, state["step"])
@@ -188,9 +194,28 @@ def build_train_chunk(graphdef, tx, inputs, config, mesh, state_shardings):
         return state, jax.tree_util.tree_map(jnp.mean, terms)
 
     rep = sharding.replicated(mesh)
-    jitted = sharding.jit(chunk, (state_shardings, rep, rep), (state_shardings, rep))
+    in_shardings = (state_shardings, rep, rep)
+    jitted = jax.jit(
+        chunk, in_shardings=in_shardings, out_shardings=(state_shardings, rep), donate_argnums=0
+    )
     inputs = sharding.put(inputs, rep)  # once: e.g. a decoder's cache arrives split over rows
-    return lambda state, key: jitted(state, key, inputs)
+
+    def run(state, key):
+        state, key = sharding.put((state, key), in_shardings[:2])
+        with _donation_unsupported_is_fine():
+            return jitted(state, key, inputs)
+
+    return run
+
+
+@contextlib.contextmanager
+def _donation_unsupported_is_fine():
+    """Backends that cannot donate (some CPU builds) ignore ``donate_argnums`` and warn at
+    each compile; the state is then copied as before, which is fine: silence that warning
+    here only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+        yield
 
 
 def state_shardings(state, mesh, num_subsets: int):
@@ -279,25 +304,42 @@ def fit_operators(
 
 
 def _train_loop(chunk, state, run_key, config, ckpts):
-    """Run the remaining chunks; returns (final state, per-chunk mean losses)."""
+    """Run the remaining chunks; returns (final state, per-chunk mean losses).
+
+    No host round trip waits on a chunk: the step count is known on the host, each chunk's
+    loss terms start copying to the host as soon as it is dispatched, and they are read (and
+    logged) after the next chunk has been dispatched, so the device never idles on logging.
+    Checkpoint saves (every ``ckpt_every`` steps) do wait for their state."""
     history = []
     start = int(state["step"])
     t0 = time.time()
-    for _ in range(start // config.log_every, config.steps // config.log_every):
+    pending = None  # (step, device loss terms) of the last dispatched chunk
+    for i in range(start // config.log_every, config.steps // config.log_every):
         state, terms = chunk(state, run_key)
-        step = int(state["step"])
-        terms = {k: float(v) for k, v in terms.items()}
-        history.append({"step": step, **terms})
-        rate = (step - start) / max(time.time() - t0, 1e-9)
-        logging.info(
-            "stage 1 step %d/%d  fidelity %.4f  stability %.5f  linearity %.3g  (%.1f steps/s)",
-            step,
-            config.steps,
-            terms["fidelity"],
-            terms["stability"],
-            terms["linearity"],
-            rate,
-        )
+        step = (i + 1) * config.log_every
+        for value in terms.values():
+            value.copy_to_host_async()
+        if pending is not None:
+            history.append(_log_chunk(*pending, start, t0, config))
+        pending = (step, terms)
         if ckpts is not None and (step % config.ckpt_every == 0 or step == config.steps):
             ckpts.save(step, state)
+    if pending is not None:
+        history.append(_log_chunk(*pending, start, t0, config))
     return state, history
+
+
+def _log_chunk(step: int, terms: dict, start: int, t0: float, config) -> dict:
+    """Read one chunk's mean loss terms (copied to the host already) and log them."""
+    terms = {k: float(v) for k, v in terms.items()}
+    rate = (step - start) / max(time.time() - t0, 1e-9)
+    logging.info(
+        "stage 1 step %d/%d  fidelity %.4f  stability %.5f  linearity %.3g  (%.1f steps/s)",
+        step,
+        config.steps,
+        terms["fidelity"],
+        terms["stability"],
+        terms["linearity"],
+        rate,
+    )
+    return {"step": step, **terms}

@@ -274,13 +274,23 @@ class Decoder(nnx.Module):
             h_BxLxD = h_BxLxD + self.wpe.embedding[: tokens_BxL.shape[1]][None]
         return h_BxLxD
 
-    def blocks(self, h_BxLxD, mask_BxL, start: int = 0, stop: int | None = None) -> jax.Array:
-        """The residual stream through blocks [start, stop) (static ints)."""
+    def blocks(
+        self, h_BxLxD, mask_BxL, start: int = 0, stop: int | None = None, remat: bool = False
+    ) -> jax.Array:
+        """The residual stream through blocks [start, stop) (static ints). ``remat``: each
+        block is a ``jax.checkpoint``, so a backward pass keeps only the residual stream between
+        blocks and recomputes each block's activations (see ``normed_from``)."""
         L = h_BxLxD.shape[1]
         causal_LxL = jnp.tril(jnp.ones((L, L), bool))
         allowed_BxLxL = causal_LxL[None] & (jnp.asarray(mask_BxL) > 0)[:, None, :]
         for i in range(start, len(self.layers) if stop is None else stop):
-            h_BxLxD = self.layers[i](h_BxLxD, allowed_BxLxL)
+            if remat:
+                block_gd, block_state = nnx.split(self.layers[i])
+                h_BxLxD = jax.checkpoint(lambda st, h, a, g=block_gd: nnx.merge(g, st)(h, a))(
+                    block_state, h_BxLxD, allowed_BxLxL
+                )
+            else:
+                h_BxLxD = self.layers[i](h_BxLxD, allowed_BxLxL)
         return h_BxLxD
 
     def final_norm(self, h_BxLxD: jax.Array) -> jax.Array:
@@ -330,16 +340,48 @@ def apply(graphdef, params, tokens_BxL, mask_BxL=None) -> jax.Array:
     return _checked(graphdef, params, tokens_BxL, mask_BxL)(tokens_BxL, mask_BxL)
 
 
-def hidden_at(graphdef, params, tokens_BxL, mask_BxL, layer: int) -> jax.Array:
-    """h_BxLxD: residual stream after ``layer`` blocks (0 = embeddings, n_layers = pre-norm)."""
+def with_compute_dtype(model: Decoder, dtype: str) -> Decoder:
+    """``model`` (merged, modified in place) whose linear layers take ``dtype`` operands and
+    accumulate and return float32 (``preferred_element_type``); "float32" leaves it as it is.
+    The residual stream, norms, attention scores and softmax, embeddings and the head stay
+    float32: only the q/k/v/o projections and the MLPs' products run in ``dtype``."""
+    if dtype == "float32":
+        return model
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, nnx.Linear):
+            module.dtype = jnp.dtype(dtype)
+            module.preferred_element_type = jnp.float32
+    return model
+
+
+def hidden_at(
+    graphdef, params, tokens_BxL, mask_BxL, layer: int, compute_dtype: str = "float32"
+) -> jax.Array:
+    """h_BxLxD: residual stream after ``layer`` blocks (0 = embeddings, n_layers = pre-norm);
+    ``compute_dtype``: the linear layers' (``with_compute_dtype``)."""
     model = _checked(graphdef, params, tokens_BxL, mask_BxL, layer)
+    model = with_compute_dtype(model, compute_dtype)
     return model.blocks(model.embed(tokens_BxL), mask_BxL, 0, layer)
 
 
-def normed_from(graphdef, params, h_BxLxD, mask_BxL, layer: int) -> jax.Array:
-    """hn_BxLxD: blocks[layer:] then the final norm (logits = hn @ head_matrix)."""
+def normed_from(
+    graphdef,
+    params,
+    h_BxLxD,
+    mask_BxL,
+    layer: int,
+    compute_dtype: str = "float32",
+    remat: bool = False,
+) -> jax.Array:
+    """hn_BxLxD: blocks[layer:] then the final norm (logits = hn @ head_matrix).
+
+    ``compute_dtype``: the linear layers' (``with_compute_dtype``). ``remat``: checkpoint each
+    block (``Decoder.blocks``): under a gradient the backward pass then holds the residual
+    stream between blocks instead of every block's intermediates (q/k/v, attention weights,
+    the MLP's d_ff activations), at the cost of recomputing the blocks' forward once."""
     model = _checked(graphdef, params, h_BxLxD, mask_BxL, layer)
-    return model.final_norm(model.blocks(h_BxLxD, mask_BxL, layer))
+    model = with_compute_dtype(model, compute_dtype)
+    return model.final_norm(model.blocks(h_BxLxD, mask_BxL, layer, remat=remat))
 
 
 def logits_from(graphdef, params, h_BxLxD, mask_BxL, layer: int) -> jax.Array:

@@ -84,6 +84,7 @@ def classifier() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
             seed=3,
+            compute_dtype="float32",  # or "bfloat16": the responses' products (precision.py)
             response_batch=64,
             # Multiply each subset's responses by its size before the Lasso: the fidelity loss
             # is a mean over members, so an operator answers to the average of its members.
@@ -109,6 +110,8 @@ def decoder() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
             seed=3,
+            compute_dtype="float32",  # or "bfloat16": the responses' products (precision.py)
+            remat=False,  # checkpoint the blocks above the hook in stage 1's gradient
             layer=-1,
             vocab_chunk=8192,
             encode_batch=16,

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from stride_jax.errors import ConfigError
+from stride_jax.stride import precision
 
 
 def layer_norm_noaffine(h_BxD: jax.Array, eps: float = 1e-5) -> jax.Array:
@@ -40,7 +41,10 @@ class SteeringOperators(nnx.Module):
 
     Params: ``w_down`` (feat_dim x rank, LeCun-normal times ``init_scale``), ``gates``
     (T x out_dim x rank, zero-init). A small ``init_scale`` keeps SiLU in its near-linear range,
-    so the basis starts as a random projection of LN(h).
+    so the basis starts as a random projection of LN(h). ``compute_dtype`` ("float32" or
+    "bfloat16", ``precision``; set for the responses by ``with_compute_dtype``): how the two
+    products (LN(h) W_down and B_k phi) run; they return float32 either way, and params, LN
+    and SiLU stay float32.
     """
 
     def __init__(
@@ -52,7 +56,10 @@ class SteeringOperators(nnx.Module):
         *,
         rngs,
         init_scale: float = 1.0,
+        compute_dtype: str = "float32",
     ):
+        precision.check(compute_dtype)
+        self.compute_dtype = compute_dtype
         init = jax.nn.initializers.lecun_normal()
         w = init_scale * init(rngs.params(), (feat_dim, rank), jnp.float32)
         self.w_down = nnx.Param(w)
@@ -72,7 +79,8 @@ class SteeringOperators(nnx.Module):
 
     def basis(self, h_BxD: jax.Array) -> jax.Array:
         """phi_BxR = SiLU(LN(h) W_down)."""
-        return jax.nn.silu(layer_norm_noaffine(h_BxD) @ self.w_down[...])
+        ln = layer_norm_noaffine(h_BxD)
+        return jax.nn.silu(precision.matmul(ln, self.w_down[...], self.compute_dtype))
 
     def shifts(self, phi_BxR: jax.Array, subset_ids_K: jax.Array | None = None) -> jax.Array:
         """delta_KxBxO for the operators ``subset_ids_K`` (all T when None).
@@ -82,7 +90,7 @@ class SteeringOperators(nnx.Module):
         gates = self.gates[...]
         if subset_ids_K is not None:
             gates = gates[subset_ids_K]
-        return jnp.einsum("kor,...r->k...o", gates, phi_BxR)
+        return precision.einsum("kor,...r->k...o", gates, phi_BxR, self.compute_dtype)
 
     def shifts_per_row(self, phi_KxBxR: jax.Array, subset_ids_K: jax.Array | None) -> jax.Array:
         """delta_KxBxO where operator k sees its own batch phi_KxBxR[k] (any batch shape);
@@ -90,7 +98,7 @@ class SteeringOperators(nnx.Module):
         gates = self.gates[...]
         if subset_ids_K is not None:
             gates = gates[subset_ids_K]
-        return jnp.einsum("kor,k...r->k...o", gates, phi_KxBxR)
+        return precision.einsum("kor,k...r->k...o", gates, phi_KxBxR, self.compute_dtype)
 
     def gate_sq_norms(self, subset_ids_K: jax.Array | None = None) -> jax.Array:
         """||B_k||_F^2 of the operators ``subset_ids_K`` (all T when None): (K,)."""
@@ -190,6 +198,20 @@ class HiddenSiteOperators(nnx.Module):
         dh = jax.nn.gelu(rows["a"] + da) - jax.nn.gelu(rows["a"])
         dz = dh @ fixed["w_head"]
         return dz + self.logit.logit_shift(rows, subset_ids_K, shared)
+
+
+def with_compute_dtype(graphdef, params, dtype: str):
+    """The graphdef of operators (graphdef, params) whose ``SteeringOperators`` compute in
+    ``dtype`` (``precision``); "float32" returns ``graphdef`` itself. Stage 1 trains in
+    float32, the responses may run in bfloat16 (``sites``)."""
+    precision.check(dtype)
+    if dtype == "float32":
+        return graphdef
+    ops = nnx.merge(graphdef, params)
+    for _, module in nnx.iter_modules(ops):
+        if isinstance(module, SteeringOperators):
+            module.compute_dtype = dtype
+    return nnx.split(ops, nnx.Param)[0]
 
 
 def whitened_basis(u_NxD, rank: int, scale: float, whiten: bool = True) -> jax.Array:

@@ -33,15 +33,29 @@ from stride_jax.stride.operators import SteeringOperators
 
 @dataclasses.dataclass(frozen=True)
 class Upper:
-    """The frozen decoder above the hook: static parts (hashable) for jit."""
+    """The frozen decoder above the hook: static parts (hashable) for jit.
+
+    ``compute_dtype``: its linear layers' (``precision``; the final norm, the vocabulary head,
+    log-softmax and cross-entropy stay float32). ``remat``: checkpoint each upper block under
+    the stage-1 gradient (``transformer.normed_from``), trading one more forward of the upper
+    blocks for their activations' memory; the responses take no gradient, so it does not
+    change them."""
 
     graphdef: object
     layer: int
     vocab_chunk: int
+    compute_dtype: str = "float32"
+    remat: bool = False
+
+    def normed(self, params, h_BxLxD, attn_BxL) -> jax.Array:
+        """The upper blocks and the final norm from residual h at ``layer``: hn_BxLxD."""
+        return transformer.normed_from(
+            self.graphdef, params, h_BxLxD, attn_BxL, self.layer, self.compute_dtype, self.remat
+        )
 
     def row_losses(self, params, h_BxLxD, attn_BxL, tokens_BxL, loss_mask_BxL) -> jax.Array:
         """Mean target-token CE of each row continued from residual h at ``layer``: (B,)."""
-        hn = transformer.normed_from(self.graphdef, params, h_BxLxD, attn_BxL, self.layer)
+        hn = self.normed(params, h_BxLxD, attn_BxL)
         w_dv = transformer.head_matrix(self.graphdef, params)
         b, length, d = hn.shape
         ce = losses.chunked_token_ce(
@@ -52,7 +66,7 @@ class Upper:
 
     def row_kl(self, params, h, attn, top_idx_BxLxK, top_val_BxLxK, loss_mask_BxL):
         """Mean truncated top-K KL(base || steered) over each row's target positions: (B,)."""
-        hn = transformer.normed_from(self.graphdef, params, h, attn, self.layer)
+        hn = self.normed(params, h, attn)
         w_vd = transformer.head_matrix(self.graphdef, params).T
         steer = jnp.einsum("bld,blkd->blk", hn, w_vd[top_idx_BxLxK])
         logp = jax.nn.log_softmax(top_val_BxLxK, -1)
@@ -133,10 +147,19 @@ class LMInputs:
 
 
 def encode(
-    graphdef, params, data: dict, layer: int, top_k: int, vocab_chunk: int, batch: int, mesh=None
+    graphdef,
+    params,
+    data: dict,
+    layer: int,
+    top_k: int,
+    vocab_chunk: int,
+    batch: int,
+    mesh=None,
+    compute_dtype: str = "float32",
 ):
     """Base-model cache for rows ``data`` (tokens/attn/loss_mask N x L), ``batch`` at a time,
-    the rows split over every device of ``mesh`` (default: one device; N is padded).
+    the rows split over every device of ``mesh`` (default: one device; N is padded), the
+    linear layers in ``compute_dtype`` (``precision``).
 
     Returns ``h`` (N x L x D, residual after ``layer``), ``ce`` (N,) the base row losses,
     ``top_idx``/``top_val`` (N x L x K) the base model's top-K next-token logits.
@@ -144,19 +167,20 @@ def encode(
     mesh = mesh if mesh is not None else sharding.make_mesh()
     n = data["tokens"].shape[0]
     padded = {k: sharding.pad_to_multiple(v, sharding.size(mesh))[0] for k, v in data.items()}
-    out = _encode_fn(graphdef, layer, top_k, vocab_chunk, batch, mesh)(params, padded)
+    fn = _encode_fn(graphdef, layer, top_k, vocab_chunk, batch, mesh, compute_dtype)
+    out = fn(params, padded)
     return {k: v[:n] for k, v in out.items()}
 
 
 @functools.lru_cache(maxsize=8)
-def _encode_fn(graphdef, layer: int, top_k: int, vocab_chunk: int, batch: int, mesh):
-    upper = Upper(graphdef, layer, vocab_chunk)
+def _encode_fn(graphdef, layer: int, top_k: int, vocab_chunk: int, batch: int, mesh, dtype):
+    upper = Upper(graphdef, layer, vocab_chunk, dtype)
 
     def local(params, data):
         def one(row):
             tok, attn, lm = row["tokens"][None], row["attn"][None], row["loss_mask"][None]
-            h = transformer.hidden_at(graphdef, params, tok, attn, layer)
-            hn = transformer.normed_from(graphdef, params, h, attn, layer)
+            h = transformer.hidden_at(graphdef, params, tok, attn, layer, dtype)
+            hn = upper.normed(params, h, attn)
             logits = hn @ transformer.head_matrix(graphdef, params)
             val, idx = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))
             ce = upper.row_losses(params, h, attn, tok, lm)

@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from stride_jax.errors import ConfigError
-from stride_jax.stride import classifier_inputs, newton, residual, responses
-from stride_jax.stride.operators import HiddenHook, LogitHook
+from stride_jax.stride import classifier_inputs, newton, precision, residual, responses
+from stride_jax.stride.operators import HiddenHook, LogitHook, with_compute_dtype
 
 HOOKS = ("logits", "hidden")
 
@@ -77,8 +77,9 @@ class ClassifierSite(Site):
         return {"make_ops": make_ops}
 
     def responses(self, ops_graphdef, ops_params, cache_q, rows_q, mesh):
+        dtype = precision.compute_dtype(self.cfg)
         return responses.response_matrix(
-            ops_graphdef,
+            with_compute_dtype(ops_graphdef, ops_params, dtype),
             ops_params,
             cache_q,
             rows_q.y_N,
@@ -92,6 +93,7 @@ def classifier_site(task, cfg) -> ClassifierSite:
     """The site ``cfg.hook`` names: "logits" (penultimate features and logits) or "hidden"
     (also the MLP's last hidden pre-activation, with a ``cfg.hidden_rank`` basis of
     ``cfg.hidden_basis``: "whitened" or "pca" principal directions of the layer's input)."""
+    precision.compute_dtype(cfg)  # checked before any work
     kind = cfg.get("hook", "logits")
     if kind == "logits":
         return ClassifierSite(task, cfg, LogitHook(task.features, task.logits))
@@ -154,10 +156,11 @@ class ResidualSite(Site):
         return {"dims": (d, d)}
 
     def responses(self, ops_graphdef, ops_params, cache_q, rows_q, mesh):
+        dtype = precision.compute_dtype(self.cfg)
         return residual.response_matrix(
-            self.upper,
+            dataclasses.replace(self.upper, compute_dtype=dtype),
             self.task.params,
-            ops_graphdef,
+            with_compute_dtype(ops_graphdef, ops_params, dtype),
             ops_params,
             cache_q,
             self.task.arrays(rows_q),
@@ -174,5 +177,7 @@ def residual_site(task, cfg) -> ResidualSite:
         )
     if cfg.stage1.probe_mask_members:
         raise ConfigError("stage1.probe_mask_members is not supported for language models")
+    precision.compute_dtype(cfg)  # checked before any work
     layer = hook_layer(cfg, task.model_config.n_layers)
-    return ResidualSite(task, cfg, residual.Upper(task.graphdef, layer, cfg.vocab_chunk))
+    upper = residual.Upper(task.graphdef, layer, cfg.vocab_chunk, remat=cfg.get("remat", False))
+    return ResidualSite(task, cfg, upper)

@@ -49,7 +49,9 @@ from absl import app, flags
 from experiments.benchmarks import gpu_parts, throughput
 from experiments.benchmarks.gpu_parts import BRING, SMOLLM2, Budget, Recorder
 
-WEIGHTS = "runs/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # experiments/fetch_smollm2.py
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Where experiments/fetch_smollm2.py puts the weights (in this checkout).
+WEIGHTS = os.path.join(ROOT, "runs/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 # Random stand-ins for cpu / smoke runs without the weights: SmolLM2's family (Llama, 3:1
 # grouped-query attention, SwiGLU, tied head), narrower and shallower.
 CPU_MODEL = SMOLLM2 | dict(vocab_size=4096, d_model=192, n_layers=3, n_heads=3, n_kv_heads=1)
@@ -99,10 +101,11 @@ SIZES = {
 # Seconds per unit, counted from its process's start (imports included); gpu: 450 in all.
 BUDGETS = {
     "gpu": dict(a=130, b=75, c_mnist=40, c_lm=80, d=125),
-    "cpu": dict(a=150, b=150, c_mnist=90, c_lm=120, d=400),
+    "cpu": dict(a=150, b=150, c_mnist=90, c_lm=150, d=400),
     "smoke": dict(a=60, b=60, c_mnist=60, c_lm=60, d=60),
 }
 UNITS = {"a": ("a",), "b": ("b",), "c": ("c_mnist", "c_lm"), "d": ("d",)}
+UNITS |= {"c_mnist": ("c_mnist",), "c_lm": ("c_lm",)}  # --parts may name one unit of c
 # (module, pip requirement, units that need it): what the GPU machine (no internet) must have.
 PACKAGES = (
     ("jax", "jax[cuda12]==0.10.2 (jaxlib, jax-cuda12-plugin, jax-cuda12-pjrt)", "all"),
@@ -178,13 +181,12 @@ def run_isolated(unit: str, size: str, budget_s: float, weights: str) -> dict:
     """``run_unit`` in a child process (this module with ``--worker_unit``), whose process
     group is killed at the budget; the entry it had saved by then is kept."""
     start = time.time()
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, f"{unit}.json")
         cmd = [sys.executable, "-m", "experiments.benchmarks.gpu", f"--out={path}"]
         cmd += [f"--size={size}", f"--weights={weights}", f"--worker_unit={unit}"]
         cmd += [f"--worker_deadline={start + budget_s - 2.0}"]  # 2 s to write its entry
-        child = subprocess.Popen(cmd, cwd=root, start_new_session=True)
+        child = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
         try:
             child.wait(timeout=budget_s)
             killed = False
@@ -218,7 +220,7 @@ def run(size="gpu", parts=("a", "b", "c", "d"), budgets=None, isolate=True, weig
             entry = run_isolated(unit, size, res["budgets_s"][unit], weights)
         else:
             entry = run_unit(unit, size, time.time() + res["budgets_s"][unit], None, weights)
-        res["parts"][unit] = entry
+        res["parts"][unit] = entry | dict(budget_s=res["budgets_s"][unit])
         print(f"{unit}: {entry['status']} {entry.get('error') or ''}", flush=True)
     res["targets"] = targets(res["parts"], res["machine"]["backend"] == "gpu")
     res.update(total_s=time.time() - t0, loadavg_1_5_15_end=list(os.getloadavg()))
@@ -256,7 +258,7 @@ def define_flags() -> None:
     if "out" not in flags.FLAGS:
         flags.DEFINE_string("out", None, "Where to write the results JSON.")
     flags.DEFINE_enum("size", "gpu", list(SIZES), "gpu: the issue's sizes; cpu, smoke: smaller.")
-    flags.DEFINE_list("parts", list(UNITS), "Parts to run (a, b, c, d).")
+    flags.DEFINE_list("parts", list("abcd"), "Parts to run (a, b, c, d; or c_mnist, c_lm).")
     flags.DEFINE_list("budgets", [], "Seconds per unit, e.g. a=200,c_lm=60 (default BUDGETS).")
     flags.DEFINE_bool("isolate", True, "Each unit in its own process, killed at its budget.")
     flags.DEFINE_string("weights", WEIGHTS, "SmolLM2-135M: a GGUF file or an HF directory.")
@@ -284,11 +286,12 @@ def main(argv):
         if unit not in BUDGETS[f.size]:
             raise app.UsageError(f"--budgets: unknown unit {unit!r}; one of {list(BUDGETS['gpu'])}")
         budgets[unit] = float(seconds)
-    need = requirements(f.weights)
+    weights = os.path.abspath(f.weights)  # the units run in the checkout's root
+    need = requirements(weights)
     print(json.dumps(need, indent=1))
     if need["missing_packages"] or not need["weights_found"]:
         print(BRING)
-    res = run(f.size, tuple(f.parts), budgets, f.isolate, f.weights)
+    res = run(f.size, tuple(f.parts), budgets, f.isolate, weights)
     os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
     with open(f.out, "w") as fh:
         json.dump(res, fh, indent=1)
@@ -303,7 +306,7 @@ def format_table(res: dict) -> str:
     for unit, e in parts.items():
         rows.append(
             f"| {unit} | status (s / budget s) | {e['status']} ({e.get('seconds', 0):.0f}"
-            f" / {res['budgets_s'][unit]:.0f}) |"
+            f" / {e['budget_s']:.0f}) |"
         )
     for t, e in parts.get("a", {}).get("result", {}).get("by_T", {}).items():
         if "seconds_per_query" not in e:

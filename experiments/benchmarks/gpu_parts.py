@@ -426,7 +426,7 @@ def part_c_lm(s: dict, budget: Budget, rec: Recorder, env: dict) -> None:
         state = jax.device_put(state, shardings)
         chunk = stage1.build_train_chunk(graphdef, tx, inputs, sc.stage1, mesh, shardings)
         for name in ("first_chunk_s", "second_chunk_s"):  # the first one compiles
-            budget.check(name, out.get("first_chunk_s", 0.0))
+            budget.check(name, 0.5 * out.get("first_chunk_s", 0.0))  # as in ``rounds``
             t0 = time.perf_counter()
             state = jax.block_until_ready(chunk(state, jax.random.key(2))[0])
             out[name] = time.perf_counter() - t0

@@ -69,6 +69,7 @@ def test_responses_ratios_follow_from_timings(smoke):
             assert _positive(ratio) and ratio == pytest.approx(per_query[slow] / per_query["fused"])
         assert e["max_abs_diff_fused_vs_loop"] < 1e-4
         assert e["mfu"] is None and _positive(e["flops_per_s_fused"])
+        assert e["max_abs_diff_bf16_vs_fused"] <= 0.05 * e["max_abs_response"] + 1e-3
 
 
 def test_lasso_ratios_follow_from_timings(smoke):

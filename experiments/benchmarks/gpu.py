@@ -312,10 +312,10 @@ def format_table(res: dict) -> str:
         if "seconds_per_query" not in e:
             continue
         pq = e["seconds_per_query"]
-        mfu = e["mfu"] and f"{e['mfu']['tf32']:.1%} of TF32"
+        mfu = e["mfu"] and f"{e['mfu']['tf32']:.1%} of TF32, bf16 {e['mfu_bf16']:.1%} of BF16"
         rows.append(
-            f"| a | T={t}: s/query fused / loop_T / loop_TQ | {pq['fused']:.4g} / "
-            f"{pq['loop_over_T']:.4g} / {pq['loop_over_T_and_Q']:.4g} |"
+            f"| a | T={t}: s/query fused / fused bf16 / loop_T / loop_TQ | {pq['fused']:.4g} / "
+            f"{pq['fused_bf16']:.4g} / {pq['loop_over_T']:.4g} / {pq['loop_over_T_and_Q']:.4g} |"
         )
         rows.append(
             f"| a | T={t}: ratio loop_T / fused, loop_TQ / fused; MFU | "

@@ -29,7 +29,7 @@ from stride_jax import profiling, sharding
 from stride_jax.errors import ConfigError
 from stride_jax.models import transformer
 from stride_jax.stride import defaults, recover, residual, sites, stage1
-from stride_jax.stride.operators import SteeringOperators
+from stride_jax.stride.operators import SteeringOperators, with_compute_dtype
 
 # SmolLM2-135M's shape (its config.json), for random stand-ins and the FLOPs formula's check.
 SMOLLM2 = dict(family="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9)
@@ -234,7 +234,7 @@ def part_a(s: dict, budget: Budget, rec: Recorder, env: dict) -> None:
 def projected_seconds(prev: dict, growth: float, reps: int) -> float:
     """Time of the next T's rounds from the last T's: compile once, then the fused call's
     work grows with T, the loops' with their (capped) numbers of calls."""
-    calls = dict(fused=growth, loop_over_T=1.0, loop_over_T_and_Q=1.0)
+    calls = dict(fused=growth, fused_bf16=growth, loop_over_T=1.0, loop_over_T_and_Q=1.0)
     if prev["loop_operators_timed"] == prev["T"]:
         calls["loop_over_T"] = growth
     total = 0.0
@@ -264,6 +264,15 @@ def responses_at(t: int, s: dict, setup: dict, budget: Budget, rec: Recorder, en
     def fused():
         return residual.response_matrix(upper, params, ops_gd, ops_p, cache, data, rc)
 
+    # stride.compute_dtype="bfloat16", as ``sites.ResidualSite.responses`` applies it: the
+    # upper blocks' linear layers and the operator products in bf16 (fp32 accumulation); the
+    # head, norms and cross-entropy stay fp32.
+    upper_bf16 = dataclasses.replace(upper, compute_dtype="bfloat16")
+    ops_gd_bf16 = with_compute_dtype(ops_gd, ops_p, "bfloat16")
+
+    def fused_bf16():
+        return residual.response_matrix(upper_bf16, params, ops_gd_bf16, ops_p, cache, data, rc)
+
     def loop_over_t():  # the first n_ops operators, all queries per call
         return jnp.stack([one_operator(params, ops_p, k, cache["h"], data) for k in ks[:n_ops]])
 
@@ -278,6 +287,7 @@ def responses_at(t: int, s: dict, setup: dict, budget: Budget, rec: Recorder, en
         tm = entry["timings"]
         per_query = dict(
             fused=tm["fused"]["median_s"] / q,
+            fused_bf16=tm["fused_bf16"]["median_s"] / q,
             loop_over_T=tm["loop_over_T"]["median_s"] * t / n_ops / q,
             loop_over_T_and_Q=tm["loop_over_T_and_Q"]["median_s"] * t / n_pairs,
         )
@@ -288,11 +298,16 @@ def responses_at(t: int, s: dict, setup: dict, budget: Budget, rec: Recorder, en
         entry["flops_per_query"] = flops
         entry["flops_per_s_fused"] = flops["total"] / per_query["fused"]
         entry["mfu"] = peak and {k: entry["flops_per_s_fused"] / v for k, v in peak.items()}
+        entry["flops_per_s_fused_bf16"] = flops["total"] / per_query["fused_bf16"]
+        entry["mfu_bf16"] = peak and entry["flops_per_s_fused_bf16"] / peak["bf16"]
 
-    variants = dict(fused=fused, loop_over_T=loop_over_t, loop_over_T_and_Q=loop_over_pairs)
+    variants = dict(fused=fused, fused_bf16=fused_bf16, loop_over_T=loop_over_t)
+    variants |= dict(loop_over_T_and_Q=loop_over_pairs)
     rounds(variants, s["reps"], budget, rec, entry["timings"], derive)
-    diff = jnp.abs(fused()[:, :n_ops] - loop_over_t().T).max()
-    entry["max_abs_diff_fused_vs_loop"] = float(diff)
+    y_fused = fused()
+    entry["max_abs_diff_fused_vs_loop"] = float(jnp.abs(y_fused[:, :n_ops] - loop_over_t().T).max())
+    entry["max_abs_diff_bf16_vs_fused"] = float(jnp.abs(fused_bf16() - y_fused).max())
+    entry["max_abs_response"] = float(jnp.abs(y_fused).max())
     rec.save()
 
 

@@ -376,16 +376,18 @@ def test_working_set_matches_sklearn(fit_intercept, nonneg):
     _assert_close_to_sklearn(out, a_TxN, y_QxT, fit_intercept, positive=nonneg)
 
 
-def test_working_set_too_small_falls_back_to_the_full_solver():
-    """A support larger than W cannot be represented: those queries are re-solved by FISTA on
-    all columns, so the scores equal the full solver's."""
+def test_working_set_too_small_falls_back_to_coordinate_descent():
+    """A support larger than W cannot be represented: those queries are re-solved on all
+    columns by coordinate descent at the same tolerance, so the scores equal its own."""
     design, a_TxN, y_QxT = _problem(seed=5, k=12, noise_Q=[0.01] * Q)
-    cfg = LassoConfig(lam_frac=0.01, **TIGHT)
-    full = lasso_scores(design, y_QxT, cfg)
+    ws = LassoConfig(lam_frac=0.01, working_set=4, maxiter=300, ws_rounds=5, tol=1e-7)
+    cd = LassoConfig(lam_frac=0.01, solver="cd", path_len=1, maxiter=1500, tol=1e-7)
+    full = lasso_scores(design, y_QxT, cd)
     assert int(np.min(full["nnz_Q"])) > 4
-    out = lasso_scores(design, y_QxT, LassoConfig(lam_frac=0.01, working_set=4, **TIGHT))
+    out = lasso_scores(design, y_QxT, ws)
     assert not bool(np.any(out["ws_converged_Q"]))
     np.testing.assert_array_equal(out["scores_QxN"], full["scores_QxN"])
+    _assert_close_to_sklearn(out, a_TxN, y_QxT, fit_intercept=True)
 
 
 def test_working_set_query_result_does_not_depend_on_its_batch():

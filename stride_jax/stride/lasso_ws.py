@@ -17,7 +17,8 @@ Here each query alternates, for at most ``rounds`` rounds:
 When the gap closes, the restricted solution is the full problem's (same objective as
 :mod:`stride_jax.stride.recover`: scikit-learn's scaling, implicit centring, optional b >= 0).
 ``converged_Q`` says which queries got there; ``recover.lasso_scores`` re-solves the others
-(support larger than W, or too few rounds) with the full solver. Solves go straight to the
+(support larger than W, or too few rounds) on all columns by coordinate descent at the same
+tolerance. Solves go straight to the
 final lambda (no path): with the working set warm, a path buys nothing.
 """
 

@@ -66,7 +66,8 @@ class LassoConfig:
     solver: str = "fista"  # "fista" (jaxopt) or "cd" (opt-in coordinate descent, lasso_cd.py)
     # > 0: FISTA on working sets of this many columns (lasso_ws.py; select "fixed" only), tol is
     # then the duality-gap rule of solver "cd" and maxiter the steps per restricted solve; a
-    # query whose gap does not close in ws_rounds rounds is re-solved by the full solver.
+    # query whose gap does not close in ws_rounds rounds is re-solved on all columns by
+    # coordinate descent (solver "cd") at the same tolerance.
     working_set: int = 0
     ws_rounds: int = 20
 
@@ -403,8 +404,9 @@ def _cd_scores(members_TxS, subsets_NxD, y_QxT, config: LassoConfig, key, mesh) 
 
 
 def _ws_scores(design_or_arrays, members_TxS, subsets_NxD, y_QxT, config, mesh) -> dict:
-    """``working_set > 0``: :mod:`lasso_ws`; queries whose gap did not close are re-solved
-    with the full solver (same config, ``working_set=0``)."""
+    """``working_set > 0``: :mod:`lasso_ws`; queries whose gap did not close are re-solved on
+    all columns by :mod:`lasso_cd`, which stops at the same duality-gap tolerance (FISTA's fixed
+    ``maxiter`` would not: ``maxiter`` here counts steps per restricted solve)."""
     width = min(config.working_set, int(subsets_NxD.shape[0]))
     chunk = lasso_cd.query_chunk(mesh)
     settings = lasso_ws.Settings(
@@ -423,7 +425,15 @@ def _ws_scores(design_or_arrays, members_TxS, subsets_NxD, y_QxT, config, mesh) 
     redo = np.flatnonzero(~np.asarray(ok_Q))
     if redo.size:
         full = lasso_scores(
-            design_or_arrays, y_QxT[redo], dataclasses.replace(config, working_set=0)
+            design_or_arrays,
+            y_QxT[redo],
+            dataclasses.replace(
+                config,
+                working_set=0,
+                solver="cd",
+                path_len=1,
+                maxiter=config.maxiter * config.ws_rounds,
+            ),
         )
         scores_QxN = scores_QxN.at[redo].set(full["scores_QxN"])
     out = _result(scores_QxN, lam_Q, jnp.full(lam_Q.shape, lam_frac))

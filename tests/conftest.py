@@ -65,6 +65,49 @@ def tiny():
     return tiny_config()
 
 
+def tiny_decoder_task():
+    """(shakespeare splits, DecoderTask): a 2-layer llama decoder (d=16) trained 20 steps on
+    40 blocks of 16 characters, 4 query blocks (the tiny decoder of the LM tests)."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+
+    from stride_jax.data import corpora
+    from stride_jax.models import lm_train, transformer
+    from stride_jax.tasks.decoder_task import DecoderTask
+
+    sp = corpora.load_shakespeare(block_len=16, n_train=40, n_val=0, n_query=4, seed=0)
+    cfg = transformer.DecoderConfig(
+        family="llama",
+        vocab_size=sp.tokenizer.vocab_size,
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        n_kv_heads=1,
+        max_len=16,
+    )
+    gd, p0 = transformer.build(cfg, jax.random.key(0))
+    recipe = ml_collections.ConfigDict(
+        dict(
+            steps=20, batch=8, lr=3e-3, warmup_steps=2, lr_end_frac=0.1, clip=1.0, weight_decay=0.01
+        )
+    )
+    params = lm_train.jitted_fit(recipe, gd)(
+        p0, jax.random.key(0), lm_train.data_arrays(sp.train), jnp.ones(len(sp.train))
+    )
+    task = DecoderTask(
+        graphdef=gd,
+        params=params,
+        train=sp.train,
+        query=sp.query,
+        model_config=cfg,
+        recipe=recipe,
+        params0=p0,
+        tokenizer=sp.tokenizer,
+    )
+    return sp, task
+
+
 def pytest_sessionfinish(session, exitstatus):
     """xdist stops a finished worker by interrupting it; an interrupt that lands inside jax's
     garbage-collection callback was printed as an unraisable-exception dump. The session is

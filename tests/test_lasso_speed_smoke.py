@@ -43,7 +43,7 @@ def test_every_solution_within_the_shared_tolerance(results):
 
 def test_timings_and_ratios_are_positive_and_finite(results):
     for name, shape in results["shapes"].items():
-        assert len([k for k in shape if k.startswith("ratio_")]) == 3, name
+        assert len([k for k in shape if k.startswith("ratio_")]) == 4, name
         for variant, t in shape["timings"].items():
             assert all(math.isfinite(x) and x > 0 for x in [t["seconds"], *t["times_s"]]), variant
         for key in [k for k in shape if k.startswith("ratio_")]:

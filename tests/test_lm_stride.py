@@ -6,48 +6,18 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from conftest import tiny_decoder_task
 from flax import nnx
 
-from stride_jax.data import corpora
 from stride_jax.errors import ConfigError
 from stride_jax.models import lm_train, transformer
 from stride_jax.stride import defaults, losses, method, residual, sites
 from stride_jax.stride.operators import SteeringOperators
-from stride_jax.tasks.decoder_task import DecoderTask
 
 
 @pytest.fixture(scope="module")
 def tiny_lm():
-    sp = corpora.load_shakespeare(block_len=16, n_train=40, n_val=0, n_query=4, seed=0)
-    cfg = transformer.DecoderConfig(
-        family="llama",
-        vocab_size=sp.tokenizer.vocab_size,
-        d_model=16,
-        n_layers=2,
-        n_heads=2,
-        n_kv_heads=1,
-        max_len=16,
-    )
-    gd, p0 = transformer.build(cfg, jax.random.key(0))
-    recipe = ml_collections.ConfigDict(
-        dict(
-            steps=20, batch=8, lr=3e-3, warmup_steps=2, lr_end_frac=0.1, clip=1.0, weight_decay=0.01
-        )
-    )
-    params = lm_train.jitted_fit(recipe, gd)(
-        p0, jax.random.key(0), lm_train.data_arrays(sp.train), jnp.ones(len(sp.train))
-    )
-    task = DecoderTask(
-        graphdef=gd,
-        params=params,
-        train=sp.train,
-        query=sp.query,
-        model_config=cfg,
-        recipe=recipe,
-        params0=p0,
-        tokenizer=sp.tokenizer,
-    )
-    return sp, task
+    return tiny_decoder_task()
 
 
 def test_chunked_ce_matches_full_vocabulary_ce():

@@ -9,15 +9,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import tiny_config, tiny_decoder_task
 from scipy.stats import spearmanr
 
-from stride_jax.data import corpora
 from stride_jax.errors import ConfigError
 from stride_jax.job import benchmark
-from stride_jax.models import lm_train, transformer
+from stride_jax.models import transformer
 from stride_jax.stride import classifier_inputs, defaults, method, residual, sites, subsets
-from stride_jax.tasks.decoder_task import DecoderTask
 
 
 def _without_dtype(cfg):
@@ -73,33 +71,7 @@ def test_classifier_bf16_scores_rank_like_fp32():
 def test_decoder_bf16_scores_rank_like_fp32():
     """The tiny decoder (test_lm_stride's): all 4 queries compared; minimum Spearman 1.00000
     when written."""
-    sp = corpora.load_shakespeare(block_len=16, n_train=40, n_val=0, n_query=4, seed=0)
-    mc = transformer.DecoderConfig(
-        family="llama",
-        vocab_size=sp.tokenizer.vocab_size,
-        d_model=16,
-        n_layers=2,
-        n_heads=2,
-        n_kv_heads=1,
-        max_len=16,
-    )
-    gd, p0 = transformer.build(mc, jax.random.key(0))
-    recipe = ml_collections.ConfigDict(
-        dict(steps=20, batch=8, lr=3e-3, warmup_steps=2, lr_end_frac=0.1, clip=1.0)
-        | dict(weight_decay=0.01)
-    )
-    data = lm_train.data_arrays(sp.train)
-    params = lm_train.jitted_fit(recipe, gd)(p0, jax.random.key(0), data, jnp.ones(len(sp.train)))
-    task = DecoderTask(
-        graphdef=gd,
-        params=params,
-        train=sp.train,
-        query=sp.query,
-        model_config=mc,
-        recipe=recipe,
-        params0=p0,
-        tokenizer=sp.tokenizer,
-    )
+    sp, task = tiny_decoder_task()
     cfg = defaults.decoder()
     cfg.design.update(num_subsets=16, degree=2)
     cfg.stage1.update(steps=20, log_every=10, ckpt_every=10, subsets_per_step=8, sketch_dim=4)

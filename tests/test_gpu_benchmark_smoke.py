@@ -12,7 +12,9 @@ import pytest
 from experiments.benchmarks import gpu, gpu_parts
 from stride_jax.models import transformer
 
-pytestmark = pytest.mark.xdist_group("gpu_benchmark")  # one worker builds the fixture once
+# slow: 35-75 s, and the default suite sits near its 10-minute budget (589 s with it included,
+# clean clone, 2026-12-03); one worker builds the fixture once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("gpu_benchmark")]
 
 
 def _positive(x) -> bool:

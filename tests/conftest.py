@@ -65,9 +65,18 @@ def tiny():
     return tiny_config()
 
 
-def tiny_decoder_task():
-    """(shakespeare splits, DecoderTask): a 2-layer llama decoder (d=16) trained 20 steps on
-    40 blocks of 16 characters, 4 query blocks (the tiny decoder of the LM tests)."""
+def tiny_decoder_task(
+    block_len=16,
+    n_train=40,
+    n_query=4,
+    model=None,
+    recipe=None,
+    fit=True,
+):
+    """(shakespeare splits, DecoderTask) on ``n_train`` blocks of ``block_len`` characters.
+    Defaults: the tiny decoder of the LM tests, a 2-layer llama (d=16) trained 20 steps;
+    ``model`` overrides DecoderConfig fields, ``recipe`` the training recipe's, and
+    ``fit=False`` keeps the initial parameters."""
     import jax
     import jax.numpy as jnp
     import ml_collections
@@ -76,25 +85,19 @@ def tiny_decoder_task():
     from stride_jax.models import lm_train, transformer
     from stride_jax.tasks.decoder_task import DecoderTask
 
-    sp = corpora.load_shakespeare(block_len=16, n_train=40, n_val=0, n_query=4, seed=0)
-    cfg = transformer.DecoderConfig(
-        family="llama",
-        vocab_size=sp.tokenizer.vocab_size,
-        d_model=16,
-        n_layers=2,
-        n_heads=2,
-        n_kv_heads=1,
-        max_len=16,
+    sp = corpora.load_shakespeare(
+        block_len=block_len, n_train=n_train, n_val=0, n_query=n_query, seed=0
     )
+    fields = dict(family="llama", d_model=16, n_layers=2, n_heads=2, n_kv_heads=1) | (model or {})
+    cfg = transformer.DecoderConfig(vocab_size=sp.tokenizer.vocab_size, max_len=block_len, **fields)
     gd, p0 = transformer.build(cfg, jax.random.key(0))
-    recipe = ml_collections.ConfigDict(
-        dict(
-            steps=20, batch=8, lr=3e-3, warmup_steps=2, lr_end_frac=0.1, clip=1.0, weight_decay=0.01
+    steps = dict(steps=20, batch=8, lr=3e-3, warmup_steps=2, lr_end_frac=0.1, clip=1.0)
+    recipe = ml_collections.ConfigDict(steps | dict(weight_decay=0.01) | (recipe or {}))
+    params = p0
+    if fit:
+        params = lm_train.jitted_fit(recipe, gd)(
+            p0, jax.random.key(0), lm_train.data_arrays(sp.train), jnp.ones(len(sp.train))
         )
-    )
-    params = lm_train.jitted_fit(recipe, gd)(
-        p0, jax.random.key(0), lm_train.data_arrays(sp.train), jnp.ones(len(sp.train))
-    )
     task = DecoderTask(
         graphdef=gd,
         params=params,

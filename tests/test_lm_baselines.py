@@ -7,48 +7,26 @@ import re
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
+from conftest import tiny_decoder_task
 from flax import nnx
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.metrics.pairwise import cosine_similarity
 
-from stride_jax import methods, tasks
-from stride_jax.data import corpora
+from stride_jax import methods
 from stride_jax.func import curvature, projections
 from stride_jax.methods import grad as grad_methods
 from stride_jax.methods import influence, similarity
-from stride_jax.models import lm_train, transformer
+from stride_jax.models import lm_train
 
 RECIPE = dict(steps=300, batch=16, lr=1e-2, warmup_steps=10, lr_end_frac=0.1, clip=1.0)
 
 
 @pytest.fixture(scope="module")
 def setup():
-    sp = corpora.load_shakespeare(block_len=32, n_train=200, n_val=0, n_query=8, seed=0)
-    cfg = transformer.DecoderConfig(
-        family="gpt2",
-        vocab_size=sp.tokenizer.vocab_size,
-        d_model=32,
-        n_layers=2,
-        n_heads=2,
-        max_len=32,
-    )
-    gd, p0 = transformer.build(cfg, jax.random.key(0))
-    recipe = ml_collections.ConfigDict(dict(RECIPE, weight_decay=0.01))
-    data = lm_train.data_arrays(sp.train)
-    params = lm_train.jitted_fit(recipe, gd)(p0, jax.random.key(0), data, jnp.ones(len(sp.train)))
-    task = tasks.DecoderTask(
-        graphdef=gd,
-        params=params,
-        train=sp.train,
-        query=sp.query,
-        model_config=cfg,
-        recipe=recipe,
-        params0=p0,
-        tokenizer=sp.tokenizer,
-    )
+    model = dict(family="gpt2", d_model=32, n_kv_heads=None)
+    sp, task = tiny_decoder_task(32, 200, 8, model, dict(RECIPE, weight_decay=0.01))
     return task, sp.query
 
 

@@ -5,15 +5,14 @@ import types
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
+from conftest import tiny_decoder_task
 
 from stride_jax import resources, sharding, tasks
-from stride_jax.data import corpora, load_digits
+from stride_jax.data import load_digits
 from stride_jax.eval import groundtruth
 from stride_jax.models import lm_train, mlp, transformer
-from stride_jax.tasks.decoder_task import DecoderTask
 
 GB = 10**9
 
@@ -91,24 +90,10 @@ def test_chunked_full_batch_gradient_equals_one_pass(tiny, monkeypatch):
 
 
 def test_auto_group_equals_explicit_group_decoder(monkeypatch):
-    sp = corpora.load_shakespeare(block_len=16, n_train=24, n_val=0, n_query=11, seed=0)
-    cfg = transformer.DecoderConfig(
-        "gpt2", vocab_size=sp.tokenizer.vocab_size, d_model=16, n_layers=1, n_heads=2, max_len=16
-    )
-    gd, p0 = transformer.build(cfg, jax.random.key(0))
-    recipe = ml_collections.ConfigDict(
-        dict(steps=6, batch=4, lr=3e-3, warmup_steps=2, lr_end_frac=0.1, clip=1.0, weight_decay=0)
-    )
-    task = DecoderTask(
-        graphdef=gd,
-        params=p0,
-        train=sp.train,
-        query=sp.query,
-        model_config=cfg,
-        recipe=recipe,
-        params0=p0,
-        tokenizer=sp.tokenizer,
-    )
+    model = dict(family="gpt2", n_layers=1, n_kv_heads=None)
+    recipe = dict(steps=6, batch=4, weight_decay=0)
+    sp, task = tiny_decoder_task(16, 24, 11, model, recipe, fit=False)
+    cfg, gd, p0, recipe = task.model_config, task.graphdef, task.params0, task.recipe
     from stride_jax.tasks import decoder_task
 
     per_model = resources.decoder_retrain_bytes(cfg, 4, len(sp.train), 0)

@@ -231,7 +231,7 @@ def _at(cd: _Cd, b_NxQ, yc_TxQ, lam_max_Q, frac):
     return jnp.where(frac >= 1.0, jnp.zeros_like(b_NxQ), b_NxQ)
 
 
-def _chunked(fn, y_QxT, chunk: int):
+def chunked(fn, y_QxT, chunk: int):
     """``fn`` (queries -> per-query arrays) on ``chunk`` queries at a time under ``lax.map``
     (0: all at once). On a CPU a chunk whose residual stays in cache sweeps 2-3x faster per
     query than one big batch; padding queries (y = 0) converge at once."""
@@ -263,7 +263,7 @@ def scores_arrays(members_TxS, subsets_NxD, blocks_CxB, y_QxT, w_T, fracs_K, set
         b_NxQ, _ = jax.lax.scan(step, jnp.zeros((subsets_NxD.shape[0], y_QxT.shape[0])), fracs_K)
         return b_NxQ.T, fracs_K[-1] * lam_max_Q
 
-    return _chunked(one_chunk, jnp.asarray(y_QxT, jnp.float32), settings.query_chunk)
+    return chunked(one_chunk, jnp.asarray(y_QxT, jnp.float32), settings.query_chunk)
 
 
 @partial(jax.jit, static_argnames="settings")
@@ -304,4 +304,4 @@ def heldout_arrays(
         (_, keep_NxQ), _ = jax.lax.scan(refit_step, (zeros_NxQ, zeros_NxQ), steps)
         return keep_NxQ.T, fracs_K[best_Q] * lam_max_all_Q, fracs_K[best_Q]
 
-    return _chunked(one_chunk, jnp.asarray(y_QxT, jnp.float32), settings.query_chunk)
+    return chunked(one_chunk, jnp.asarray(y_QxT, jnp.float32), settings.query_chunk)

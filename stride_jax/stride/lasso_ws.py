@@ -31,6 +31,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from stride_jax.stride import lasso_cd
 from stride_jax.stride.lasso_cd import gather_sum
 
 with warnings.catch_warnings():  # as in recover.py: jaxopt's unmaintained notice, once
@@ -198,13 +199,4 @@ def scores_arrays(members_TxS, subsets_NxD, y_QxT, lam_frac, settings: Settings)
         lam_frac=lam_frac,
         settings=settings,
     )
-    num_q, chunk = y_QxT.shape[0], settings.query_chunk
-    if chunk == 0 or chunk >= num_q:
-        return fn(y_QxT)
-    y_KxCxT = _pad_queries(y_QxT, -num_q % chunk).reshape(-1, chunk, y_QxT.shape[1])
-    outs = jax.lax.map(fn, y_KxCxT)
-    return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:num_q], outs)
-
-
-def _pad_queries(y_QxT, extra: int):
-    return jnp.concatenate([y_QxT, jnp.zeros((extra, y_QxT.shape[1]), y_QxT.dtype)])
+    return lasso_cd.chunked(fn, y_QxT, settings.query_chunk)

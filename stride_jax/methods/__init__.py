@@ -32,6 +32,7 @@ from stride_jax.task import KINDS
 # Modules whose import registers methods (order = registration order).
 MODULES = (
     "stride_jax.stride.method",
+    "stride_jax.stride.opspace",
     "stride_jax.methods.similarity",
     "stride_jax.methods.simple",
     "stride_jax.methods.datamodel",

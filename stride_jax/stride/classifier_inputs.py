@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from stride_jax.stride import losses
+from stride_jax.stride import losses, newton
 from stride_jax.stride.subsets import Design, sketched_design
 
 
@@ -71,6 +71,24 @@ class ClassifierInputs:
         logits = ops.steered_logits(self.rows(rows), ids, shared, self.fixed)
         return losses.top_k_kl(self.top_idx_NxK[rows], self.top_logp_NxK[rows], logits)
 
+    # The Gauss-Newton start (``newton``) reads every site's inputs through ``num_rows``,
+    # ``newton_batch`` (rows per curvature chunk), ``newton_stats`` and ``newton_sites``.
+    newton_batch = 256
+
+    @property
+    def num_rows(self) -> int:
+        return self.y_N.shape[0]
+
+    def newton_stats(self, ops, idx_B, valid_B):
+        """(curvature blocks summed over rows ``idx_B`` where ``valid_B``, per-row fidelity
+        gradients B x P): the classifier's exact truncated-KL Gauss-Newton matrix."""
+        return newton.classifier_chunk_stats(ops, self, idx_B, valid_B)
+
+    def newton_sites(self, ops) -> list:
+        """``[(module, O, R)]``: each site's gate shape, in the gradients' order."""
+        sites = ops.linear_sites(self.rows(jnp.zeros((1,), jnp.int32)), self.fixed)
+        return [(m, l_s.shape[1], f_s.shape[1]) for m, l_s, f_s in sites]
+
     def base_losses(self, rows) -> jax.Array:
         z = self.logits_NxC[rows]
         return optax.softmax_cross_entropy_with_integer_labels(z, self.y_N[rows])
@@ -88,15 +106,28 @@ class ClassifierInputs:
 def make_inputs(cache, y_N, design: Design, config, key: jax.Array, fixed=None) -> ClassifierInputs:
     """Bundle the classifier's cached activations and the design with its sketch (cache
     entries other than ``h`` and ``logits`` go to ``extra_rows``)."""
+    rows = row_inputs(cache, y_N, config.top_k, fixed)
+    return dataclasses.replace(
+        rows,
+        members_TxS=jnp.asarray(design.members_TxS),
+        subsets_NxD=jnp.asarray(design.subsets_NxD),
+        sketch_TxM=sketched_design(design, config, key, cache["h"]),
+    )
+
+
+def row_inputs(cache, y_N, top_k: int, fixed=None) -> ClassifierInputs:
+    """``ClassifierInputs`` over any rows (e.g. queries, labels ``y_N``) for their gradients
+    in the gates (``newton.curvature_and_gradients(...)[1]``): no design (one empty subset)."""
+    n = jnp.asarray(cache["h"]).shape[0]
     logits_NxC = jnp.asarray(cache["logits"])
-    top_idx, top_logp = losses.base_top_k(logits_NxC, config.top_k)
+    top_idx, top_logp = losses.base_top_k(logits_NxC, top_k)
     return ClassifierInputs(
         h_NxD=jnp.asarray(cache["h"]),
         logits_NxC=logits_NxC,
         y_N=jnp.asarray(y_N),
-        members_TxS=jnp.asarray(design.members_TxS),
-        subsets_NxD=jnp.asarray(design.subsets_NxD),
-        sketch_TxM=sketched_design(design, config, key, cache["h"]),
+        members_TxS=jnp.full((1, 1), n, jnp.int32),
+        subsets_NxD=jnp.zeros((n, 1), jnp.int32),
+        sketch_TxM=jnp.zeros((1, 1), jnp.float32),
         top_idx_NxK=top_idx,
         top_logp_NxK=top_logp,
         extra_rows={k: jnp.asarray(v) for k, v in cache.items() if k not in ("h", "logits")},

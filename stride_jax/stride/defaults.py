@@ -19,7 +19,10 @@ from stride_jax.errors import ConfigError
 from stride_jax.stride import recover
 
 # The stage-1 settings, grouped by what they control.
-OPERATORS = dict(rank=256, basis_scale=0.1, init="zero")
+OPERATORS = dict(rank=256, basis_scale=0.1, init="zero", basis="random")
+# The Gauss-Newton start on decoders: sampled label sequences per row for the true Fisher, and
+# decoder rows per curvature chunk (0: 16; classifiers always take 256).
+NEWTON = dict(fisher_samples=1, curvature_batch=0)
 SCHEDULE = dict(steps=200, log_every=50, ckpt_every=100, warmup_steps=50)
 OPTIMIZER = dict(lr=1e-2, lr_muon=0.0, lr_end_frac=0.05, weight_decay=0.0)
 BATCHES = dict(
@@ -61,7 +64,7 @@ def auto_num_subsets(n: int, degree: int, kind: str = "classifier") -> int:
 def stage1_defaults(**overrides) -> dict:
     """The ``stage1`` block (the Adam recipe); ``overrides`` replace keys, unknown ones are
     refused."""
-    out = OPERATORS | SCHEDULE | OPTIMIZER | BATCHES | LINEARITY | WEIGHTS
+    out = OPERATORS | NEWTON | SCHEDULE | OPTIMIZER | BATCHES | LINEARITY | WEIGHTS
     unknown = set(overrides) - set(out)
     if unknown:
         raise ConfigError(f"unknown stage1 keys {sorted(unknown)}")
@@ -86,6 +89,7 @@ def classifier() -> ml_collections.ConfigDict:
             seed=3,
             compute_dtype="float32",  # or "bfloat16": the responses' products (precision.py)
             response_batch=64,
+            responses="forward",  # or "linear": first-order responses from query gradients
             # Multiply each subset's responses by its size before the Lasso: the fidelity loss
             # is a mean over members, so an operator answers to the average of its members.
             size_weighted=True,
@@ -117,6 +121,7 @@ def decoder() -> ml_collections.ConfigDict:
             encode_batch=16,
             op_chunk=64,
             query_batch=1,
+            responses="forward",  # or "linear": first-order responses from query gradients
             design=dict(kind="expander", num_subsets=0, degree=5, seed=2),  # 0: automatic T
             stage1=stage1_defaults(**DECODER_STAGE1),
             lasso=lasso_defaults() | dict(lam_frac=0.05, maxiter=500),

@@ -163,7 +163,7 @@ def responses(fitted: Fitted, query, mesh) -> np.ndarray:
     if fitted.last_responses and fitted.last_responses[0] is query:
         return fitted.last_responses[1]
     site = fitted.site
-    y = site.responses(fitted.graphdef, fitted.params, site.encode(query), query, mesh)
+    y = site.stage2_responses(fitted.graphdef, fitted.params, site.encode(query), query, mesh)
     y_QxT = np.asarray(distributed.to_host(y), np.float32)
     fitted.last_responses = (query, y_QxT)
     return y_QxT

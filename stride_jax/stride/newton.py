@@ -53,8 +53,9 @@ def _fisher(top_idx_BxK, top_logp_BxK, num_classes: int) -> jax.Array:
     return jnp.einsum("bkc,bkl,bld->bcd", e, m_top, e)
 
 
-def _chunk_stats(ops, inputs, idx_B, valid_B):
-    """(H blocks summed over the chunk's rows, per-example fidelity gradients B x P)."""
+def classifier_chunk_stats(ops, inputs, idx_B, valid_B):
+    """A classifier site's ``newton_stats``: (H blocks summed over the chunk's rows,
+    per-example fidelity gradients B x P), from the operators' ``linear_sites``."""
     rows = inputs.rows(idx_B)
     sites = ops.linear_sites(rows, inputs.fixed)
     logits = rows["logits"]
@@ -125,16 +126,16 @@ def _row_chunks(n: int, chunk: int, groups: int):
 def _scan_rows(ops, inputs, idx_CxB, valid_CxB, per_subset: bool):
     """(H blocks summed over the chunks' rows; per_subset: the T x P subset means of G summed
     over those rows, else G of the chunks' rows C x B x P), one chunk per scan step."""
-    n = inputs.y_N.shape[0]
+    n = inputs.num_rows
     t = inputs.members_TxS.shape[0]
     shape_blocks, shape_g = jax.eval_shape(
-        lambda: _chunk_stats(ops, inputs, idx_CxB[0], valid_CxB[0])
+        lambda: inputs.newton_stats(ops, idx_CxB[0], valid_CxB[0])
     )
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shape_blocks)
     if not per_subset:
 
         def body(blocks, xs):
-            b, g_BxP = _chunk_stats(ops, inputs, *xs)
+            b, g_BxP = inputs.newton_stats(ops, *xs)
             return jax.tree_util.tree_map(jnp.add, blocks, b), g_BxP
 
         return jax.lax.scan(body, zeros, (idx_CxB, valid_CxB))
@@ -142,7 +143,7 @@ def _scan_rows(ops, inputs, idx_CxB, valid_CxB, per_subset: bool):
 
     def body_subsets(carry, xs):
         blocks, g_TxP = carry
-        b, g_BxP = _chunk_stats(ops, inputs, *xs)
+        b, g_BxP = inputs.newton_stats(ops, *xs)
         sub_BxD = inputs.subsets_NxD[xs[0]]
         share_BxD = 1.0 / sizes_T[jnp.minimum(sub_BxD, t - 1)]
         g_TxP = g_TxP.at[sub_BxD].add(share_BxD[..., None] * g_BxP[:, None, :], mode="drop")
@@ -152,7 +153,7 @@ def _scan_rows(ops, inputs, idx_CxB, valid_CxB, per_subset: bool):
     return jax.lax.scan(body_subsets, (zeros, g0), (idx_CxB, valid_CxB))[0]
 
 
-def curvature_and_gradients(ops, inputs, chunk: int = 256, per_subset: bool = False, *, mesh=None):
+def curvature_and_gradients(ops, inputs, chunk: int = 0, per_subset: bool = False, *, mesh=None):
     """(``H`` P x P, mean over the training rows; ``G`` N x P, the per-example fidelity
     gradients at zero gates), streamed over row chunks of ``chunk``. A subset's gradient
     ``g_k`` is the mean of its members' rows of G (``_aggregate``); with ``per_subset``
@@ -162,9 +163,9 @@ def curvature_and_gradients(ops, inputs, chunk: int = 256, per_subset: bool = Fa
     With a ``mesh`` the row chunks are split over its ``data`` axis: each device scans its own
     chunks and the sums are added across devices (a psum), so only the order of the
     additions changes; one device scans them all, as without a mesh."""
-    n = inputs.y_N.shape[0]
+    n = inputs.num_rows
     groups = 1 if mesh is None else sharding.size(mesh, sharding.DATA)
-    idx, valid = _row_chunks(n, chunk, groups)
+    idx, valid = _row_chunks(n, chunk or inputs.newton_batch, groups)
     if mesh is None:
         out = _scan_rows(ops, inputs, idx, valid, per_subset)
     else:
@@ -203,7 +204,7 @@ def newton_gates(ops, inputs, config, mesh=None) -> list[jax.Array]:
     a ``mesh``, the curvature's rows are split over ``data`` (``curvature_and_gradients``)
     and the right-hand sides over ``ops``: each device solves its own columns against the
     one (replicated) Cholesky factor."""
-    n, t = inputs.y_N.shape[0], inputs.members_TxS.shape[0]
+    n, t = inputs.num_rows, inputs.members_TxS.shape[0]
     p = jax.eval_shape(lambda: curvature_and_gradients(ops, inputs))[1].shape[1]
     per_subset = t <= n and 4 * n * p > _MAX_G_BYTES
     h_PxP, g_XxP = curvature_and_gradients(ops, inputs, per_subset=per_subset, mesh=mesh)
@@ -227,13 +228,25 @@ def newton_gates(ops, inputs, config, mesh=None) -> list[jax.Array]:
         b_TxP = solve(_aggregate(g_NxP, inputs))
     else:
         b_TxP = _aggregate(solve(g_NxP), inputs)
-    sites = ops.linear_sites(inputs.rows(jnp.zeros((1,), jnp.int32)), inputs.fixed)
     out, start = [], 0
-    for _, l_s, f_s in sites:
-        o, r = l_s.shape[1], f_s.shape[1]
+    for _, o, r in inputs.newton_sites(ops):
         out.append(b_TxP[:, start : start + o * r].reshape(-1, o, r))
         start += o * r
     return out
+
+
+def gates_matrix(ops, inputs) -> jax.Array:
+    """Every operator's gates flattened in the gradients' layout (``newton_sites``): T x P."""
+    sites = inputs.newton_sites(ops)
+    return jnp.concatenate([m.gates[...].reshape(m.num_subsets, -1) for m, _, _ in sites], 1)
+
+
+def linear_responses(ops, inputs) -> jax.Array:
+    """The first-order responses ``y_k(q) ~= -g_q . vec(B_k)`` of every operator on the rows
+    of ``inputs`` (their loss gradients g_q at zero gates, ``row_inputs``): Q x T. One
+    gradient per query instead of a forward pass per operator."""
+    g_QxP = curvature_and_gradients(ops, inputs)[1]
+    return -g_QxP @ gates_matrix(ops, inputs).T
 
 
 def _init(config) -> str:
@@ -272,7 +285,7 @@ def initialise(ops, inputs, config, mesh=None):
     t0 = time.time()
     mesh = mesh if mesh is not None else sharding.make_mesh()
     graphdef, state = nnx.split(ops)
-    num_sites = len(ops.linear_sites(inputs.rows(jnp.zeros((1,), jnp.int32)), inputs.fixed))
+    num_sites = len(inputs.newton_sites(ops))
     rep = sharding.replicated(mesh)
     gates_out = [sharding.along(mesh, sharding.OPS, 3)] * num_sites
     if inputs.members_TxS.shape[0] % sharding.size(mesh, sharding.OPS):
@@ -281,11 +294,17 @@ def initialise(ops, inputs, config, mesh=None):
     # The inputs are an argument, not a closure: captured, their arrays became constants of
     # the compiled step, which XLA then spent seconds constant-folding at 1M rows.
     def solve(state, inputs):
-        return newton_gates(nnx.merge(graphdef, state), inputs, config, mesh)
+        gates = newton_gates(nnx.merge(graphdef, state), inputs, config, mesh)
+        return gates, jnp.all(jnp.stack([jnp.isfinite(g).all() for g in gates]))
 
-    gates = jax.block_until_ready(sharding.jit(solve, (rep, rep), gates_out)(state, inputs))
-    sites = ops.linear_sites(inputs.rows(jnp.zeros((1,), jnp.int32)), inputs.fixed)
-    for (module, _, _), g in zip(sites, gates, strict=True):
+    gates, finite = sharding.jit(solve, (rep, rep), (gates_out, rep))(state, inputs)
+    gates = jax.block_until_ready(gates)
+    if not bool(finite):  # replicated: every process reads its own copy
+        raise FloatingPointError(
+            "stage 1: the Gauss-Newton gates are not finite (the damped curvature could not "
+            f"be factored in float32): raise stage1.gate_l2 (now {config.gate_l2})"
+        )
+    for (module, _, _), g in zip(inputs.newton_sites(ops), gates, strict=True):
         module.gates[...] = g
     logging.info(
         "stage 1: Gauss-Newton start for %d operators (%d gate parameters each) in %.1fs",

@@ -23,11 +23,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from stride_jax import sharding
 from stride_jax.models import transformer
-from stride_jax.stride import losses, subsets
+from stride_jax.stride import losses, operators, subsets
 from stride_jax.stride.operators import SteeringOperators
 
 
@@ -56,6 +57,10 @@ class Upper:
     def row_losses(self, params, h_BxLxD, attn_BxL, tokens_BxL, loss_mask_BxL) -> jax.Array:
         """Mean target-token CE of each row continued from residual h at ``layer``: (B,)."""
         hn = self.normed(params, h_BxLxD, attn_BxL)
+        return self.losses_from_normed(params, hn, tokens_BxL, loss_mask_BxL)
+
+    def losses_from_normed(self, params, hn, tokens_BxL, loss_mask_BxL) -> jax.Array:
+        """``row_losses`` from the final-normed stream hn_BxLxD (the head and the CE)."""
         w_dv = transformer.head_matrix(self.graphdef, params)
         b, length, d = hn.shape
         ce = losses.chunked_token_ce(
@@ -74,6 +79,18 @@ class Upper:
         w = loss_mask_BxL[:, 1:].astype(kl.dtype)
         return (kl * w).sum(-1) / jnp.maximum(w.sum(-1), 1.0)
 
+    def sampled_top_k_ce(self, params, hn_LxD, top_idx_LxK, labels_L, loss_mask_L) -> jax.Array:
+        """One row's truncated top-K cross-entropy against labels ``labels_L`` (indices into
+        the K cached ids) drawn from the base model, summed over target positions and divided
+        by the square root of their number. With labels drawn independently per position,
+        ``E[g g^T]`` of its gradient g (in anything upstream) is the Gauss-Newton matrix of
+        ``row_kl`` at the base model: the model's own (true) Fisher, not the data's."""
+        w_vd = transformer.head_matrix(self.graphdef, params).T
+        steer = jnp.einsum("ld,lkd->lk", hn_LxD, w_vd[top_idx_LxK])
+        logp = jnp.take_along_axis(jax.nn.log_softmax(steer, -1), labels_L[:, None], -1)[:, 0]
+        w = loss_mask_L[1:].astype(logp.dtype)
+        return -(logp[:-1] * w).sum() / jnp.sqrt(jnp.maximum(w.sum(), 1.0))
+
 
 @functools.partial(
     jax.tree_util.register_dataclass,
@@ -89,8 +106,9 @@ class Upper:
         "members_TxS",
         "subsets_NxD",
         "sketch_TxM",
+        "fisher_key",
     ],
-    meta_fields=["upper"],
+    meta_fields=["upper", "newton_batch", "fisher_samples"],
 )
 @dataclasses.dataclass(frozen=True)
 class LMInputs:
@@ -108,6 +126,11 @@ class LMInputs:
     members_TxS: jax.Array
     subsets_NxD: jax.Array
     sketch_TxM: jax.Array
+    # The Gauss-Newton start (``newton``): uint32 key data for the sampled labels, rows per
+    # curvature chunk, sampled label sequences per row.
+    fisher_key: jax.Array = None
+    newton_batch: int = 16
+    fisher_samples: int = 1
 
     def _steered(self, ops: SteeringOperators, rows, ids, shared: bool):
         """(residual + shift) of operators ``ids`` on rows ``rows`` (B shared by all K, or
@@ -138,6 +161,56 @@ class LMInputs:
 
     def base_losses(self, rows) -> jax.Array:
         return self.ce_base_N[rows]
+
+    @property
+    def num_rows(self) -> int:
+        return self.h_NxLxD.shape[0]
+
+    def newton_sites(self, ops) -> list:
+        """``[(ops, D, R)]``: one site, the residual stream (``newton``)."""
+        return [(ops, *ops.gates[...].shape[1:])]
+
+    def row_gradients(self, ops, i, key=None, samples: int = 0):
+        """Row ``i``'s gradients in the gates of one operator at zero gates (P = D*R, laid
+        out as the gates): of its loss (target-token mean CE), and with a ``key``, of
+        ``samples`` truncated top-K CEs against labels drawn from the base model
+        (``Upper.sampled_top_k_ce``). One forward through the upper blocks, and one backward
+        per gradient: ``sum_t u_t phi_t^T`` with u_t the gradient in the residual at token t."""
+        params, upper = self.model_params, self.upper
+        h, attn = self.h_NxLxD[i], self.attn_NxL[i]
+        tok, lm = self.tokens_NxL[i], self.loss_mask_NxL[i]
+        hn, vjp = jax.vjp(lambda x: upper.normed(params, x[None], attn[None])[0], h)
+        cot = jax.grad(lambda z: upper.losses_from_normed(params, z[None], tok[None], lm[None])[0])(
+            hn
+        )[None]
+        if key is not None and samples > 0:
+            top_idx = self.top_idx_NxLxK[i]
+            labels = jax.random.categorical(
+                jax.random.fold_in(key, i), self.top_val_NxLxK[i], shape=(samples, h.shape[0])
+            )
+
+            def sampled(y_L):
+                return jax.grad(lambda z: upper.sampled_top_k_ce(params, z, top_idx, y_L, lm))(hn)
+
+            cot = jnp.concatenate([cot, jax.vmap(sampled)(labels)])
+        u_SxLxD = jax.vmap(lambda c: vjp(c)[0])(cot)
+        phi_LxR = ops.basis(h)
+        return jnp.einsum("sld,lr->sdr", u_SxLxD, phi_LxR).reshape(cot.shape[0], -1)
+
+    def newton_stats(self, ops, idx_B, valid_B):
+        """(the curvature P x P summed over rows ``idx_B`` where ``valid_B``, as the one block
+        D x R x D x R; their loss gradients B x P). The curvature is the true Fisher of the
+        truncated KL, estimated from ``fisher_samples`` label sequences per row drawn from
+        the base model's top-K (``row_gradients``): the exact Gauss-Newton matrix would need
+        K*L backward passes per row through the upper blocks."""
+        key = jax.random.wrap_key_data(self.fisher_key)
+        s = self.fisher_samples
+        g_BxSxP = jax.vmap(lambda i: self.row_gradients(ops, i, key, s))(idx_B)
+        w = valid_B.astype(g_BxSxP.dtype)
+        fis = g_BxSxP[:, 1:] * w[:, None, None]
+        d, r = ops.gates[...].shape[1:]
+        h_PxP = jnp.einsum("bsp,bsq->pq", fis, fis) / s
+        return {(0, 0): h_PxP.reshape(d, r, d, r)}, g_BxSxP[:, 0] * w[:, None]
 
     def with_frozen_basis(self, ops) -> LMInputs:
         """Unchanged: the basis is evaluated per sampled row (N x L x r features would be
@@ -211,7 +284,51 @@ def make_inputs(upper: Upper, model_params, cache, data: dict, design, config, k
         members_TxS=jnp.asarray(design.members_TxS),
         subsets_NxD=jnp.asarray(design.subsets_NxD),
         sketch_TxM=subsets.sketched_design(design, config, key, pooled_NxD),
+        fisher_key=_key_data(jax.random.fold_in(key, 1)),
+        newton_batch=int(config.get("curvature_batch", 0) or 16),
+        fisher_samples=int(config.get("fisher_samples", 1)),
     )
+
+
+def token_basis(h_NxLxD, mask_NxL, rank: int, scale: float, kind: str, max_tokens: int = 65536):
+    """A frozen ``w_down`` (D x rank) from the hooked residual's tokens (``mask``: real
+    tokens): the top principal directions of LN(h) (``operators.whitened_basis``; "pca"
+    keeps their spread, "whitened" equalises it), from at most ``max_tokens`` tokens drawn
+    with a fixed seed."""
+    h = np.asarray(h_NxLxD, np.float32)[np.asarray(mask_NxL, bool)]
+    if h.shape[0] > max_tokens:
+        h = h[np.random.default_rng(0).choice(h.shape[0], max_tokens, replace=False)]
+    return operators.whitened_basis(h, rank, scale, whiten=kind == "whitened")
+
+
+def row_inputs(upper: Upper, model_params, cache, data: dict) -> LMInputs:
+    """``LMInputs`` over any rows (e.g. queries) for their gradients in the gates
+    (``newton.curvature_and_gradients(...)[1]``): no design (one empty subset), no sampled
+    Fisher (``fisher_samples = 0``)."""
+    n = cache["h"].shape[0]
+    return LMInputs(
+        upper=upper,
+        model_params=model_params,
+        h_NxLxD=cache["h"],
+        attn_NxL=data["attn"],
+        tokens_NxL=data["tokens"],
+        loss_mask_NxL=data["loss_mask"],
+        ce_base_N=cache["ce"],
+        top_idx_NxLxK=cache["top_idx"],
+        top_val_NxLxK=cache["top_val"],
+        members_TxS=jnp.full((1, 1), n, jnp.int32),
+        subsets_NxD=jnp.zeros((n, 1), jnp.int32),
+        sketch_TxM=jnp.zeros((1, 1), jnp.float32),
+        fisher_key=jnp.zeros((2,), jnp.uint32),
+        fisher_samples=0,
+    )
+
+
+def _key_data(key) -> jax.Array:
+    """uint32 key data of a typed or a legacy (raw uint32) key."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    return key
 
 
 def response_matrix(

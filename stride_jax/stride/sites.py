@@ -15,10 +15,11 @@ A site is everything STRIDE's stages need to know about the model, and nothing e
 ``ClassifierSite`` steers a classifier's logits (``operators.LogitHook``: the paper's
 classifier variant) or also an MLP's last hidden layer (``operators.HiddenHook``);
 ``ResidualSite`` adds the operators to a decoder's residual stream after a layer
-(``residual``). What is still classifier-only is said here, once: the Gauss-Newton stage 1
-(``stage1.init="newton"``, ``newton.py``) needs sites whose steered outputs are linear in the
-gates (``linear_sites``); the residual stream's continuation through the upper layers has no
-such structure yet, so ``ResidualSite`` refuses it with a ``ConfigError``.
+(``residual``). The Gauss-Newton stage 1 (``stage1.init="newton"``, ``newton.py``) reads
+both sites' inputs through the same four members (``num_rows``, ``newton_batch``,
+``newton_stats``, ``newton_sites``): a classifier's curvature is exact (its steered logits are
+linear in the gates), the residual stream's is the base model's sampled (true) Fisher through
+the upper blocks (``residual.LMInputs.newton_stats``).
 """
 
 from __future__ import annotations
@@ -27,10 +28,17 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
 from stride_jax.errors import ConfigError
 from stride_jax.stride import classifier_inputs, newton, precision, residual, responses
-from stride_jax.stride.operators import HiddenHook, LogitHook, with_compute_dtype
+from stride_jax.stride.operators import (
+    HiddenHook,
+    LogitHook,
+    SteeringOperators,
+    with_compute_dtype,
+)
 
 HOOKS = ("logits", "hidden")
 
@@ -54,6 +62,32 @@ class Site:
     def responses(self, ops_graphdef, ops_params, cache_q, rows_q, mesh):
         raise NotImplementedError
 
+    def row_inputs(self, cache, rows):
+        """Stage-1 style inputs over any rows (no design), for their gradients in the gates
+        (``newton.curvature_and_gradients``; ``linear_responses``, ``opspace``)."""
+        raise NotImplementedError
+
+    def stage2_responses(self, ops_graphdef, ops_params, cache_q, rows_q, mesh):
+        """y_QxT the way ``cfg.responses`` says: "forward" (the steered forward pass of every
+        operator, ``responses``) or "linear" (``newton.linear_responses``: one gradient per
+        query row, then a Q x P by P x T product)."""
+        if check_responses(self.cfg) == "forward":
+            return self.responses(ops_graphdef, ops_params, cache_q, rows_q, mesh)
+        inputs = self.row_inputs(cache_q, rows_q)
+        return jax.jit(
+            lambda params, inputs: newton.linear_responses(nnx.merge(ops_graphdef, params), inputs)
+        )(ops_params, inputs)
+
+
+RESPONSES = ("forward", "linear")
+
+
+def check_responses(cfg) -> str:
+    kind = cfg.get("responses", "forward")
+    if kind not in RESPONSES:
+        raise ConfigError(f"stride.responses must be one of {RESPONSES}, got {kind!r}")
+    return kind
+
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierSite(Site):
@@ -68,6 +102,11 @@ class ClassifierSite(Site):
         y_N = self.task.train.y_N
         return classifier_inputs.make_inputs(
             cache, y_N, design, self.cfg.stage1, key, fixed=self.hook.fixed
+        )
+
+    def row_inputs(self, cache, rows):
+        return classifier_inputs.row_inputs(
+            cache, rows.y_N, self.cfg.stage1.top_k, fixed=self.hook.fixed
         )
 
     def operator_kwargs(self, cache, num_subsets: int) -> dict:
@@ -94,6 +133,12 @@ def classifier_site(task, cfg) -> ClassifierSite:
     (also the MLP's last hidden pre-activation, with a ``cfg.hidden_rank`` basis of
     ``cfg.hidden_basis``: "whitened" or "pca" principal directions of the layer's input)."""
     precision.compute_dtype(cfg)  # checked before any work
+    check_responses(cfg)
+    if check_basis(cfg.stage1) != "random":
+        raise ConfigError(
+            "stage1.basis selects the residual-stream basis of decoders; classifiers use "
+            "hook='hidden' with hidden_basis for a data basis: leave stage1.basis='random'"
+        )
     kind = cfg.get("hook", "logits")
     if kind == "logits":
         return ClassifierSite(task, cfg, LogitHook(task.features, task.logits))
@@ -151,9 +196,24 @@ class ResidualSite(Site):
             self.upper, self.task.params, cache, data, design, self.cfg.stage1, key
         )
 
+    def row_inputs(self, cache, rows):
+        return residual.row_inputs(self.upper, self.task.params, cache, self.task.arrays(rows))
+
     def operator_kwargs(self, cache, num_subsets: int) -> dict:
         d = self.task.model_config.d_model
-        return {"dims": (d, d)}
+        config = self.cfg.stage1
+        if check_basis(config) == "random":
+            return {"dims": (d, d)}
+        attn = np.asarray(self.task.arrays(self.task.train)["attn"]) > 0
+
+        def make_ops(key):
+            ops = SteeringOperators.for_config(key, d, d, num_subsets, config)
+            ops.w_down[...] = residual.token_basis(
+                cache["h"], attn, config.rank, config.basis_scale, config.basis
+            )
+            return ops
+
+        return {"make_ops": make_ops}
 
     def responses(self, ops_graphdef, ops_params, cache_q, rows_q, mesh):
         dtype = precision.compute_dtype(self.cfg)
@@ -169,15 +229,29 @@ class ResidualSite(Site):
         )
 
 
+BASES = ("random", "pca", "whitened")
+
+
+def check_basis(config) -> str:
+    """``stage1.basis``: "random" (a random projection, learned when ``lr_muon > 0``) or a
+    frozen data basis of the hooked residual's top principal directions ("pca": their own
+    spread; "whitened": unit spread), decoders only; configs without the key mean random."""
+    basis = config.get("basis", "random")
+    if basis not in BASES:
+        raise ConfigError(f"stage1.basis must be one of {BASES}, got {basis!r}")
+    return basis
+
+
 def residual_site(task, cfg) -> ResidualSite:
-    if newton.check_init(cfg.stage1) == "newton":
+    newton.check_init(cfg.stage1)
+    if check_basis(cfg.stage1) != "random" and cfg.stage1.lr_muon > 0:
         raise ConfigError(
-            "stride.stage1.init='newton' (the Gauss-Newton stage 1) is implemented for "
-            "classifier sites only; decoder (residual-stream) operators use init='zero'"
+            f"stage1.basis={cfg.stage1.basis!r} is a frozen data basis: set stage1.lr_muon=0"
         )
     if cfg.stage1.probe_mask_members:
         raise ConfigError("stage1.probe_mask_members is not supported for language models")
     precision.compute_dtype(cfg)  # checked before any work
+    check_responses(cfg)
     layer = hook_layer(cfg, task.model_config.n_layers)
     upper = residual.Upper(task.graphdef, layer, cfg.vocab_chunk, remat=cfg.get("remat", False))
     return ResidualSite(task, cfg, upper)

@@ -47,6 +47,22 @@ DECODER_STAGE1 = (
     | dict(w_fidelity=1.0, w_linearity=1.0, gate_l2=0.0)
 )
 
+# The decoder's Gauss-Newton recipe (stage 1 in closed form through the upper blocks, the
+# sampled true Fisher, first-order responses; experiments/RESULTS.md, "Gauss-Newton stage 1
+# on language models"). Applied on top of DECODER_STAGE1 / ``decoder()`` by
+# ``decoder_newton()``.
+DECODER_NEWTON_STAGE1 = dict(init="newton", steps=0, lr_muon=0.0, subsets_per_step=0)
+DECODER_NEWTON_STAGE1 |= dict(rank=64, w_fidelity=1e-2, gate_l2=1e-3, fisher_samples=1)
+DECODER_NEWTON = dict(responses="linear")
+
+
+def decoder_newton() -> ml_collections.ConfigDict:
+    """``decoder()`` with the Gauss-Newton recipe (``DECODER_NEWTON_STAGE1``)."""
+    cfg = decoder()
+    cfg.stage1.update(DECODER_NEWTON_STAGE1)
+    cfg.update(DECODER_NEWTON)
+    return cfg
+
 
 # ``design.num_subsets = 0`` means automatic: T = min(cap, N*d // 2), at least d, with the cap
 # the number of subsets each kind's recipe was tuned with (3,000 on 1,400 digits; 1,000 on
@@ -121,6 +137,7 @@ def decoder() -> ml_collections.ConfigDict:
             encode_batch=16,
             op_chunk=64,
             query_batch=1,
+            size_weighted=False,  # multiply each subset's responses by its size (classifier)
             responses="forward",  # or "linear": first-order responses from query gradients
             design=dict(kind="expander", num_subsets=0, degree=5, seed=2),  # 0: automatic T
             stage1=stage1_defaults(**DECODER_STAGE1),

@@ -268,6 +268,8 @@ def set_path(config, key: str, value) -> None:
         config = config[block]
     if leaf not in config:
         raise ConfigError(f"unknown config key {key!r}; known here: {sorted(config.keys())}")
+    if isinstance(config[leaf], str) and not isinstance(value, str):
+        value = json.dumps(value)  # e.g. fisher=true: the string "true", not the bool True
     config[leaf] = value
 
 

@@ -186,7 +186,9 @@ def test_decoder_from_hf_config_through_the_same_api():
         scores = stride_jax.attribute(task, method=method, config=config)
         assert scores.shape == (4, train.num_examples) and np.isfinite(scores).all()
     with pytest.raises(ConfigError, match="frozen data basis: set stage1.lr_muon=0"):
-        stride_jax.attribute(task, config={"stage1": {"init": "newton", "basis": "pca"}})
+        stride_jax.attribute(task, config={"stage1": {"basis": "pca", "lr_muon": 0.02}})
+    with pytest.raises(ConfigError, match="basis rank 64 exceeds the hooked feature dimension"):
+        stride_jax.attribute(task, config={"stage1": {"basis": "pca"}})
     with pytest.raises(TaskError, match="token id .* vocabulary"):
         small = transformer.build(
             transformer.DecoderConfig.from_hf({**hf_config, "vocab_size": 5}), jax.random.key(0)

@@ -101,7 +101,7 @@ def test_zero_init_operators_do_not_move_the_model(tiny_lm):
 
 def test_fit_lowers_fidelity_and_scores_are_finite(tiny_lm):
     sp, task = tiny_lm
-    cfg = defaults.decoder()
+    cfg = defaults.decoder_adam()
     cfg.design.update(num_subsets=16, degree=2)
     cfg.stage1.update(
         steps=20,

@@ -4,9 +4,9 @@ Each check runs in a subprocess because XLA_FLAGS must be set before jax is impo
 every mesh shape (data, ops) the script runs, on a tiny classifier (digits MLP) and a tiny
 decoder (2-layer llama on Shakespeare blocks):
 
-- stage 1, both recipes on the classifier (Adam: gates over ``ops``; Gauss-Newton: the
-  curvature's rows over ``data``, the solve's right-hand sides over ``ops``), the Adam recipe
-  on the decoder (the Gauss-Newton one is classifier-only); compared: the trained gates;
+- stage 1, both recipes on the classifier and on the decoder (Adam: gates over ``ops``;
+  Gauss-Newton: the curvature's rows over ``data``, the solve's right-hand sides over ``ops``;
+  on the decoder with its sampled Fisher and linear responses); compared: the trained gates;
   and the Gauss-Newton pieces alone (curvature, per-example and per-subset gradients, gates
   for T <= N and T > N) on rows spanning several chunks, so the chunks really split;
 - responses (queries over ``data`` x operators over ``ops``), also for 5 queries on a (2, 3)
@@ -116,11 +116,15 @@ recipe = ml_collections.ConfigDict(dict(
     steps=10, batch=8, lr=3e-3, warmup_steps=2, lr_end_frac=0.1, clip=1.0, weight_decay=0.01))
 lm_params = lm_train.jitted_fit(recipe, gd)(
     p0, jax.random.key(0), lm_train.data_arrays(sp.train), jnp.ones(len(sp.train)))
-dec_cfg = defaults.decoder()
+dec_cfg = defaults.decoder_adam()
 dec_cfg.design.update(num_subsets=16, degree=2)
 dec_cfg.stage1.update(steps=5, log_every=5, ckpt_every=5, subsets_per_step=8, sketch_dim=4,
     rank=4, top_k=4, warmup_steps=2, lr=0.05)
 dec_cfg.lasso.update(maxiter=50)
+dec_newton = defaults.decoder()  # the Gauss-Newton default: sampled Fisher, linear responses
+dec_newton.design.update(num_subsets=16, degree=2)
+dec_newton.stage1.update(sketch_dim=4, rank=4, top_k=4, fisher_samples=2)
+dec_newton.lasso.update(maxiter=50)
 
 ref_y = {}
 results = {}
@@ -145,10 +149,11 @@ for shape in SHAPES:
         tick("classifier retrain")
     task = DecoderTask(graphdef=gd, params=lm_params, train=sp.train, query=sp.query,
         mesh=mesh, model_config=lm_cfg, recipe=recipe, params0=p0, tokenizer=sp.tokenizer)
-    fitted, res["decoder"] = stride_run(task, dec_cfg, sp.query, mesh)
-    y = ref_y.setdefault("decoder", np.asarray(res["decoder"]["responses"], np.float32))
-    res["decoder"]["lasso"] = lasso_alone(fitted, y, dec_cfg, mesh)
-    tick("decoder stride")
+    for name, cfg in (("decoder", dec_cfg), ("decoder_newton", dec_newton)):
+        fitted, res[name] = stride_run(task, cfg, sp.query, mesh)
+        y = ref_y.setdefault(name, np.asarray(res[name]["responses"], np.float32))
+        res[name]["lasso"] = lasso_alone(fitted, y, cfg, mesh)
+        tick(name)
     masks = np.random.default_rng(1).random((3, len(sp.train))) < 0.5
     res["decoder"]["retrain"] = retrain_losses(
         task, jax.random.split(jax.random.key(3), 3), masks.astype(np.float32),

@@ -131,9 +131,9 @@ def plan(config, splits) -> list[str]:
         t = stride_method.resolve_num_subsets(dc, n, config.task)  # ConfigError if infeasible
         if not dc.num_subsets:
             dc.num_subsets = t
-            cap = stride_defaults.AUTO_SUBSETS_CAP[config.task]
+            rule = stride_defaults.AUTO_RULE[config.task]
             notes.append(
-                f"stride.design.num_subsets: auto -> {t} (min({cap}, N*d/2) with N={n} training "
+                f"stride.design.num_subsets: auto -> {t} ({rule} with N={n} training "
                 f"rows, d={dc.degree})"
             )
     if config.task == "classifier":

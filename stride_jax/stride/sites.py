@@ -242,16 +242,29 @@ def check_basis(config) -> str:
     return basis
 
 
+# The Gauss-Newton solve holds a P x P matrix of the P = d_model * rank gate parameters of one
+# operator (and factors it): above this P it is refused rather than left to run out of memory.
+MAX_NEWTON_PARAMS = 16384
+
+
 def residual_site(task, cfg) -> ResidualSite:
-    newton.check_init(cfg.stage1)
+    precision.compute_dtype(cfg)  # checked before any work, and before the task is read
+    check_responses(cfg)
     if check_basis(cfg.stage1) != "random" and cfg.stage1.lr_muon > 0:
         raise ConfigError(
             f"stage1.basis={cfg.stage1.basis!r} is a frozen data basis: set stage1.lr_muon=0"
         )
     if cfg.stage1.probe_mask_members:
         raise ConfigError("stage1.probe_mask_members is not supported for language models")
-    precision.compute_dtype(cfg)  # checked before any work
-    check_responses(cfg)
+    if newton.check_init(cfg.stage1) == "newton":
+        d = task.model_config.d_model
+        p = d * cfg.stage1.rank
+        if p > MAX_NEWTON_PARAMS:
+            raise ConfigError(
+                f"stage1.init='newton' on a d_model={d} residual with stage1.rank="
+                f"{cfg.stage1.rank} solves a {p} x {p} curvature ({4 * p * p / 2**30:.1f} GiB): "
+                f"set stage1.rank <= {MAX_NEWTON_PARAMS // d}"
+            )
     layer = hook_layer(cfg, task.model_config.n_layers)
     upper = residual.Upper(task.graphdef, layer, cfg.vocab_chunk, remat=cfg.get("remat", False))
     return ResidualSite(task, cfg, upper)

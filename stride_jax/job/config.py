@@ -31,6 +31,7 @@ AUTO_BLOCK_LEN = 128  # data.block_len unset: the model's max_len, at most this
 ABLATION_NAMES = ("no_fidelity", "no_stability", "no_linearity", "bernoulli_design")
 LM_METHODS = (
     "stride",
+    "opspace",
     "graddot",
     "tracin",
     "trak1",

@@ -118,11 +118,12 @@ def classifier() -> ml_collections.ConfigDict:
 
 def decoder() -> ml_collections.ConfigDict:
     """The decoder default: ``decoder_adam()`` with the Gauss-Newton recipe
-    (``DECODER_NEWTON_STAGE1``, linear responses, Lasso lam_frac 0.02)."""
+    (``DECODER_NEWTON_STAGE1``, linear responses, Lasso lam_frac 0.02 with 50 steps)."""
     cfg = decoder_adam()
     cfg.stage1.update(DECODER_NEWTON_STAGE1)
     cfg.update(responses="linear")
-    cfg.lasso.lam_frac = 0.02
+    # 50 FISTA steps per path point: validation LDS 0.2409 as with 500, in 17 s instead of 123.
+    cfg.lasso.update(lam_frac=0.02, maxiter=50)
     return cfg
 
 

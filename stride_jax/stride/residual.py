@@ -271,16 +271,8 @@ def make_inputs(upper: Upper, model_params, cache, data: dict, design, config, k
     """Bundle the cache, the design and its sketch (features: mean-pooled residual)."""
     attn = data["attn"].astype(jnp.float32)
     pooled_NxD = (cache["h"] * attn[..., None]).sum(1) / jnp.maximum(attn.sum(1), 1.0)[:, None]
-    return LMInputs(
-        upper=upper,
-        model_params=model_params,
-        h_NxLxD=cache["h"],
-        attn_NxL=data["attn"],
-        tokens_NxL=data["tokens"],
-        loss_mask_NxL=data["loss_mask"],
-        ce_base_N=cache["ce"],
-        top_idx_NxLxK=cache["top_idx"],
-        top_val_NxLxK=cache["top_val"],
+    return dataclasses.replace(
+        row_inputs(upper, model_params, cache, data),
         members_TxS=jnp.asarray(design.members_TxS),
         subsets_NxD=jnp.asarray(design.subsets_NxD),
         sketch_TxM=subsets.sketched_design(design, config, key, pooled_NxD),

@@ -50,7 +50,7 @@ DECODER_STAGE1 = (
 # The decoder recipe (the default since 2026-12-03; experiments/RESULTS.md, "Gauss-Newton
 # stage 1 on language models"): stage 1 in closed form through the upper blocks with the
 # sampled true Fisher, a random rank-64 basis, first-order ("linear") responses. Chosen on the
-# 100 validation blocks of lm_shakespeare among 28 STRIDE points: LDS 0.241 at T = N against
+# 100 validation blocks of lm_shakespeare among 33 STRIDE points: LDS 0.241 at T = N against
 # 0.178 at T = N/2 and 0.129 for the Adam recipe (``decoder_adam``), in ~30 s instead of
 # ~1,300 s.
 DECODER_NEWTON_STAGE1 = dict(init="newton", steps=0, lr_muon=0.0, subsets_per_step=0)

@@ -213,3 +213,19 @@ def test_bad_settings_are_refused(setup):
     cls.stage1.basis = "pca"
     with pytest.raises(ConfigError, match="stage1.basis selects the residual-stream basis"):
         sites.classifier_site(None, cls)
+
+
+def test_default_recipe_runs_on_fewer_rows_than_the_sketch():
+    """The default's automatic T = N; with N = 12 < sketch_dim = 16 the Gauss-Newton recipe
+    (no Adam steps, so no sketch) still runs; the Adam recipe's check still refuses it."""
+    from conftest import tiny_decoder_task
+
+    _, task = tiny_decoder_task(block_len=12, n_train=12, n_query=2)
+    cfg = defaults.decoder()
+    assert cfg.stage1.sketch_dim > len(task.train)
+    scores = method.score(task, method.fit(task, cfg, reuse=False), task.query, cfg)
+    assert scores.shape == (2, 12) and np.isfinite(scores).all()
+    adam = defaults.decoder_adam()
+    adam.stage1.subsets_per_step = 0
+    with pytest.raises(ConfigError, match="sketch_dim=16 must be smaller than the T subsets"):
+        method.fit(task, adam, reuse=False)

@@ -232,8 +232,13 @@ def check_config(config, num_subsets: int) -> None:
             f"it exceeds T={num_subsets}"
         )
     per_step = config.subsets_per_step or num_subsets
-    if config.sketch_dim >= per_step:
-        raise ConfigError("stage1.sketch_dim must be smaller than stage1.subsets_per_step")
+    # The sketch serves the linearity loss of the Adam steps only (none: the Gauss-Newton
+    # step alone, e.g. the decoder default, whose automatic T = N may be tiny).
+    if config.steps > 0 and config.sketch_dim >= per_step:
+        where = "stage1.subsets_per_step" if config.subsets_per_step else "the T subsets"
+        raise ConfigError(
+            f"stage1.sketch_dim={config.sketch_dim} must be smaller than {where} ({per_step})"
+        )
     for key, allowed in (("fidelity_rows", ("all", "sample")), ("stability_rows", _STAB_ROWS)):
         if config[key] not in allowed:
             raise ConfigError(f"stage1.{key} must be one of {allowed}, got {config[key]!r}")

@@ -37,6 +37,7 @@ LM_METHODS = (
     "trak1",
     "trak",
     "logra",
+    "kfac",
     "ekfac",
     "repsim",
     "minilm",

@@ -29,8 +29,8 @@ capped cell the method's larger N are skipped (``--run_after_cap`` runs them any
 same throughput they would be capped too.
 
 Methods (each its default decoder config, except as said):
-- ``stride``: the decoder default ``stride.defaults.decoder()`` (the Gauss-Newton recipe,
-  also named ``decoder_newton()``: stage 1 as one Gauss-Newton step through the blocks above
+- ``stride``: the decoder default ``stride.defaults.decoder()`` (the Gauss-Newton recipe:
+  stage 1 as one Gauss-Newton step through the blocks above
   the hook, sampled true Fisher, linearised responses; T = min(8192, N)), hook ``layer=-1``
   = round(2/3 depth). Its Gauss-Newton solve factors a dense P x P curvature of the
   P = d_model x rank gate parameters of one operator; the library refuses P >

@@ -127,9 +127,6 @@ def decoder() -> ml_collections.ConfigDict:
     return cfg
 
 
-decoder_newton = decoder  # the name the recipe had before it became the default
-
-
 def decoder_adam() -> ml_collections.ConfigDict:
     """The decoder's Adam recipe (the default until 2026-12-03); ``layer=-1`` means round(2/3
     of the depth).

@@ -241,12 +241,21 @@ def gates_matrix(ops, inputs) -> jax.Array:
     return jnp.concatenate([m.gates[...].reshape(m.num_subsets, -1) for m, _, _ in sites], 1)
 
 
+def row_gradients(ops, inputs) -> jax.Array:
+    """The loss gradients at zero gates of every row of ``inputs`` (N x P), chunk by chunk as
+    ``curvature_and_gradients`` takes them, without its curvature (for query rows, whose
+    curvature nothing reads)."""
+    n = inputs.num_rows
+    idx, valid = _row_chunks(n, inputs.newton_batch, 1)
+    g_CxBxP = jax.lax.map(lambda xs: inputs.newton_stats(ops, *xs)[1], (idx, valid))
+    return g_CxBxP.reshape(-1, g_CxBxP.shape[-1])[:n]
+
+
 def linear_responses(ops, inputs) -> jax.Array:
     """The first-order responses ``y_k(q) ~= -g_q . vec(B_k)`` of every operator on the rows
     of ``inputs`` (their loss gradients g_q at zero gates, ``row_inputs``): Q x T. One
     gradient per query instead of a forward pass per operator."""
-    g_QxP = curvature_and_gradients(ops, inputs)[1]
-    return -g_QxP @ gates_matrix(ops, inputs).T
+    return -row_gradients(ops, inputs) @ gates_matrix(ops, inputs).T
 
 
 def _init(config) -> str:

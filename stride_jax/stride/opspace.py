@@ -52,10 +52,7 @@ def fit(task, cfg) -> Fitted:
     sketch_key, train_key, _ = method._keys(cfg)
     inputs = site.stage1_inputs(cache, design, sketch_key)
     kwargs = site.operator_kwargs(cache, design.num_subsets)
-    make_ops = kwargs.get("make_ops")
-    if make_ops is None:
-        make_ops = stage1.default_operators(inputs, cfg.stage1, kwargs["dims"])
-    ops = make_ops(jax.random.split(train_key)[0])  # STRIDE's basis, the same key
+    ops = stage1.initial_operators(inputs, cfg.stage1, train_key, **kwargs)  # STRIDE's basis
     graphdef, params = nnx.split(ops, nnx.Param)
     lam = damping(cfg.stage1)
 
@@ -89,7 +86,7 @@ def score(task, fitted: Fitted, query, cfg) -> np.ndarray:
 
     @jax.jit
     def scores(params, inputs, solved_NxP):
-        g_QxP = newton.curvature_and_gradients(nnx.merge(graphdef, params), inputs)[1]
+        g_QxP = newton.row_gradients(nnx.merge(graphdef, params), inputs)
         return g_QxP @ solved_NxP.T
 
     out = scores(fitted.params, inputs, fitted.solved_NxP)

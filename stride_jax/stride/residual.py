@@ -277,7 +277,7 @@ def make_inputs(upper: Upper, model_params, cache, data: dict, design, config, k
         subsets_NxD=jnp.asarray(design.subsets_NxD),
         sketch_TxM=subsets.sketched_design(design, config, key, pooled_NxD),
         fisher_key=_key_data(jax.random.fold_in(key, 1)),
-        newton_batch=int(config.get("curvature_batch", 0) or 16),
+        newton_batch=int(config.get("curvature_batch", 0) or LMInputs.newton_batch),
         fisher_samples=int(config.get("fisher_samples", 1)),
     )
 

@@ -25,6 +25,7 @@ the upper blocks (``residual.LMInputs.newton_stats``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -73,10 +74,17 @@ class Site:
         query row, then a Q x P by P x T product)."""
         if check_responses(self.cfg) == "forward":
             return self.responses(ops_graphdef, ops_params, cache_q, rows_q, mesh)
-        inputs = self.row_inputs(cache_q, rows_q)
-        return jax.jit(
-            lambda params, inputs: newton.linear_responses(nnx.merge(ops_graphdef, params), inputs)
-        )(ops_params, inputs)
+        return _linear_responses_fn(ops_graphdef)(ops_params, self.row_inputs(cache_q, rows_q))
+
+
+@functools.lru_cache(maxsize=8)
+def _linear_responses_fn(ops_graphdef):
+    """``newton.linear_responses`` jitted once per operator structure."""
+
+    def fn(params, inputs):
+        return newton.linear_responses(nnx.merge(ops_graphdef, params), inputs)
+
+    return jax.jit(fn)
 
 
 RESPONSES = ("forward", "linear")

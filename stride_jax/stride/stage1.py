@@ -251,6 +251,14 @@ def check_config(config, num_subsets: int) -> None:
 _STAB_ROWS = ("shared", "per_subset")
 
 
+def initial_operators(inputs, config, key, *, dims=None, make_ops=None):
+    """The untrained operators stage 1 starts from under ``key`` (``make_ops`` or
+    ``default_operators``, built from the first half of ``key``'s split): ``fit_operators``
+    and ``opspace`` share them, basis included."""
+    make_ops = make_ops or default_operators(inputs, config, dims)
+    return make_ops(jax.random.split(key)[0])
+
+
 def fit_operators(
     inputs,
     config,
@@ -280,9 +288,8 @@ def fit_operators(
         )
     sharding.check_divisible("number of subsets T", num_subsets, mesh, sharding.OPS)
     tx = make_optimizer(config)
-    init_key, run_key = jax.random.split(key)
-    make_ops = make_ops or default_operators(inputs, config, dims)
-    ops = make_ops(init_key)
+    ops = initial_operators(inputs, config, key, dims=dims, make_ops=make_ops)
+    run_key = jax.random.split(key)[1]
     newton.check_config(config, ops)
     ckpts = checkpoint.TrainCheckpoints(f"{workdir}/stage1_ckpt") if workdir else None
     try:

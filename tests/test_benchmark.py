@@ -31,7 +31,7 @@ def test_results_json_schema(finished):
         on_disk = json.load(f)
     assert on_disk == json.loads(json.dumps(results))
     assert on_disk["dataset"] == {"name": "digits", "n_train": 120, "n_query": 16}
-    assert on_disk["ground_truth"] == {"num_models": 8, "alpha": 0.5}
+    assert on_disk["ground_truth"] == {"num_models": 8, "alpha": 0.5, "seeds": 1}
     for name in ("stride", "graddot"):
         entry = on_disk["methods"][name]
         lo, hi = entry["lds_ci95"]

@@ -144,3 +144,44 @@ def test_tune_lm_scores_validation_rows_with_the_same_retrains(tmp_path):
     assert gt["losses_val_MxV"].shape == (8, 6) and gt["losses_MxQ"].shape == (8, 8)
     with pytest.raises(ConfigError, match="unknown config key 'no_such_key'"):
         tune.tune(c, str(tmp_path), "repsim", ["no_such_key=1"])
+
+
+def test_two_seed_ground_truth_averages_seeds_and_reports_both_ceilings(tmp_path):
+    """``groundtruth.seeds=2``: each subset retrained with two training seeds, the losses
+    averaged; the one-seed files are the ones a one-seed run caches (reused, not retrained);
+    the noise ceiling reports the two-seed and the single-seed agreement, each equal to a
+    Spearman correlation computed here from the saved losses."""
+    from scipy import stats
+
+    c = lm_shakespeare_quick.get_config()
+    c.methods = ("random",)
+    one = benchmark.run(c, str(tmp_path))
+    assert "single_seed" not in one["noise_ceiling"] and one["noise_ceiling"]["seeds"] == 1
+    first = {
+        n: np.load(tmp_path / f"{n}.npz")["losses_MxQ"] for n in ("groundtruth", "noise_ceiling")
+    }
+    c.groundtruth.seeds = 2
+    two = benchmark.run(c, str(tmp_path))
+    loss = {}
+    for stem in ("groundtruth", "noise_ceiling"):
+        a = np.load(tmp_path / f"{stem}.npz")["losses_MxQ"]
+        b = np.load(tmp_path / f"{stem}_seed1.npz")["losses_MxQ"]
+        np.testing.assert_array_equal(a, first[stem])  # the one-seed retrains were reused
+        assert np.abs(a - b).max() > 1e-4  # another seed: other minibatches, other losses
+        loss[stem] = (a, (a + b) / 2)
+
+    def ceiling(x, y):  # mean over queries of the Spearman correlation across retrains
+        return np.mean([stats.spearmanr(x[:, q], y[:, q])[0] for q in range(x.shape[1])])
+
+    nc = two["noise_ceiling"]
+    assert nc["seeds"] == 2 and two["ground_truth"]["seeds"] == 2
+    assert nc["lds"] == pytest.approx(
+        ceiling(loss["groundtruth"][1], loss["noise_ceiling"][1]), abs=1e-5
+    )
+    single = ceiling(loss["groundtruth"][0], loss["noise_ceiling"][0])
+    assert nc["single_seed"]["lds"] == pytest.approx(single, abs=1e-5)
+    assert one["noise_ceiling"]["lds"] == pytest.approx(single, abs=1e-5)
+    assert "2-seed" in open(tmp_path / "table.md").read()
+    c.groundtruth.seeds = 0
+    with pytest.raises(ConfigError, match="groundtruth.seeds must be > 0"):
+        benchmark.run(c, str(tmp_path))

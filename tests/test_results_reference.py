@@ -97,7 +97,11 @@ def classifier_run(tmp_path_factory):
     from conftest import tiny_config
 
     config = tiny_config()
-    config.ablations = ("no_linearity",)
+    # A variant (``variants/``, ``variant_of``) as the ablations' base (``ablation_of``,
+    # ``delta_vs_base``).
+    config.variants.stride_b = dict(method="stride", lasso=dict(lam_frac=0.02))
+    config.methods = (*config.methods, "stride_b")
+    config.ablations, config.ablation_base = ("no_linearity",), "stride_b"
     workdir = str(tmp_path_factory.mktemp("cls"))
     return workdir, _run(config, workdir)
 
@@ -142,7 +146,7 @@ def test_classifier_output_files_are_documented_and_readable(classifier_run):
 def test_decoder_results_keys_and_files_are_documented(tmp_path):
     config = lm_shakespeare_quick.get_config()
     config.methods = ("random",)
-    config.groundtruth.update(num_models=4, models_per_batch=4)
+    config.groundtruth.update(num_models=4, models_per_batch=4, seeds=2)
     config.train.steps = 10
     results = _run(config, str(tmp_path))
     written, documented = _flatten(results), documented_fields("decoder")

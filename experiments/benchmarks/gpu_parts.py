@@ -472,8 +472,10 @@ def part_d(s: dict, budget: Budget, rec: Recorder, env: dict) -> None:
     rec.save()
     for name in config.methods:
         budget.check(f"method {name}", 1.0)
-        cfg = benchmark.method_config(config, name)
-        res = benchmark.scored(ctx, name, name, cfg, os.path.join(workdir, name), gt)
+        method, cfg = benchmark.method_block(config, name)
+        res = benchmark.scored(
+            ctx, name, method, cfg, benchmark.method_dir(config, workdir, name), gt
+        )
         per_query[name] = res.pop("per_query")
         keep = ("lds", "lds_ci95", "seconds", "seconds_split", "peak_mb")
         out["methods"][name] = {k: res[k] for k in keep if k in res}

@@ -12,5 +12,6 @@ def get_config():
     # The pre-trained model's tokenizer is used for the SFT data (unknown characters refused).
     c.data.tokenizer = "pretrained"
     c.train = recipe(steps=200, lr=1e-3, warmup_steps=20)
+    c.groundtruth.seeds = 2  # each retention mask fine-tuned with two seeds, losses averaged
     c.methods = LM_METHODS
     return c

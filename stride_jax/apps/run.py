@@ -17,11 +17,10 @@ import ml_collections
 import numpy as np
 
 from stride_jax import checkpoint
-from stride_jax import methods as registry
 from stride_jax.apps import config as apps_config
 from stride_jax.errors import ConfigError
 from stride_jax.job import benchmark, models
-from stride_jax.job.config import validate
+from stride_jax.job.config import method_block, validate
 
 
 def load_checked(config, workdir: str):
@@ -36,11 +35,9 @@ def load_checked(config, workdir: str):
     names = apps_config.app_methods(config)
     for name in names:
         try:
-            registry.get(name, config.task)
+            method_block(config, name)  # a method or a config.variants label
         except ConfigError as e:
             raise ConfigError(f"{key}: {e}") from None
-        if name != "stride" and name not in config.baselines:
-            raise ConfigError(f"{key}: config.baselines has no block for method {name!r}")
     if tuple(config.apps.methods):
         config.methods = tuple(names)
     models.resolve(config)
@@ -55,8 +52,7 @@ def num_examples(rows) -> int:
 def open_run(config, workdir: str, splits=None) -> benchmark.Context:
     """The run's data and base model (``benchmark.prepare``; reused when cached)."""
     for name in apps_config.app_methods(config):
-        if name != "stride" and name not in config.baselines:
-            raise ConfigError(f"config.baselines has no block for method {name!r}")
+        method_block(config, name)  # unknown labels and missing blocks: a ConfigError
     return benchmark.prepare(config, workdir, splits)
 
 
@@ -64,10 +60,10 @@ def scores(ctx: benchmark.Context, names) -> dict[str, np.ndarray]:
     """``{method: scores_QxE}`` on the run's queries (float32; higher = the example lowers
     the query's loss), each computed once per method config and base model."""
     out = {}
-    for name in names:
-        cfg = benchmark.method_config(ctx.config, name)
-        sub_dir = os.path.join(ctx.workdir, name)
-        out[name], _ = benchmark.method_scores(ctx, name, name, cfg, sub_dir)
+    for label in names:
+        name, cfg = method_block(ctx.config, label)
+        sub_dir = benchmark.method_dir(ctx.config, ctx.workdir, label)
+        out[label], _ = benchmark.method_scores(ctx, label, name, cfg, sub_dir)
     return out
 
 

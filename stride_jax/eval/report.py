@@ -107,14 +107,21 @@ def format_markdown(results: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     ceiling = results.get("noise_ceiling")
     if ceiling:
-        lo, hi = _ci(ceiling)
-        cells = [
-            "noise ceiling (retrain vs retrain)",
-            _fmt(ceiling.get("lds"), ".4f"),
-            _DASH if math.isnan(lo) or math.isnan(hi) else f"[{lo:.3f}, {hi:.3f}]",
-        ]
-        cells += [_DASH] * (len(header) - len(cells))
-        lines.append("| " + " | ".join(cells) + " |")
+        seeds = ceiling.get("seeds", 1)
+        rows = [(f"noise ceiling ({seeds}-seed retrains vs {seeds}-seed)", ceiling)]
+        if seeds == 1:
+            rows = [("noise ceiling (retrain vs retrain)", ceiling)]
+        if "single_seed" in ceiling:
+            rows.append(("noise ceiling (1-seed retrains vs 1-seed)", ceiling["single_seed"]))
+        for label, entry in rows:
+            lo, hi = _ci(entry)
+            cells = [
+                label,
+                _fmt(entry.get("lds"), ".4f"),
+                _DASH if math.isnan(lo) or math.isnan(hi) else f"[{lo:.3f}, {hi:.3f}]",
+            ]
+            cells += [_DASH] * (len(header) - len(cells))
+            lines.append("| " + " | ".join(cells) + " |")
         lines += ["", NOISE_CEILING_NOTE]
     return "\n".join(lines) + "\n"
 

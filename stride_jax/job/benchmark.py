@@ -24,7 +24,7 @@ from stride_jax import checkpoint, distributed, methods, profiling, sharding
 from stride_jax.apps import explain
 from stride_jax.eval import metrics, report
 from stride_jax.job import cache, models
-from stride_jax.job.config import validate
+from stride_jax.job.config import method_block, validate
 from stride_jax.methods import datamodel
 
 ABLATIONS = {
@@ -49,8 +49,17 @@ class Context:
 
 
 def method_config(config, name: str):
-    """A method's own config block: ``config.stride`` or ``config.baselines.<name>``."""
-    return config.stride if name == "stride" else config.baselines[name]
+    """A method's (or a variant's) own config block: ``config.stride``,
+    ``config.baselines.<name>`` or a ``config.variants`` entry's (``config.method_block``)."""
+    return method_block(config, name)[1]
+
+
+def method_dir(config, workdir: str, label: str) -> str:
+    """Where a method keeps its working files: ``workdir/<name>``, or
+    ``workdir/variants/<label>`` for a ``config.variants`` entry."""
+    if label in config.variants:
+        return os.path.join(workdir, "variants", label)
+    return os.path.join(workdir, label)
 
 
 def context(config, workdir: str):
@@ -145,28 +154,59 @@ def _sizes(ctx: Context) -> str:
 
 
 def noise_ceiling(ctx: Context, gt) -> dict:
-    """LDS of a second set of retrains (same subsets, other seeds) used as the prediction."""
+    """LDS of a second set of retrains (same subsets, other seeds) used as the prediction.
+
+    With ``groundtruth.seeds = S > 1`` (decoders) both sets average S training seeds per
+    subset: ``lds`` is the S-seed ceiling, and ``single_seed`` the agreement of one seed's
+    retrains with one other seed's (the ceiling a one-seed ground truth would have)."""
     c = ctx.config
     other = models.ceiling_losses(c, ctx.task, ctx.splits, ctx.workdir, gt)
-    res = datamodel.retrain_agreement(other, gt["losses_MxQ"], n_boot=c.lds.n_boot)
-    logging.info("noise ceiling: LDS %.4f [%.4f, %.4f]", res["lds"], *res["ci95"])
-    return {"lds": res["lds"], "lds_ci95": list(res["ci95"])}
+    if not isinstance(other, dict):  # classifier: one seed
+        other = {"losses_MxQ": other}
+    res = datamodel.retrain_agreement(other["losses_MxQ"], gt["losses_MxQ"], n_boot=c.lds.n_boot)
+    out = {"lds": res["lds"], "lds_ci95": list(res["ci95"]), "seeds": _seeds(c)}
+    logging.info(
+        "noise ceiling (%d seed(s)): LDS %.4f [%.4f, %.4f]", out["seeds"], res["lds"], *res["ci95"]
+    )
+    if out["seeds"] > 1:
+        one = datamodel.retrain_agreement(
+            other["losses_by_seed_SxMxQ"][0], gt["losses_by_seed_SxMxQ"][0], n_boot=c.lds.n_boot
+        )
+        out["single_seed"] = {"lds": one["lds"], "lds_ci95": list(one["ci95"])}
+        logging.info("noise ceiling (1 seed): LDS %.4f [%.4f, %.4f]", one["lds"], *one["ci95"])
+    return out
+
+
+def _seeds(config) -> int:
+    """Training seeds per ground-truth subset (1 for classifiers)."""
+    return config.groundtruth.seeds if config.task == "decoder" else 1
 
 
 def run(config, workdir: str) -> dict:
     """The whole job; returns and writes ``workdir/results.json`` (and the report)."""
     ctx, gt = context(config, workdir)
     entries = {}
-    for name in config.methods:
-        cfg = method_config(config, name)
-        entries[name] = scored(ctx, name, name, cfg, os.path.join(workdir, name), gt)
+    for label in config.methods:
+        name, cfg = method_block(config, label)
+        entries[label] = scored(ctx, label, name, cfg, method_dir(config, workdir, label), gt)
+        if label in config.variants:
+            entries[label]["variant_of"] = name
     ablations = {}
+    base_label = config.ablation_base
     for name in config.ablations:
-        sub = config.stride.copy_and_resolve_references()
+        sub = method_block(config, base_label)[1].copy_and_resolve_references()
         with sub.unlocked():
             ABLATIONS[name](sub)
-        sub_dir = os.path.join(workdir, "ablations", name)
-        ablations[name] = scored(ctx, f"ablation_{name}", "stride", sub, sub_dir, gt)
+        # STRIDE's own ablations keep their earlier labels (and cached scores).
+        label = name if base_label == "stride" else f"{base_label}_{name}"
+        sub_dir = os.path.join(workdir, "ablations", label)
+        ablations[label] = scored(ctx, f"ablation_{label}", "stride", sub, sub_dir, gt)
+        ablations[label]["ablation_of"] = base_label
+    if base_label != "stride" and base_label in entries:  # each ablation vs its own base
+        for entry in ablations.values():
+            entry["delta_vs_base"] = metrics.paired_difference(
+                entry["per_query"], entries[base_label]["per_query"], n_boot=config.lds.n_boot
+            )
     if "stride" in entries:  # paired over the same queries: method (or ablation) minus STRIDE
         base = entries["stride"]["per_query"]
         for entry in [*entries.values(), *ablations.values()]:
@@ -181,6 +221,7 @@ def run(config, workdir: str) -> dict:
         "ground_truth": {
             "num_models": config.groundtruth.num_models,
             "alpha": config.groundtruth.alpha,
+            "seeds": _seeds(config),
         },
         "base_model": ctx.base_stats,
         "methods": entries,

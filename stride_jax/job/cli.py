@@ -233,10 +233,14 @@ def print_summary(results: dict, workdir: str) -> None:
     print(format_table(results))
     if "noise_ceiling" in results:
         nc = results["noise_ceiling"]
-        print(
-            f"noise ceiling (retrains vs retrains): LDS {nc['lds']:.4f} "
-            f"[{nc['lds_ci95'][0]:.3f}, {nc['lds_ci95'][1]:.3f}]"
-        )
+        seeds = nc.get("seeds", 1)
+        rows = [("" if seeds == 1 else f"{seeds}-seed ", nc), ("1-seed ", nc.get("single_seed"))]
+        for what, e in rows:
+            if e:
+                print(
+                    f"noise ceiling ({what}retrains vs retrains): LDS {e['lds']:.4f} "
+                    f"[{e['lds_ci95'][0]:.3f}, {e['lds_ci95'][1]:.3f}]"
+                )
         print(textwrap.fill(report.NOISE_CEILING_NOTE, width=96))
     print(f"results: {workdir}/results.json")
 

@@ -24,7 +24,7 @@ from stride_jax.stride import defaults as stride_defaults
 from stride_jax.stride import newton
 from stride_jax.task import KINDS
 
-__all__ = ["ConfigError", "base_config", "pretrain_config", "validate"]
+__all__ = ["ConfigError", "base_config", "method_block", "pretrain_config", "validate"]
 
 DEFAULT_METHODS = ("stride", "graddot")
 AUTO_BLOCK_LEN = 128  # data.block_len unset: the model's max_len, at most this
@@ -116,9 +116,11 @@ def _decoder_blocks(c: ml_collections.ConfigDict) -> None:
     # Used only by model.source='pretrain': pre-train a decoder here, then fine-tune it.
     c.pretrain = pretrain_config()
     c.train = recipe()
+    # ``seeds``: training seeds per subset, their query losses averaged (minibatch order and
+    # init are the decoder ground truth's noise); the noise ceiling then averages as many.
     c.groundtruth = dict(
         num_models=64, alpha=0.5, seed=1, models_per_batch=0, noise_ceiling=True, ceiling_seed=7
-    )
+    ) | dict(seeds=1)
 
 
 def base_config(kind: str = "classifier") -> ml_collections.ConfigDict:
@@ -152,15 +154,22 @@ def base_config(kind: str = "classifier") -> ml_collections.ConfigDict:
       trained per vmapped call (memory and speed only, not results; 0: as many as fit in
       half the free memory), ``noise_ceiling`` (also
       retrain the same subsets with seeds from ``ceiling_seed``: the LDS the retrains reach
-      against each other).
+      against each other); decoders also ``seeds`` (each subset retrained with that many
+      training seeds and its query losses averaged; the noise ceiling then reports the
+      ``seeds``-seed agreement and, with ``seeds > 1``, the single-seed one).
     - ``stride``: STRIDE's config (``stride_jax.stride.defaults``; every block is described in
       ``help(stride_jax.attribute)``): seed, design (``num_subsets=0``: automatic T), hook /
       layer, stage1, lasso, size_weighted and batch sizes.
     - ``baselines``: one block per other method, its defaults for this kind
       (``stride_jax.methods.default_configs(kind)``); only the methods in ``methods`` run.
     - ``methods``: names of the methods to score and compare (``stride_jax.methods.names(kind)``).
+    - ``variants``: named variants of methods, listed in ``methods`` like methods:
+      ``label -> dict(method=name, preset=..., <overrides of the method's block>)``; ``preset``
+      (STRIDE only) starts from a named STRIDE recipe (``stride_jax.stride.defaults.PRESETS``:
+      "default", "adam", "paper") instead of ``config.stride``. See ``method_block``.
     - ``ablations``: STRIDE variants to run as well: "no_fidelity", "no_stability",
-      "no_linearity" (that loss weight set to 0) and "bernoulli_design".
+      "no_linearity" (that loss weight set to 0) and "bernoulli_design"; ``ablation_base``
+      names the STRIDE config they change ("stride" or a STRIDE variant's label).
     - ``mesh``: the device mesh: ``data`` (rows) x ``ops`` (STRIDE's operators).
     - ``lds``: ``n_boot``, the bootstrap resamples behind every 95% CI.
     - ``apps``: the applications (data selection, contamination audit, tail-patch, top-k
@@ -174,11 +183,64 @@ def base_config(kind: str = "classifier") -> ml_collections.ConfigDict:
     c.stride = stride_defaults.default(kind)
     c.baselines = methods.default_configs(kind)
     c.methods = DEFAULT_METHODS if kind == "classifier" else ("stride",)
+    # Named variants of methods, usable in ``methods`` like a method: label -> dict(method=...,
+    # preset=... (STRIDE only: a ``stride.defaults.PRESETS`` name), then overrides of that
+    # method's block as nested dicts), e.g. dict(method="ekfac", fisher="empirical").
+    c.variants = ml_collections.ConfigDict()
     c.ablations = ()
+    c.ablation_base = "stride"  # the STRIDE config the ablations change: stride or a variant
     c.mesh = dict(data=1, ops=1)
     c.lds = dict(n_boot=1000)
     c.apps = apps_config.defaults()
     return c
+
+
+def method_block(config, label: str) -> tuple[str, ml_collections.ConfigDict]:
+    """``(method name, its config block)`` for a label of ``config.methods``: a registered
+    method (``config.stride`` or ``config.baselines.<name>``), or a ``config.variants`` entry
+    (its method's block, or a STRIDE ``preset``, with the variant's overrides applied to a
+    copy). Unknown labels, methods, presets and override keys raise ``ConfigError``."""
+    kind = config.task
+    if label in config.variants:
+        spec = dict(config.variants[label])
+        if label in methods.names(kind):
+            raise ConfigError(f"config.variants.{label}: the label is a method's name; rename it")
+        if "method" not in spec:
+            raise ConfigError(f"config.variants.{label} needs method=<name>")
+        name, preset = spec.pop("method"), spec.pop("preset", None)
+        if name == label:
+            raise ConfigError(f"config.variants.{label} cannot be a variant of itself")
+        _, block = method_block(config, name)
+        if preset is not None:
+            if name != "stride":
+                raise ConfigError(f"config.variants.{label}: preset is for method='stride' only")
+            block = stride_defaults.preset(preset, kind)
+        block = block.copy_and_resolve_references()
+        from stride_jax.job import cli  # set_path: the same key checks as --sweep
+
+        for key, value in _flatten(spec):
+            try:
+                cli.set_path(block, key, value)
+            except ConfigError as err:
+                raise ConfigError(f"config.variants.{label}: {err}") from None
+        return name, block
+    methods.get(label, kind)  # unknown, or not for this kind: a ConfigError naming both
+    if label == "stride":
+        return label, config.stride
+    if label not in config.baselines:
+        raise ConfigError(f"config.baselines has no block for method {label!r}")
+    return label, config.baselines[label]
+
+
+def _flatten(spec, prefix: str = ""):
+    """``[("a.b", value), ...]`` of a nested dict of overrides."""
+    out = []
+    for key, value in spec.items():
+        if isinstance(value, dict | ml_collections.ConfigDict):
+            out += _flatten(dict(value), f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
 
 
 def _positive(config, *paths):
@@ -195,20 +257,27 @@ def validate(config) -> None:
     kind = config.get("task")
     if kind not in KINDS:
         raise ConfigError(f"config.task must be one of {KINDS}, got {kind!r}")
+    for label in config.variants:
+        method_block(config, label)  # a bad variant fails even when not listed in methods
     for name in config.methods:
-        methods.get(name, kind)  # unknown, or not for this kind: a ConfigError naming both
-        if name != "stride" and name not in config.baselines:
-            raise ConfigError(f"config.baselines has no block for method {name!r}")
+        method_block(config, name)
     for name in config.ablations:
         if name not in ABLATION_NAMES:
             raise ConfigError(
                 f"config.ablations has unknown ablation {name!r}; known: {ABLATION_NAMES}"
             )
+    if config.ablations and method_block(config, config.ablation_base)[0] != "stride":
+        raise ConfigError(
+            f"config.ablation_base must be 'stride' or a STRIDE variant, got "
+            f"{config.ablation_base!r}"
+        )
     if not 0.0 < config.groundtruth.alpha <= 1.0:
         raise ConfigError(
             f"config.groundtruth.alpha must be in (0, 1], got {config.groundtruth.alpha}"
         )
     _positive(config, "groundtruth.num_models", "lds.n_boot")
+    if kind == "decoder":
+        _positive(config, "groundtruth.seeds")
     if not config.groundtruth.models_per_batch >= 0:
         raise ConfigError(
             "config.groundtruth.models_per_batch must be >= 0 (0: as many as fit in memory), "

@@ -30,7 +30,7 @@ from stride_jax.data import corpora, load
 from stride_jax.errors import ConfigError
 from stride_jax.eval import groundtruth
 from stride_jax.job import cache
-from stride_jax.job.config import AUTO_BLOCK_LEN
+from stride_jax.job.config import AUTO_BLOCK_LEN, method_block
 from stride_jax.job.pretrain import decoder_config, pretrain
 from stride_jax.methods import datamodel
 from stride_jax.models import hf_import, mlp, transformer
@@ -136,6 +136,10 @@ def plan(config, splits) -> list[str]:
                 f"stride.design.num_subsets: auto -> {t} ({rule} with N={n} training "
                 f"rows, d={dc.degree})"
             )
+    for label in config.methods:  # STRIDE variants: the same design check (T is set at fit)
+        name, block = method_block(config, label)
+        if label != "stride" and name == "stride":
+            stride_method.resolve_num_subsets(block.design, n, config.task)
     if config.task == "classifier":
         _scale_hint(splits.train.x_NxF)
     return notes
@@ -337,17 +341,16 @@ def ground_truth(config, task, splits, workdir: str) -> dict:
     if config.task == "classifier":
         cache.guarded(workdir, "groundtruth.npz", _classifier_gt_slice(config))
         return groundtruth.build(config.groundtruth, config.model, splits, task.mesh, workdir)
-    return _decoder_gt(
-        config, task, splits, workdir, config.groundtruth.seed + 1000, "groundtruth.npz"
-    )
+    return _decoder_gt_seeds(config, task, splits, workdir, config.groundtruth.seed, "groundtruth")
 
 
 def ceiling_losses(config, task, splits, workdir: str, gt) -> np.ndarray:
-    """losses_MxQ of the ground truth's subsets retrained with other seeds (from
-    ``groundtruth.ceiling_seed``): the noise ceiling's prediction; cached."""
+    """The ground truth's subsets retrained with other seeds (from ``groundtruth.ceiling_seed``):
+    the noise ceiling's prediction, as a dict like ``ground_truth``'s (decoder) or its
+    ``losses_MxQ`` (classifier); cached."""
     if config.task != "classifier":
-        seed = config.groundtruth.ceiling_seed + 1000
-        return _decoder_gt(config, task, splits, workdir, seed, "noise_ceiling.npz")["losses_MxQ"]
+        ceiling = config.groundtruth.ceiling_seed
+        return _decoder_gt_seeds(config, task, splits, workdir, ceiling, "noise_ceiling")
     gc = config.groundtruth
     slice_ = {**_classifier_gt_slice(config), "ceiling_seed": gc.ceiling_seed}
     path = cache.guarded(workdir, "noise_ceiling.npz", slice_)
@@ -370,6 +373,33 @@ def _classifier_gt_slice(config) -> dict:
         "model": config.model.to_dict(),
         "groundtruth": {"num_models": gt.num_models, "alpha": gt.alpha, "seed": gt.seed},
     }
+
+
+# Training seed j > 0 of a decoder retrain set keys its init and batches with this offset.
+SEED_OFFSET = 100
+
+
+def _decoder_gt_seeds(config, task, splits, workdir: str, seed: int, stem: str) -> dict:
+    """``_decoder_gt`` for each of ``groundtruth.seeds`` training seeds of the same masks
+    (files ``<stem>.npz``, ``<stem>_seed1.npz``, ...): the losses are averaged over the seeds,
+    and ``"losses_by_seed_SxMxQ"`` keeps each seed's (the single-seed noise ceiling)."""
+    runs = [
+        _decoder_gt(
+            config,
+            task,
+            splits,
+            workdir,
+            seed + 1000 + SEED_OFFSET * j,
+            f"{stem}.npz" if j == 0 else f"{stem}_seed{j}.npz",
+        )
+        for j in range(config.groundtruth.seeds)
+    ]
+    out = dict(runs[0])
+    for key in ("losses_MxQ", "losses_val_MxV"):
+        if key in out:
+            out[key] = np.mean([r[key] for r in runs], axis=0).astype(np.float32)
+    out["losses_by_seed_SxMxQ"] = np.stack([r["losses_MxQ"] for r in runs])
+    return out
 
 
 def _decoder_gt(config, task, splits, workdir: str, seed: int, name: str) -> dict:

@@ -18,10 +18,10 @@ from __future__ import annotations
 import itertools
 import os
 
-from stride_jax import checkpoint, methods
+from stride_jax import checkpoint
 from stride_jax.errors import ConfigError
 from stride_jax.job import benchmark, cli
-from stride_jax.job.config import validate
+from stride_jax.job.config import method_block, validate
 
 
 def validation_ground_truth(config, workdir: str):
@@ -47,10 +47,8 @@ def tune(config, workdir: str, method: str, sweep: list[str]) -> list[dict]:
     # method runs: the config's own method list (and ablations) play no part.
     config.methods, config.ablations = (), ()
     validate(config)
-    methods.get(method, config.task)
-    if method != "stride" and method not in config.baselines:
-        raise ConfigError(f"config.baselines has no block for method {method!r}")
-    base_cfg = benchmark.method_config(config, method)
+    label = method
+    method, base_cfg = method_block(config, label)  # a method or a config.variants label
     axes = cli.parse_sweep(sweep)
     for key, values in axes:
         cli.set_path(base_cfg.copy_and_resolve_references(), key, values[0])
@@ -61,12 +59,12 @@ def tune(config, workdir: str, method: str, sweep: list[str]) -> list[dict]:
         for (key, _), value in zip(axes, values, strict=True):
             cli.set_path(sub, key, value)
         name = "_".join(f"{k}={v}" for (k, _), v in zip(axes, values, strict=True)) or "default"
-        sweep_dir = cli.sweep_dir(workdir, method, name, sub)
+        sweep_dir = cli.sweep_dir(workdir, label, name, sub)
         scores, meta = benchmark.run_method(ctx, method, sub, sweep_dir, query)
         res = benchmark.evaluate(scores, gt, config.lds.n_boot)
         point = dict(zip((k for k, _ in axes), values, strict=True))
         rows.append({"point": point, "lds": res["lds"], "lds_ci95": res["lds_ci95"], **meta})
         lo, hi = res["lds_ci95"]
         print(f"{name}: LDS {res['lds']:.4f} [{lo:.3f}, {hi:.3f}]", flush=True)
-    checkpoint.save_json(os.path.join(workdir, f"tuning_{method}.json"), rows)
+    checkpoint.save_json(os.path.join(workdir, f"tuning_{label}.json"), rows)
     return rows

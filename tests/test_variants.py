@@ -46,8 +46,11 @@ def test_paper_preset_is_the_adam_recipe_with_the_fixes():
     p = defaults.paper("decoder")
     adam = defaults.decoder_adam()
     assert p.stage1.init == "zero" and p.stage1.steps == adam.stage1.steps > 0
-    assert p.stage1.subsets_per_step == 0 and p.stage1.fidelity_rows == "all"
-    assert p.stage1.w_linearity > 0 and p.stage1.gate_l2 > 0 and p.stage1.w_fidelity < 1
+    assert p.stage1.w_linearity > 0 and p.stage1.w_stability > 0 and p.stage1.gate_l2 > 0
+    assert p.stage1.basis == "random" and p.stage1.lr_muon > 0  # a learned basis
+    c = defaults.paper("classifier").stage1
+    assert c.init == "zero" and c.subsets_per_step == 0 and c.fidelity_rows == "all"
+    assert c.w_fidelity < 1 and c.gate_l2 > 0
     assert p.responses == "forward"
     assert defaults.preset("default", "decoder") == defaults.decoder()
     with pytest.raises(ConfigError, match="unknown STRIDE preset 'nope'"):
@@ -84,3 +87,20 @@ def test_variant_label_and_ablation_base_checks():
     c.methods = ("stride", "not_a_variant")
     with pytest.raises(ConfigError, match="unknown attribution method 'not_a_variant'"):
         validate(c)
+
+
+def test_every_shipped_config_validates():
+    """Each experiments/configs file builds and passes ``validate`` (its variants included)."""
+    import importlib
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
+    names = sorted(p.stem for p in root.glob("*.py") if p.stem != "__init__")
+    assert "lm_shakespeare" in names and "sft_chitchat" in names
+    for name in names:
+        config = importlib.import_module(f"experiments.configs.{name}").get_config()
+        if "task" not in config:  # the pretraining config has no task
+            continue
+        if config.model.get("source") in ("hf", "gguf") and not config.model.path:
+            config.model.path = "/a/model/dir"  # lm_own.py: the user's model, given per run
+        validate(config)

@@ -425,7 +425,8 @@ def _decoder_gt(config, task, splits, workdir: str, seed: int, name: str) -> dic
         jax.random.key(gt.seed), gt.num_models, splits.train.num_examples, gt.alpha
     )
     keys = jax.random.split(jax.random.key(seed), gt.num_models)
-    what = "ground truth" if name == "groundtruth.npz" else "noise ceiling"
+    what = "ground truth" if name.startswith("groundtruth") else "noise ceiling"
+    what += f" ({name})" if "_seed" in name else ""
     logging.info("%s: retraining %d decoders", what, gt.num_models)
     # Validation rows are scored by the same retrains, so tuning (job.tune) needs no
     # retraining of its own and never sees the reported queries.

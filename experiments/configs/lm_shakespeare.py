@@ -12,22 +12,8 @@ def get_config():
     c.data.update(block_len=64, n_train=2000, n_val=100, n_query=200)
     c.groundtruth.seeds = 2
     tuned_baselines(c)
-    # EK-FAC with the empirical Fisher (the data's labels), its best validation setting.
-    c.variants.ekfac_empirical = dict(method="ekfac", layers=2, fisher="empirical", damping=1e-3)
-    # The paper's recipe (``stride.defaults.paper``) in its compressive regime, T = N/4, and
-    # its ablations (each loss off, the Bernoulli design) at the same budget. Stage 1 is cut
-    # to 300 steps of 4 member rows (from 600 x 10) so that the five runs fit on 2 CPU cores.
-    c.variants.stride_paper = dict(
-        method="stride",
-        preset="paper",
-        design=dict(num_subsets=500),
-        stage1=dict(steps=300, fidelity_batch=4, ckpt_every=100),
-    )
-    # The default recipe in the compressive regime: T = N/2 and N/4 (only T changed).
-    c.variants.stride_half = dict(method="stride", design=dict(num_subsets=1000))
-    c.variants.stride_quarter = dict(method="stride", design=dict(num_subsets=500))
-    stride_rows = ("stride", "stride_half", "stride_quarter", "opspace", "stride_paper")
-    c.methods = (*stride_rows, *LM_METHODS[2:], "ekfac_empirical")
+    comparison_rows(c, half=1000, quarter=500)
+    # The paper recipe's ablations (each loss off, the Bernoulli design) at the same budget.
     c.ablations, c.ablation_base = ABLATION_NAMES, "stride_paper"
     return c
 
@@ -50,3 +36,24 @@ def tuned_baselines(c) -> None:
     c.baselines.graddot.update(layers=2)  # 2 points
     c.baselines.tracin.update(layers=2, num_checkpoints=2)  # 6 points
     c.baselines.bm25.update(b=0.5)  # 9 points (k1 x b); TF-IDF's default won its 3
+
+
+def comparison_rows(c, half: int, quarter: int) -> None:
+    """The LM configs' methods: STRIDE's default and the same at T = ``half`` and ``quarter``
+    (N/2 and N/4; only T changed), operator-space influence, the paper's recipe at T = N/4,
+    every baseline, and EK-FAC with the empirical Fisher (the data's labels; its best
+    validation setting) beside the true-Fisher one."""
+    c.variants.ekfac_empirical = dict(method="ekfac", layers=2, fisher="empirical", damping=1e-3)
+    # The paper's recipe (``stride.defaults.paper``) in its compressive regime. Stage 1 is cut
+    # to 300 steps of 4 member rows (from 600 x 10) so that it and its four ablations fit on
+    # 2 CPU cores.
+    c.variants.stride_paper = dict(
+        method="stride",
+        preset="paper",
+        design=dict(num_subsets=quarter),
+        stage1=dict(steps=300, fidelity_batch=4, ckpt_every=100),
+    )
+    c.variants.stride_half = dict(method="stride", design=dict(num_subsets=half))
+    c.variants.stride_quarter = dict(method="stride", design=dict(num_subsets=quarter))
+    stride_rows = ("stride", "stride_half", "stride_quarter", "opspace", "stride_paper")
+    c.methods = (*stride_rows, *LM_METHODS[2:], "ekfac_empirical")

@@ -49,12 +49,6 @@ class Context:
     base_slice: dict = None  # the config slice of the base model (data, model, recipe)
 
 
-def method_config(config, name: str):
-    """A method's (or a variant's) own config block: ``config.stride``,
-    ``config.baselines.<name>`` or a ``config.variants`` entry's (``config.method_block``)."""
-    return method_block(config, name)[1]
-
-
 def method_dir(config, workdir: str, label: str) -> str:
     """Where a method keeps its working files: ``workdir/<name>``, or
     ``workdir/variants/<label>`` for a ``config.variants`` entry."""

@@ -163,8 +163,6 @@ def noise_ceiling(ctx: Context, gt) -> dict:
     retrains with one other seed's (the ceiling a one-seed ground truth would have)."""
     c = ctx.config
     other = models.ceiling_losses(c, ctx.task, ctx.splits, ctx.workdir, gt)
-    if not isinstance(other, dict):  # classifier: one seed
-        other = {"losses_MxQ": other}
     res = datamodel.retrain_agreement(other["losses_MxQ"], gt["losses_MxQ"], n_boot=c.lds.n_boot)
     out = {"lds": res["lds"], "lds_ci95": list(res["ci95"]), "seeds": _seeds(c)}
     logging.info(

@@ -344,10 +344,10 @@ def ground_truth(config, task, splits, workdir: str) -> dict:
     return _decoder_gt_seeds(config, task, splits, workdir, config.groundtruth.seed, "groundtruth")
 
 
-def ceiling_losses(config, task, splits, workdir: str, gt) -> np.ndarray:
+def ceiling_losses(config, task, splits, workdir: str, gt) -> dict:
     """The ground truth's subsets retrained with other seeds (from ``groundtruth.ceiling_seed``):
-    the noise ceiling's prediction, as a dict like ``ground_truth``'s (decoder) or its
-    ``losses_MxQ`` (classifier); cached."""
+    the noise ceiling's prediction, ``{"losses_MxQ"}`` (decoders: the dict ``ground_truth``
+    returns, with ``"losses_by_seed_SxMxQ"``); cached."""
     if config.task != "classifier":
         ceiling = config.groundtruth.ceiling_seed
         return _decoder_gt_seeds(config, task, splits, workdir, ceiling, "noise_ceiling")
@@ -355,14 +355,14 @@ def ceiling_losses(config, task, splits, workdir: str, gt) -> np.ndarray:
     slice_ = {**_classifier_gt_slice(config), "ceiling_seed": gc.ceiling_seed}
     path = cache.guarded(workdir, "noise_ceiling.npz", slice_)
     if os.path.exists(path):
-        return checkpoint.load_arrays(path)["losses_MxQ"]
+        return {"losses_MxQ": checkpoint.load_arrays(path)["losses_MxQ"]}
     logging.info(
         "noise ceiling: retraining the %d ground-truth subsets with other seeds", gc.num_models
     )
     key = jax.random.key(gc.ceiling_seed)
     losses = datamodel.ceiling_losses(task, gt["masks_MxN"], key, splits.query, gc.models_per_batch)
     checkpoint.save_arrays(path, losses_MxQ=losses)
-    return losses
+    return {"losses_MxQ": losses}
 
 
 def _classifier_gt_slice(config) -> dict:

@@ -52,7 +52,8 @@ def _scan(body, init, chunks: dict, w: jax.Array, key):
 def _shapes(io, chunks: dict):
     """[(I_l, O_l)] per layer, from an abstract call of ``io`` on one chunk."""
     rows = jax.tree.map(lambda a: a[0], chunks)
-    a_L, _, terms = jax.eval_shape(io, rows, None)
+    # A key, not None: a sampled-Fisher io draws labels even when only shapes are asked for.
+    a_L, _, terms = jax.eval_shape(io, rows, jax.random.key(0))
     return [(a.shape[-1], g.shape[-1]) for a, g in zip(a_L, terms[0][1], strict=True)]
 
 

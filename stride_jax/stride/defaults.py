@@ -57,6 +57,12 @@ DECODER_NEWTON_STAGE1 = dict(init="newton", steps=0, lr_muon=0.0, subsets_per_st
 DECODER_NEWTON_STAGE1 |= dict(rank=64, w_fidelity=1e-2, gate_l2=1e-3, fisher_samples=1)
 
 
+# ``hook="kernels"`` (``stride.kernels``): the dense kernels the operators steer. ``layers``: a
+# decoder's last blocks whose MLPs are steered (0: all); ``params_filter``: a regex over
+# parameter paths that narrows them (as the gradient baselines' key).
+KERNELS = dict(layers=0, params_filter="")
+
+
 # ``design.num_subsets = 0`` means automatic, at least d and capped:
 # - classifier: T = min(3000, N*d // 2), the tuned T on digits (N=1,400, d=5 gives 3,000); the
 #   mean subset holds at least 2 rows and none is empty;
@@ -106,7 +112,8 @@ def classifier() -> ml_collections.ConfigDict:
             # Multiply each subset's responses by its size before the Lasso: the fidelity loss
             # is a mean over members, so an operator answers to the average of its members.
             size_weighted=True,
-            hook="logits",
+            hook="logits",  # or "hidden", or "kernels" (operators on every dense kernel)
+            kernels=dict(KERNELS),
             hidden_rank=64,
             hidden_basis="whitened",  # hook="hidden": "whitened" or "pca" directions
             design=dict(kind="expander", num_subsets=0, degree=5, seed=2),  # 0: automatic T
@@ -141,6 +148,8 @@ def decoder_adam() -> ml_collections.ConfigDict:
             seed=3,
             compute_dtype="float32",  # or "bfloat16": the responses' products (precision.py)
             remat=False,  # checkpoint the blocks above the hook in stage 1's gradient
+            hook="residual",  # or "kernels": operators on the MLPs' dense kernels
+            kernels=dict(KERNELS),
             layer=-1,
             vocab_chunk=8192,
             encode_batch=16,

@@ -20,7 +20,7 @@ from absl import logging
 
 from stride_jax import checkpoint, distributed, sharding
 from stride_jax.errors import ConfigError
-from stride_jax.stride import defaults, recover, stage1, subsets
+from stride_jax.stride import defaults, recover, subsets
 
 
 @dataclasses.dataclass
@@ -145,16 +145,7 @@ def _fit(task, cfg) -> Fitted:
             logging.warning("stride: config changed (%s); retraining stage 1", ", ".join(changed))
     t0 = time.time()
     cache = site.encode(task.train)
-    sketch_key, train_key, _ = _keys(cfg)
-    inputs = site.stage1_inputs(cache, design, sketch_key)
-    graphdef, params, history = stage1.fit_operators(
-        inputs,
-        cfg.stage1,
-        train_key,
-        mesh,
-        workdir,
-        **site.operator_kwargs(cache, design.num_subsets),
-    )
+    graphdef, params, history = site.fit_operators(cache, design, _keys(cfg)[:2], mesh, workdir)
     return Fitted(site, design, graphdef, params, history, {"stage1": time.time() - t0})
 
 

@@ -26,7 +26,7 @@ from absl import logging
 from flax import nnx
 
 from stride_jax import distributed
-from stride_jax.stride import defaults, method, newton, stage1
+from stride_jax.stride import defaults, kernels, method, newton, stage1
 
 
 @dataclasses.dataclass
@@ -34,7 +34,8 @@ class Fitted:
     site: object
     graphdef: object
     params: object
-    solved_NxP: jax.Array  # (H + lam I)^-1 g_n for every training row
+    # (H + lam I)^-1 g_n for every training row; with kernel operators the EK-FAC state
+    solved_NxP: object
     seconds: dict
 
 
@@ -47,6 +48,9 @@ def damping(config) -> float:
 def fit(task, cfg) -> Fitted:
     t0 = time.time()
     site = task.site(cfg)
+    if isinstance(site, kernels.KernelSite):  # the kernel space: EK-FAC at STRIDE's settings
+        state = kernels.opspace_fit(site)
+        return Fitted(site, None, None, state, {"fit": time.time() - t0})
     design = method.design_for(cfg.design, len(task.train), task.kind)
     cache = site.encode(task.train)
     sketch_key, train_key, _ = method._keys(cfg)
@@ -81,6 +85,8 @@ def fit(task, cfg) -> Fitted:
 def score(task, fitted: Fitted, query, cfg) -> np.ndarray:
     del task, cfg
     site = fitted.site
+    if isinstance(site, kernels.KernelSite):
+        return kernels.opspace_score(site, fitted.solved_NxP, query)
     inputs = site.row_inputs(site.encode(query), query)
     graphdef = fitted.graphdef
 

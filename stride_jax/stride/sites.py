@@ -41,7 +41,8 @@ from stride_jax.stride.operators import (
     with_compute_dtype,
 )
 
-HOOKS = ("logits", "hidden")
+HOOKS = ("logits", "hidden", "kernels")  # a classifier's; a decoder's: DECODER_HOOKS
+DECODER_HOOKS = ("residual", "kernels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,16 @@ class Site:
 
     def responses(self, ops_graphdef, ops_params, cache_q, rows_q, mesh):
         raise NotImplementedError
+
+    def fit_operators(self, cache, design, keys, mesh, workdir):
+        """Stage 1 on the training rows' ``cache``: (ops graphdef, ops params, history).
+        ``keys`` = (sketch key, stage-1 key). The default builds ``stage1_inputs`` and runs
+        ``stage1.fit_operators`` (Gauss-Newton and / or Adam, resumable from ``workdir``)."""
+        from stride_jax.stride import stage1
+
+        inputs = self.stage1_inputs(cache, design, keys[0])
+        kwargs = self.operator_kwargs(cache, design.num_subsets)
+        return stage1.fit_operators(inputs, self.cfg.stage1, keys[1], mesh, workdir, **kwargs)
 
     def row_inputs(self, cache, rows):
         """Stage-1 style inputs over any rows (no design), for their gradients in the gates
@@ -148,6 +159,10 @@ def classifier_site(task, cfg) -> ClassifierSite:
             "hook='hidden' with hidden_basis for a data basis: leave stage1.basis='random'"
         )
     kind = cfg.get("hook", "logits")
+    if kind == "kernels":
+        from stride_jax.stride import kernels
+
+        return kernels.kernel_site(task, cfg)
     if kind == "logits":
         return ClassifierSite(task, cfg, LogitHook(task.features, task.logits))
     if kind == "hidden":
@@ -255,8 +270,17 @@ def check_basis(config) -> str:
 MAX_NEWTON_PARAMS = 16384
 
 
-def residual_site(task, cfg) -> ResidualSite:
+def residual_site(task, cfg) -> Site:
+    """The decoder's site ``cfg.hook`` names: "residual" (``ResidualSite``, the default) or
+    "kernels" (``kernels.KernelSite``: operators on the MLPs' dense kernels)."""
     precision.compute_dtype(cfg)  # checked before any work, and before the task is read
+    hook = cfg.get("hook", "residual")
+    if hook not in DECODER_HOOKS:
+        raise ConfigError(f"stride.hook must be one of {DECODER_HOOKS} for a decoder, got {hook!r}")
+    if hook == "kernels":
+        from stride_jax.stride import kernels
+
+        return kernels.kernel_site(task, cfg)
     check_responses(cfg)
     if check_basis(cfg.stage1) != "random" and cfg.stage1.lr_muon > 0:
         raise ConfigError(

@@ -1,0 +1,240 @@
+"""Kernel operators: STRIDE's operators on the model's dense kernels (``stride.hook="kernels"``).
+
+Operator k steers each dense layer l that ``task.dense_layers`` lists (a decoder's MLP ``fc``
+and ``proj`` kernels of its last ``kernels.layers`` blocks, 0 meaning all; every
+``nnx.Linear`` of a classifier; ``kernels.params_filter`` narrows either) by adding
+``x_t B_k^l`` to the layer's output at every token t, with x_t the layer's own input. This is
+the paper's operator ``B_k phi(h)`` with the layer's input as the (frozen, full-rank) basis
+phi, written where the layer writes; its gates B_k^l (I_l x O_l) live in the kernel's own
+space, so the operator space is the parameter space that EK-FAC attributes in.
+
+Stage 1 is the closed-form Gauss-Newton step of ``newton`` (the decoder and classifier
+recipe), ``B_k = -w_f ((w_f + w_s) F + gate_l2 I)^-1 g_k``, with g_k the mean fidelity
+gradient of subset k's members at zero gates and F the Gauss-Newton matrix (true Fisher) of
+the stability KL at the base model. F has P = sum_l I_l O_l rows (65,536 on lm_shakespeare's
+two MLPs), too many for ``newton``'s dense factorisation, so it is block-diagonal over layers
+and Kronecker-factored with eigenvalue correction (EK-FAC, George et al. 2018;
+``func.curvature``), from labels sampled from the base model. The damping
+``gate_l2 / (w_f + w_s)`` is relative to each layer's mean corrected eigenvalue (as the EK-FAC
+baseline's ``relative_damping``): layers' curvatures differ by orders of magnitude.
+
+Responses are first order (``responses="linear"``): ``y_k(q) = -<G_q, B_k>`` summed over the
+layers, from one gradient per query row. The steered forward pass and Adam steps are not
+implemented for this site (refused). Operator-space influence (``opspace``) in this space is
+EK-FAC itself at STRIDE's damping and Fisher; the two rows differ only by STRIDE's subsets and
+Lasso. Everything runs under ``jax.jit`` on one device (no mesh yet).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from stride_jax.errors import ConfigError
+from stride_jax.func import curvature, grads
+from stride_jax.stride import sites
+
+
+def ekfac_config(task, cfg) -> ml_collections.ConfigDict:
+    """The EK-FAC baseline's config (``methods.influence``) that gives STRIDE's curvature:
+    the chosen kernels, the model's own (true) Fisher (a decoder's sampled with ``cfg.seed``,
+    one label per token; a classifier's exact expectation over its classes), STRIDE's damping
+    relative to each layer's mean eigenvalue, ``_chunk`` rows at a time."""
+    k, s1 = cfg.kernels, cfg.stage1
+    select = dict(params_filter=str(k.get("params_filter", "")), fisher="true")
+    if task.kind == "decoder":
+        select["layers"] = int(k.layers) or task.model_config.n_layers
+        select["fisher"] = "sampled"
+    lam = float(s1.gate_l2) / (float(s1.w_fidelity) + float(s1.w_stability))
+    chunk = _chunk(task, cfg)
+    return ml_collections.ConfigDict(
+        select
+        | dict(seed=int(cfg.seed), damping=lam, relative_damping=True)
+        | dict(chunk=chunk)
+    )
+
+
+def check(cfg) -> None:
+    """Refuse the settings this site does not implement (before any work)."""
+    if sites.check_responses(cfg) != "linear":
+        raise ConfigError(
+            "stride.hook='kernels' has first-order responses only: set stride.responses='linear'"
+        )
+    s1 = cfg.stage1
+    if s1.get("init", "zero") != "newton" or s1.steps != 0:
+        raise ConfigError(
+            "stride.hook='kernels' operators are the closed-form Gauss-Newton step: set "
+            f"stage1.init='newton' and stage1.steps=0 (got {s1.get('init', 'zero')!r}, "
+            f"{s1.steps})"
+        )
+    if s1.w_fidelity <= 0 or s1.gate_l2 <= 0:
+        raise ConfigError("stride.hook='kernels' needs stage1.w_fidelity > 0 and gate_l2 > 0")
+    if int(cfg.kernels.layers) < 0:
+        raise ConfigError(f"stride.kernels.layers must be >= 0, got {cfg.kernels.layers}")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSite(sites.Site):
+    """Operators on the dense kernels ``layers`` (module paths, input to output)."""
+
+    layers: tuple = ()
+
+    def encode(self, rows) -> dict:
+        """The rows' arrays: gradients are taken through the whole model, nothing cached."""
+        return self.task.arrays(rows)
+
+    def curvature(self) -> dict:
+        """EK-FAC's fitted state (eigenbases and damped eigenvalues) at STRIDE's settings."""
+        from stride_jax.methods import influence
+
+        return influence.ekfac_fit(self.task, ekfac_config(self.task, self.cfg))
+
+    def fit_operators(self, cache, design, keys, mesh, workdir):
+        """The gates of every operator in closed form: (None, {"gates": [T x I x O]}, [])."""
+        del keys, mesh, workdir  # one deterministic solve, seconds: nothing to resume
+        t0 = time.time()
+        state = self.curvature()
+        t1 = time.time()
+        s1 = self.cfg.stage1
+        scale = -float(s1.w_fidelity) / (float(s1.w_fidelity) + float(s1.w_stability))
+        g_L = subset_gradients(self.task, self.layers, cache, design, _chunk(self.task, self.cfg))
+        gates = _precondition(state, g_L, scale)
+        gates = jax.block_until_ready(gates)
+        if not all(bool(jnp.isfinite(g).all()) for g in gates):
+            raise FloatingPointError(
+                "stage 1: the kernel operators' gates are not finite: raise stage1.gate_l2 "
+                f"(now {s1.gate_l2})"
+            )
+        logging.info(
+            "stage 1: kernel operators on %d layers (%d gate parameters each) for %d "
+            "subsets: curvature %.1fs, gates %.1fs",
+            len(self.layers),
+            sum(int(np.prod(g.shape[1:])) for g in gates),
+            design.num_subsets,
+            t1 - t0,
+            time.time() - t1,
+        )
+        return None, {"gates": list(gates)}, []
+
+    def stage2_responses(self, ops_graphdef, ops_params, cache_q, rows_q, mesh):
+        del ops_graphdef, rows_q, mesh
+        fn = _responses_fn(self.task, self.layers, _chunk(self.task, self.cfg))
+        return fn(self.task.params, cache_q, ops_params["gates"])
+
+    def responses(self, ops_graphdef, ops_params, cache_q, rows_q, mesh):
+        raise ConfigError("stride.hook='kernels' has first-order responses only")
+
+
+def _chunk(task, cfg) -> int:
+    """Rows per chunk: ``stage1.curvature_batch``, 0 meaning 16 decoder / 256 classifier rows."""
+    return int(cfg.stage1.get("curvature_batch", 0)) or (16 if task.kind == "decoder" else 256)
+
+
+def _io(task, layers):
+    """Rows -> (inputs, output gradients) per layer under the data's labels."""
+
+    def io(params, rows):
+        a_L, _, [(_, g_L)] = task.dense_io(params, rows, layers, "empirical", None)
+        return a_L, g_L
+
+    return io
+
+
+def subset_gradients(task, layers, data: dict, design, chunk: int) -> list[jax.Array]:
+    """Each subset's mean of its members' kernel gradients, per layer T x I x O, accumulated
+    chunk by chunk of training rows (memory T x P, never N x P)."""
+    n, t = design.num_examples, design.num_subsets
+    sizes = jnp.maximum(jnp.asarray(design.sizes_T), 1).astype(jnp.float32)
+    subsets_NxD = jnp.asarray(design.subsets_NxD)
+    chunks, w = curvature.chunked(data, chunk)
+    idx = grads.padded_chunks({"i": jnp.arange(n)}, chunk)["i"]
+    return _subset_fn(task, tuple(layers), t)(task.params, chunks, w, idx, subsets_NxD, sizes)
+
+
+def _subset_fn(task, layers, t: int):
+    io = _io(task, layers)
+
+    @jax.jit
+    def fn(params, chunks, w_KxC, idx_KxC, subsets_NxD, sizes_T):
+        def body(acc, xs):
+            rows, w_C, i_C = xs
+            a_L, g_L = io(params, rows)
+            sub_CxD = subsets_NxD[i_C]
+            share_CxD = w_C[:, None] / sizes_T[jnp.minimum(sub_CxD, t - 1)]
+            out = []
+            for g_T, a, g in zip(acc, a_L, g_L, strict=True):
+                rg = curvature.row_grads(a, g)
+                add = share_CxD[..., None, None] * rg[:, None]
+                out.append(g_T.at[sub_CxD].add(add, mode="drop"))
+            return out, None
+
+        shapes = jax.eval_shape(lambda r: io(params, r), jax.tree.map(lambda a: a[0], chunks))
+        init = [jnp.zeros((t, a.shape[-1], g.shape[-1])) for a, g in zip(*shapes, strict=True)]
+        return jax.lax.scan(body, init, (chunks, w_KxC, idx_KxC))[0]
+
+    return fn
+
+
+def _precondition(state: dict, g_L: list, scale: float, chunk: int = 256) -> list:
+    """``scale (F + lam)^-1 g`` per layer for the T rows of ``g_L``, ``chunk`` rows at a time."""
+
+    @jax.jit
+    def fn(qa, qs, lam, g_L):
+        t = g_L[0].shape[0]
+        c = min(chunk, t)
+        pad = -t % c
+
+        def one(v_L):
+            return curvature.precondition(qa, qs, lam, v_L)
+
+        padded = [jnp.concatenate([g, jnp.zeros((pad, *g.shape[1:]))]) for g in g_L]
+        out = jax.lax.map(one, [g.reshape(-1, c, *g.shape[1:]) for g in padded])
+        return [scale * o.reshape(-1, *o.shape[2:])[:t] for o in out]
+
+    return fn(state["qa"], state["qs"], state["lam"], g_L)
+
+
+def _responses_fn(task, layers, chunk: int):
+    """y_QxT = -sum_l <G_q^l, B^l>: query gradients ``chunk`` rows at a time."""
+    io = _io(task, layers)
+
+    @jax.jit
+    def fn(params, data_q, gates_L):
+        def rows(r):
+            a_L, g_L = io(params, r)
+            return -sum(
+                jnp.einsum("bio,tio->bt", curvature.row_grads(a, g), b, precision=grads.HIGHEST)
+                for a, g, b in zip(a_L, g_L, gates_L, strict=True)
+            )
+
+        return grads.map_rows(rows, data_q, chunk)
+
+    return fn
+
+
+def kernel_site(task, cfg) -> KernelSite:
+    """The kernel operators' site for ``task`` under the ``stride`` config ``cfg``."""
+    check(cfg)
+    layers = task.dense_layers(ekfac_config(task, cfg))
+    return KernelSite(task, cfg, tuple(layers))
+
+
+# --- operator-space influence in the kernel space (``opspace`` with hook="kernels") ----------
+
+
+def opspace_fit(site: KernelSite) -> dict:
+    """EK-FAC's state at STRIDE's settings (the operator-space influence of this space)."""
+    return site.curvature()
+
+
+def opspace_score(site: KernelSite, state: dict, query) -> np.ndarray:
+    from stride_jax.methods import influence
+
+    cfg = ekfac_config(site.task, site.cfg)
+    return influence.kfac_score(site.task, state, query, cfg)

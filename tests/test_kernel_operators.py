@@ -1,0 +1,155 @@
+"""Kernel operators (``stride.hook="kernels"``): subset gradients against autodiff, the gates
+against the damped EK-FAC system they solve, the responses against EK-FAC's own influence
+scores averaged over each subset, opspace in the kernel space, refusals."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stride_jax import methods
+from stride_jax.errors import ConfigError
+from stride_jax.func import grads
+from stride_jax.methods import influence
+from stride_jax.stride import defaults, kernels, method
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A tiny llama decoder (d=16, two SwiGLU MLPs) on 24 blocks, T = 12 kernel operators."""
+    from conftest import tiny_decoder_task
+
+    _, task = tiny_decoder_task(block_len=12, n_train=24, n_query=3)
+    cfg = defaults.decoder()
+    cfg.hook = "kernels"
+    cfg.design.update(num_subsets=12, degree=2)
+    cfg.stage1.curvature_batch = 5  # chunks that do not divide N: padding rows must not count
+    fitted = method.fit(task, cfg, reuse=False)
+    return task, cfg, fitted
+
+
+def _autodiff_kernel_grads(task, layers):
+    """Reference: per-row gradients of the row loss w.r.t. each kernel (N x I x O)."""
+    names = tuple(p + "/kernel" for p in layers)
+    chosen, merge = grads.partition(task.params, names)
+    data = task.arrays(task.train)
+
+    def row_loss(ch, i):
+        row = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i, 1), data)
+        return task.loss(merge(ch), row)[0]
+
+    g = jax.vmap(jax.grad(row_loss), (None, 0))(chosen, jnp.arange(len(task.train)))
+    return [np.asarray(g[n]) for n in names]
+
+
+def test_site_steers_every_mlp_kernel(setup):
+    task, cfg, fitted = setup
+    assert fitted.site.layers == tuple(
+        f"layers/{i}/mlp/{k}" for i in range(2) for k in ("down", "gate", "up")
+    )
+    assert [g.shape[0] for g in fitted.params["gates"]] == [12] * 6
+    one = cfg.copy_and_resolve_references()
+    one.kernels.layers = 1
+    assert all(p.startswith("layers/1/") for p in task.site(one).layers)
+    down = cfg.copy_and_resolve_references()
+    down.kernels.params_filter = "mlp/down/"
+    assert task.site(down).layers == ("layers/0/mlp/down", "layers/1/mlp/down")
+
+
+def test_subset_gradients_are_member_means_of_autodiff_gradients(setup):
+    task, cfg, fitted = setup
+    site, design = fitted.site, fitted.design
+    got = kernels.subset_gradients(task, site.layers, site.encode(task.train), design, 5)
+    a = design.dense()
+    mean = a / a.sum(1, keepdims=True)
+    for g, ref in zip(got, _autodiff_kernel_grads(task, site.layers), strict=True):
+        want = np.einsum("tn,nio->tio", mean, ref)
+        np.testing.assert_allclose(np.asarray(g), want, rtol=2e-4, atol=1e-6 * np.abs(want).max())
+
+
+def test_gates_solve_the_damped_kronecker_system(setup):
+    """(F + lam) B = -g / c per layer, with F applied in its eigenbasis (the forward map, not
+    the inverse the fit used)."""
+    task, cfg, fitted = setup
+    site = fitted.site
+    state = site.curvature()
+    g_L = kernels.subset_gradients(task, site.layers, site.encode(task.train), fitted.design, 16)
+    c = cfg.stage1.w_fidelity / (cfg.stage1.w_fidelity + cfg.stage1.w_stability)
+    for b, g, qa, qs, lam in zip(
+        fitted.params["gates"], g_L, state["qa"], state["qs"], state["lam"], strict=True
+    ):
+        qa, qs, lam, b = (np.asarray(x, np.float64) for x in (qa, qs, lam, b))
+        applied = np.einsum("ai,tij,bj->tab", qa, (qa.T @ b @ qs) * lam, qs)
+        # float32 solve at a relative damping of 1e-3: round-off ~1e-3 of the largest entry
+        np.testing.assert_allclose(-applied / c, np.asarray(g), rtol=1e-3, atol=2e-3 * abs(g).max())
+
+
+def test_responses_are_subset_means_of_ekfac_influence(setup):
+    """y_k(q) = c * mean over S_k of EK-FAC's score(q, i) at STRIDE's damping and Fisher: the
+    EK-FAC baseline's scoring path (preconditioned query gradients dotted with training
+    gradients) is an independent route to the same numbers."""
+    task, cfg, fitted = setup
+    y = method.responses(fitted, task.query, None)
+    ec = kernels.ekfac_config(task, cfg)
+    ekfac = methods.get("ekfac", "decoder")
+    s = ekfac.score(task, ekfac.fit(task, ec), task.query, ec)
+    a = fitted.design.dense()
+    c = cfg.stage1.w_fidelity / (cfg.stage1.w_fidelity + cfg.stage1.w_stability)
+    want = c * s @ (a / a.sum(1, keepdims=True)).T
+    np.testing.assert_allclose(y, want, rtol=2e-3, atol=1e-3 * np.abs(want).max())
+    scores = method.score(task, fitted, task.query, cfg)
+    assert scores.shape == (3, 24) and np.isfinite(scores).all()
+
+
+def test_opspace_in_the_kernel_space_is_ekfac_at_strides_settings(setup):
+    task, cfg, _ = setup
+    op = methods.get("opspace", "decoder")
+    got = op.score(task, op.fit(task, cfg), task.query, cfg)
+    ec = kernels.ekfac_config(task, cfg)
+    assert ec.fisher == "sampled" and ec.relative_damping and ec.layers == 2
+    assert ec.damping == pytest.approx(cfg.stage1.gate_l2 / (cfg.stage1.w_fidelity + 1.0))
+    fitted = influence.ekfac_fit(task, ec)
+    np.testing.assert_allclose(got, influence.kfac_score(task, fitted, task.query, ec), rtol=1e-6)
+
+
+def test_classifier_kernel_operators_match_ekfac():
+    from test_influence import make_task
+
+    task, query = make_task(hidden=(8,), n=30, n_query=5, in_dim=6, seed=1, steps=100)
+    cfg = defaults.classifier()
+    cfg.update(hook="kernels", responses="linear")
+    cfg.design.update(num_subsets=15, degree=2)
+    fitted = method.fit(task, cfg, reuse=False)
+    assert fitted.site.layers == ("layers/0", "head")
+    y = method.responses(fitted, query, None)
+    ec = kernels.ekfac_config(task, cfg)
+    ekfac = methods.get("ekfac", "classifier")
+    s = ekfac.score(task, ekfac.fit(task, ec), query, ec)
+    a = fitted.design.dense()
+    c = cfg.stage1.w_fidelity / (cfg.stage1.w_fidelity + cfg.stage1.w_stability)
+    want = c * s @ (a / a.sum(1, keepdims=True)).T
+    np.testing.assert_allclose(y, want, rtol=2e-3, atol=1e-3 * np.abs(want).max())
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(responses="forward"), "first-order responses only"),
+        (dict(stage1=dict(steps=100)), "closed-form Gauss-Newton step"),
+        (dict(stage1=dict(init="zero")), "closed-form Gauss-Newton step"),
+        (dict(stage1=dict(gate_l2=0.0)), "gate_l2 > 0"),
+        (dict(kernels=dict(layers=-1)), "kernels.layers must be >= 0"),
+        (dict(kernels=dict(params_filter="nothing/here")), "matches no parameter path"),
+        (dict(hook="mlp"), "stride.hook must be one of"),
+    ],
+)
+def test_bad_settings_are_refused(setup, change, match):
+    task, cfg, _ = setup
+    bad = cfg.copy_and_resolve_references()
+    for key, value in change.items():
+        if isinstance(value, dict):
+            bad[key].update(value)
+        else:
+            bad[key] = value
+    with pytest.raises((ConfigError, ValueError), match=match):
+        task.site(bad)

@@ -54,9 +54,7 @@ def ekfac_config(task, cfg) -> ml_collections.ConfigDict:
     lam = float(s1.gate_l2) / (float(s1.w_fidelity) + float(s1.w_stability))
     chunk = _chunk(task, cfg)
     return ml_collections.ConfigDict(
-        select
-        | dict(seed=int(cfg.seed), damping=lam, relative_damping=True)
-        | dict(chunk=chunk)
+        select | dict(seed=int(cfg.seed), damping=lam, relative_damping=True) | dict(chunk=chunk)
     )
 
 

@@ -27,7 +27,7 @@ def setup():
     _, task = tiny_decoder_task(
         block_len=12, n_train=24, n_query=3, model=dict(d_model=D, n_heads=2, n_kv_heads=1)
     )
-    cfg = defaults.decoder()
+    cfg = defaults.decoder_residual()
     cfg.stage1.update(rank=R, top_k=5, sketch_dim=4, init="newton", steps=0, lr_muon=0.0)
     cfg.stage1.subsets_per_step = 0
     cfg.stage1.update(w_fidelity=1e-2, gate_l2=1e-3, fisher_samples=1)

@@ -121,7 +121,7 @@ dec_cfg.design.update(num_subsets=16, degree=2)
 dec_cfg.stage1.update(steps=5, log_every=5, ckpt_every=5, subsets_per_step=8, sketch_dim=4,
     rank=4, top_k=4, warmup_steps=2, lr=0.05)
 dec_cfg.lasso.update(maxiter=50)
-dec_newton = defaults.decoder()  # the Gauss-Newton default: sampled Fisher, linear responses
+dec_newton = defaults.decoder_residual()  # Gauss-Newton on the residual: sampled Fisher, linear
 dec_newton.design.update(num_subsets=16, degree=2)
 dec_newton.stage1.update(sketch_dim=4, rank=4, top_k=4, fisher_samples=2)
 dec_newton.lasso.update(maxiter=50)

@@ -62,7 +62,7 @@ def test_paper_preset_is_the_adam_recipe_with_the_fixes():
     [
         (dict(damping=1e-2), "needs method=<name>"),
         (dict(method="ekfac", dampin=1e-2), r"config.variants.v: unknown config key 'dampin'"),
-        (dict(method="ekfac", preset="paper"), "preset is for method='stride' only"),
+        (dict(method="ekfac", preset="paper"), "preset is for method='stride' or 'opspace'"),
         (dict(method="stride", preset="nope"), "unknown STRIDE preset"),
         (dict(method="nope"), "unknown attribution method 'nope'"),
         (dict(method="stride", stage1=dict(rnk=4)), "unknown config key 'stage1.rnk'"),

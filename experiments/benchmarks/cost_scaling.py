@@ -29,8 +29,10 @@ capped cell the method's larger N are skipped (``--run_after_cap`` runs them any
 same throughput they would be capped too.
 
 Methods (each its default decoder config, except as said):
-- ``stride``: the decoder default ``stride.defaults.decoder()`` (the Gauss-Newton recipe:
-  stage 1 as one Gauss-Newton step through the blocks above
+- ``stride``: the residual-stream recipe ``stride.defaults.decoder_residual()`` (the decoder
+  default until the kernel operators, which on SmolLM2 would hold T x 2.7 million gate floats
+  per steered block; the Gauss-Newton recipe: stage 1 as one Gauss-Newton step through the
+  blocks above
   the hook, sampled true Fisher, linearised responses; T = min(8192, N)), hook ``layer=-1``
   = round(2/3 depth). Its Gauss-Newton solve factors a dense P x P curvature of the
   P = d_model x rank gate parameters of one operator; the library refuses P >
@@ -169,7 +171,7 @@ def method_config(name: str, model_config, stride_rank: int = 0):
     from stride_jax.stride import defaults, sites
 
     if name in ("stride", "stride_forward"):
-        cfg = defaults.decoder()
+        cfg = defaults.decoder_residual()
         if name == "stride_forward":
             cfg.responses = "forward"
         limit = getattr(sites, "MAX_NEWTON_PARAMS", None)
@@ -199,7 +201,7 @@ def differentiated(name: str, task, cfg, n_train: int) -> dict:
         t = stride_method.resolve_num_subsets(cfg.design, n_train, "decoder")
         rank = int(cfg.stage1.rank)
         return dict(
-            recipe_rank=int(defaults.decoder().stage1.rank),
+            recipe_rank=int(defaults.decoder_residual().stage1.rank),
             hook_layer=layer,
             upper_blocks=mc.n_layers - layer,
             params_above_hook=n_above,

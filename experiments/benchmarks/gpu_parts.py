@@ -414,7 +414,7 @@ def part_c_lm(s: dict, budget: Budget, rec: Recorder, env: dict) -> None:
     train = sft_rows(n, length, cfg.vocab_size, 0)
     out["rows"] = dict(N=n, L=length, data="random tokens, response half scored (SFT-shaped)")
     task = tasks.decoder((gd, params), train=train, queries=sft_rows(2, length, cfg.vocab_size, 1))
-    sc = defaults.decoder()
+    sc = defaults.decoder_residual()
     sc.stage1.init = "newton"
     try:
         task.site(sc)

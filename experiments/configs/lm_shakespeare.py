@@ -40,7 +40,8 @@ def tuned_baselines(c) -> None:
 
 def comparison_rows(c, half: int, quarter: int) -> None:
     """The LM configs' methods: STRIDE's default and the same at T = ``half`` and ``quarter``
-    (N/2 and N/4; only T changed), operator-space influence, the paper's recipe at T = N/4,
+    (N/2 and N/4; only T changed), operator-space influence, the residual-stream recipe and its
+    operator-space influence, the paper's recipe at T = N/4,
     every baseline, and EK-FAC with the empirical Fisher (the data's labels; its best
     validation setting) beside the true-Fisher one."""
     c.variants.ekfac_empirical = dict(method="ekfac", layers=2, fisher="empirical", damping=1e-3)
@@ -55,5 +56,10 @@ def comparison_rows(c, half: int, quarter: int) -> None:
     )
     c.variants.stride_half = dict(method="stride", design=dict(num_subsets=half))
     c.variants.stride_quarter = dict(method="stride", design=dict(num_subsets=quarter))
-    stride_rows = ("stride", "stride_half", "stride_quarter", "opspace", "stride_paper")
+    # The residual-stream recipe (the decoder default before the kernel operators) and its
+    # operator-space influence; ``opspace`` itself is in the default's (kernel) space.
+    c.variants.stride_residual = dict(method="stride", preset="residual")
+    c.variants.opspace_residual = dict(method="opspace", preset="residual")
+    stride_rows = ("stride", "stride_half", "stride_quarter", "opspace")
+    stride_rows += ("stride_residual", "opspace_residual", "stride_paper")
     c.methods = (*stride_rows, *LM_METHODS[2:], "ekfac_empirical")

@@ -212,8 +212,10 @@ def method_block(config, label: str) -> tuple[str, ml_collections.ConfigDict]:
             raise ConfigError(f"config.variants.{label} cannot be a variant of itself")
         _, block = method_block(config, name)
         if preset is not None:
-            if name != "stride":
-                raise ConfigError(f"config.variants.{label}: preset is for method='stride' only")
+            if name not in ("stride", "opspace"):  # opspace reads STRIDE's block
+                raise ConfigError(
+                    f"config.variants.{label}: preset is for method='stride' or 'opspace' only"
+                )
             block = stride_defaults.preset(preset, kind)
         block = block.copy_and_resolve_references()
         from stride_jax.job import cli  # set_path: the same key checks as --sweep

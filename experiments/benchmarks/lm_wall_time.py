@@ -1,0 +1,90 @@
+"""Wall time of STRIDE and the gradient baselines side by side on one LM job's task.
+
+    python -m experiments.benchmarks.lm_wall_time --config=experiments/configs/lm_shakespeare.py \
+        --workdir=DIR --out=FILE.json [--methods=stride,ekfac,kfac,trak] [--rounds=3]
+
+``DIR`` is the LM job's workdir (the base model is loaded from it, or trained). Each method's
+fit + score on the config's query rows is timed ``rounds`` times, the methods interleaved (one
+call of each per round, so a load change hits them alike); the first round includes XLA
+compilation, so the table reports it apart from the median of the others. STRIDE is refitted
+every round (no reuse of the process's last fit). Labels are those of ``config.methods``
+(variants included); each runs with the block the LM job gives it (``benchmark.method_block``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import time
+
+from absl import flags
+from ml_collections import config_flags
+
+from stride_jax import methods, profiling
+from stride_jax.job import benchmark, cli
+
+
+def define_flags(default_config: str) -> None:
+    config_flags.DEFINE_config_file("config", default_config, "Run config file.")
+    flags.DEFINE_string("workdir", None, "The LM job's workdir.", required=True)
+    flags.DEFINE_string("out", None, "Where the JSON goes.", required=True)
+    flags.DEFINE_list("methods", ["stride", "ekfac", "kfac", "trak"], "Labels to time.")
+    flags.DEFINE_integer("rounds", 3, "Timed calls per method (the first includes compilation).")
+
+
+def timed(task, label: str, config, query) -> dict:
+    from stride_jax.stride import method as stride_method
+
+    name, cfg = benchmark.method_block(config, label)
+    m = methods.get(name, task.kind)
+    with profiling.PeakMemory() as pm:
+        t0 = time.perf_counter()
+        if name == "stride":
+            fitted = profiling.block_all(stride_method.fit(task, cfg, reuse=False))
+        else:
+            fitted = profiling.block_all(m.fit(task, cfg))
+        t1 = time.perf_counter()
+        profiling.block_all(m.score(task, fitted, query, cfg))
+        t2 = time.perf_counter()
+    return dict(fit_s=t1 - t0, score_s=t2 - t1, total_s=t2 - t0, peak_mb=pm.peak_mb)
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    config = f.config
+    ctx = benchmark.prepare(config, f.workdir)
+    runs = {label: [] for label in f.methods}
+    for r in range(f.rounds):
+        for label in f.methods:
+            runs[label].append(timed(ctx.task, label, config, ctx.splits.query))
+            print(f"round {r}: {label} {runs[label][-1]['total_s']:.1f}s", flush=True)
+    out = dict(
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        machine=platform.processor() or platform.machine(),
+        rows=dict(train=len(ctx.task.train), query=len(ctx.splits.query)),
+        methods={},
+    )
+    for label, rs in runs.items():
+        rest = rs[1:] or rs
+        out["methods"][label] = dict(
+            first_total_s=rs[0]["total_s"],
+            median_fit_s=statistics.median(x["fit_s"] for x in rest),
+            median_score_s=statistics.median(x["score_s"] for x in rest),
+            median_total_s=statistics.median(x["total_s"] for x in rest),
+            peak_mb=max(x["peak_mb"] for x in rs),
+            runs=rs,
+        )
+    with open(f.out, "w") as fh:
+        json.dump(out, fh, indent=1)
+    base = out["methods"].get("stride", {}).get("median_total_s")
+    for label, m in out["methods"].items():
+        ratio = f"  ({m['median_total_s'] / base:.2f}x STRIDE)" if base else ""
+        print(f"{label}: median {m['median_total_s']:.1f}s{ratio}, first {m['first_total_s']:.1f}s")
+
+
+if __name__ == "__main__":
+    default = cli.config_file("lm_shakespeare.py")
+    cli.run_app(main, lambda: define_flags(default), default)

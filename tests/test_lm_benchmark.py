@@ -15,6 +15,7 @@ from stride_jax.errors import ConfigError
 from stride_jax.job import benchmark, cli, pretrain
 from stride_jax.job.config import pretrain_config
 from stride_jax.models import hf_import, transformer
+from stride_jax.stride import defaults as stride_defaults
 
 
 def _check_results(workdir, methods):
@@ -65,6 +66,7 @@ def test_user_hf_checkpoint_and_jsonl(tmp_path):
     c.data.update(n_train=30, n_query=6)
     c.model.update(source="hf", path=str(model_dir))
     c.methods = ("stride", "repsim", "bm25", "random")
+    c.stride = stride_defaults.decoder()  # the library's default: kernel operators, T = N
     res = benchmark.run(c, str(tmp_path / "run"))
     _check_results(str(tmp_path / "run"), c.methods)
     assert res["dataset"]["n_train_examples"] == 30
@@ -73,6 +75,7 @@ def test_user_hf_checkpoint_and_jsonl(tmp_path):
     # A restart reuses every cached stage and reproduces the numbers.
     again = benchmark.run(c, str(tmp_path / "run"))
     assert again["methods"]["stride"]["lds"] == res["methods"]["stride"]["lds"]
+    assert res["methods"]["stride"]["design"]["num_subsets"] == res["dataset"]["n_train_rows"]
 
 
 def test_pretrain_resumes_to_the_same_model(tmp_path):

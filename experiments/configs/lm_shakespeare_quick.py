@@ -10,6 +10,10 @@ def get_config():
     c.train.update(steps=40, batch=8, warmup_steps=5)
     c.groundtruth.update(num_models=8, models_per_batch=8)
     c.stride.design.update(num_subsets=32, degree=3)
+    # The residual-stream operators with Adam steps after the Gauss-Newton start: the quick
+    # runs cover stage 1's checkpoints and resume. The default (kernel operators, closed form)
+    # runs end to end in test_lm_benchmark's user-checkpoint test.
+    c.stride.hook = "residual"
     c.stride.stage1.update(
         steps=20,
         log_every=10,

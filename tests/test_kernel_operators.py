@@ -153,3 +153,15 @@ def test_bad_settings_are_refused(setup, change, match):
             bad[key] = value
     with pytest.raises((ConfigError, ValueError), match=match):
         task.site(bad)
+
+
+def test_operators_that_do_not_fit_are_refused_before_any_work(setup, monkeypatch):
+    from stride_jax import resources
+
+    task, cfg, fitted = setup
+    p = kernels.gate_params(fitted.site)
+    assert p == sum(int(np.prod(g.shape[1:])) for g in fitted.params["gates"])
+    monkeypatch.setattr(resources, "available_bytes", lambda: 8 * 12 * p - 1)
+    match = r"12 operators x [0-9,]+ gate parameters.*stride\.kernels\.layers"
+    with pytest.raises(ConfigError, match=match):
+        method.fit(task, cfg, reuse=False)

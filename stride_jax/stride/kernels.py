@@ -96,6 +96,7 @@ class KernelSite(sites.Site):
     def fit_operators(self, cache, design, keys, mesh, workdir):
         """The gates of every operator in closed form: (None, {"gates": [T x I x O]}, [])."""
         del keys, mesh, workdir  # one deterministic solve, seconds: nothing to resume
+        check_memory(self, design.num_subsets)
         t0 = time.time()
         state = self.curvature()
         t1 = time.time()
@@ -127,6 +128,31 @@ class KernelSite(sites.Site):
 
     def responses(self, ops_graphdef, ops_params, cache_q, rows_q, mesh):
         raise ConfigError("stride.hook='kernels' has first-order responses only")
+
+
+def gate_params(site: KernelSite) -> int:
+    """P: one operator's gate parameters (the steered kernels' sizes; a classifier's biases
+    add a row each)."""
+    from stride_jax.func import layers
+
+    return sum(int(np.prod(layers.kernel_shape(site.task.params, p))) for p in site.layers)
+
+
+def check_memory(site: KernelSite, num_subsets: int) -> None:
+    """Refuse, before any work, T operators whose gates and subset gradients (2 x T x P
+    float32) would not fit in the memory ``resources.available_bytes`` reports."""
+    from stride_jax import resources
+
+    p = gate_params(site)
+    need, have = 8 * num_subsets * p, resources.available_bytes()
+    if need > have:
+        raise ConfigError(
+            f"stride.hook='kernels': {num_subsets} operators x {p:,} gate parameters (the "
+            f"{len(site.layers)} steered kernels) need {resources.human_bytes(need)}, more than "
+            f"the {resources.human_bytes(have)} available: steer fewer blocks "
+            "(stride.kernels.layers, kernels.params_filter), lower design.num_subsets, or use "
+            "the residual-stream operators (preset 'residual', stride.hook='residual')"
+        )
 
 
 def _chunk(task, cfg) -> int:

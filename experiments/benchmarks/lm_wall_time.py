@@ -55,6 +55,7 @@ def main(argv):
     del argv
     f = flags.FLAGS
     config = f.config
+    config.methods = tuple(f.methods)  # what is validated: only the timed labels
     ctx = benchmark.prepare(config, f.workdir)
     runs = {label: [] for label in f.methods}
     for r in range(f.rounds):

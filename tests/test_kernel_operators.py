@@ -47,7 +47,7 @@ def test_site_steers_every_mlp_kernel(setup):
     assert fitted.site.layers == tuple(
         f"layers/{i}/mlp/{k}" for i in range(2) for k in ("down", "gate", "up")
     )
-    assert [g.shape[0] for g in fitted.params["gates"]] == [12] * 6
+    assert [g.shape[0] for g in kernels.gates(fitted.params)] == [12] * 6
     one = cfg.copy_and_resolve_references()
     one.kernels.layers = 1
     assert all(p.startswith("layers/1/") for p in task.site(one).layers)
@@ -74,10 +74,10 @@ def test_gates_solve_the_damped_kronecker_system(setup):
     site = fitted.site
     state = site.curvature()
     g_L = kernels.subset_gradients(task, site.layers, site.encode(task.train), fitted.design, 16)
+    np.testing.assert_allclose(fitted.params["subset_grads"][0], g_L[0], rtol=1e-5, atol=1e-9)
     c = cfg.stage1.w_fidelity / (cfg.stage1.w_fidelity + cfg.stage1.w_stability)
-    for b, g, qa, qs, lam in zip(
-        fitted.params["gates"], g_L, state["qa"], state["qs"], state["lam"], strict=True
-    ):
+    b_L = kernels.gates(fitted.params)
+    for b, g, qa, qs, lam in zip(b_L, g_L, state["qa"], state["qs"], state["lam"], strict=True):
         qa, qs, lam, b = (np.asarray(x, np.float64) for x in (qa, qs, lam, b))
         applied = np.einsum("ai,tij,bj->tab", qa, (qa.T @ b @ qs) * lam, qs)
         # float32 solve at a relative damping of 1e-3: round-off ~1e-3 of the largest entry
@@ -160,7 +160,7 @@ def test_operators_that_do_not_fit_are_refused_before_any_work(setup, monkeypatc
 
     task, cfg, fitted = setup
     p = kernels.gate_params(fitted.site)
-    assert p == sum(int(np.prod(g.shape[1:])) for g in fitted.params["gates"])
+    assert p == sum(int(np.prod(g.shape[1:])) for g in fitted.params["subset_grads"])
     monkeypatch.setattr(resources, "available_bytes", lambda: 8 * 12 * p - 1)
     match = r"12 operators x [0-9,]+ gate parameters.*stride\.kernels\.layers"
     with pytest.raises(ConfigError, match=match):

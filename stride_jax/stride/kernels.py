@@ -94,7 +94,11 @@ class KernelSite(sites.Site):
         return influence.ekfac_fit(self.task, ekfac_config(self.task, self.cfg))
 
     def fit_operators(self, cache, design, keys, mesh, workdir):
-        """The gates of every operator in closed form: (None, {"gates": [T x I x O]}, [])."""
+        """Every operator in closed form: (None, params, []). The params hold what defines
+        the gates ``B_k = scale (F + lam)^-1 g_k`` (``gates``): the subset gradients g_k
+        (T x I x O per kernel), the curvature's eigenbases and damped eigenvalues, and
+        ``scale = -w_f / (w_f + w_s)``. The responses precondition the Q query gradients
+        instead of the T subset gradients (F is symmetric: the same numbers, Q << T)."""
         del keys, mesh, workdir  # one deterministic solve, seconds: nothing to resume
         check_memory(self, design.num_subsets)
         t0 = time.time()
@@ -103,28 +107,29 @@ class KernelSite(sites.Site):
         s1 = self.cfg.stage1
         scale = -float(s1.w_fidelity) / (float(s1.w_fidelity) + float(s1.w_stability))
         g_L = subset_gradients(self.task, self.layers, cache, design, _chunk(self.task, self.cfg))
-        gates = _precondition(state, g_L, scale)
-        gates = jax.block_until_ready(gates)
-        if not all(bool(jnp.isfinite(g).all()) for g in gates):
+        g_L = jax.block_until_ready(g_L)
+        finite = all(bool(jnp.isfinite(x).all()) for x in [*g_L, *state["lam"]])
+        if not finite or not all(bool((m > 0).all()) for m in state["lam"]):
             raise FloatingPointError(
-                "stage 1: the kernel operators' gates are not finite: raise stage1.gate_l2 "
-                f"(now {s1.gate_l2})"
+                "stage 1: the kernel operators' gradients or damped curvature are not finite "
+                f"and positive: raise stage1.gate_l2 (now {s1.gate_l2})"
             )
         logging.info(
             "stage 1: kernel operators on %d layers (%d gate parameters each) for %d "
-            "subsets: curvature %.1fs, gates %.1fs",
+            "subsets: curvature %.1fs, subset gradients %.1fs",
             len(self.layers),
-            sum(int(np.prod(g.shape[1:])) for g in gates),
+            sum(int(np.prod(g.shape[1:])) for g in g_L),
             design.num_subsets,
             t1 - t0,
             time.time() - t1,
         )
-        return None, {"gates": list(gates)}, []
+        params = {k: list(state[k]) for k in ("qa", "qs", "lam")}
+        return None, params | {"subset_grads": list(g_L), "scale": jnp.float32(scale)}, []
 
     def stage2_responses(self, ops_graphdef, ops_params, cache_q, rows_q, mesh):
         del ops_graphdef, rows_q, mesh
         fn = _responses_fn(self.task, self.layers, _chunk(self.task, self.cfg))
-        return fn(self.task.params, cache_q, ops_params["gates"])
+        return fn(self.task.params, cache_q, ops_params)
 
     def responses(self, ops_graphdef, ops_params, cache_q, rows_q, mesh):
         raise ConfigError("stride.hook='kernels' has first-order responses only")
@@ -139,8 +144,8 @@ def gate_params(site: KernelSite) -> int:
 
 
 def check_memory(site: KernelSite, num_subsets: int) -> None:
-    """Refuse, before any work, T operators whose gates and subset gradients (2 x T x P
-    float32) would not fit in the memory ``resources.available_bytes`` reports."""
+    """Refuse, before any work, T operators whose subset gradients (T x P float32, twice
+    while they accumulate) would not fit in the memory ``resources.available_bytes`` reports."""
     from stride_jax import resources
 
     p = gate_params(site)
@@ -205,36 +210,41 @@ def _subset_fn(task, layers, t: int):
     return fn
 
 
-def _precondition(state: dict, g_L: list, scale: float, chunk: int = 256) -> list:
-    """``scale (F + lam)^-1 g`` per layer for the T rows of ``g_L``, ``chunk`` rows at a time."""
+def gates(params: dict, chunk: int = 256) -> list[jax.Array]:
+    """Every operator's gates ``B_k = scale (F + lam)^-1 g_k`` per kernel (T x I x O) from
+    ``fit_operators``' params, ``chunk`` operators at a time (the responses never form them)."""
 
     @jax.jit
-    def fn(qa, qs, lam, g_L):
+    def fn(params):
+        g_L = params["subset_grads"]
         t = g_L[0].shape[0]
         c = min(chunk, t)
         pad = -t % c
 
         def one(v_L):
-            return curvature.precondition(qa, qs, lam, v_L)
+            return curvature.precondition(params["qa"], params["qs"], params["lam"], v_L)
 
         padded = [jnp.concatenate([g, jnp.zeros((pad, *g.shape[1:]))]) for g in g_L]
         out = jax.lax.map(one, [g.reshape(-1, c, *g.shape[1:]) for g in padded])
-        return [scale * o.reshape(-1, *o.shape[2:])[:t] for o in out]
+        return [params["scale"] * o.reshape(-1, *o.shape[2:])[:t] for o in out]
 
-    return fn(state["qa"], state["qs"], state["lam"], g_L)
+    return fn(params)
 
 
 def _responses_fn(task, layers, chunk: int):
-    """y_QxT = -sum_l <G_q^l, B^l>: query gradients ``chunk`` rows at a time."""
+    """y_QxT = -sum_l <G_q^l, B_k^l> = -scale sum_l <(F + lam)^-1 G_q^l, g_k^l>: query
+    gradients ``chunk`` rows at a time, preconditioned, against the subset gradients."""
     io = _io(task, layers)
 
     @jax.jit
-    def fn(params, data_q, gates_L):
+    def fn(params, data_q, ops):
         def rows(r):
             a_L, g_L = io(params, r)
-            return -sum(
-                jnp.einsum("bio,tio->bt", curvature.row_grads(a, g), b, precision=grads.HIGHEST)
-                for a, g, b in zip(a_L, g_L, gates_L, strict=True)
+            rg = [curvature.row_grads(a, g) for a, g in zip(a_L, g_L, strict=True)]
+            pre = curvature.precondition(ops["qa"], ops["qs"], ops["lam"], rg)
+            return -ops["scale"] * sum(
+                jnp.einsum("bio,tio->bt", p, g_k, precision=grads.HIGHEST)
+                for p, g_k in zip(pre, ops["subset_grads"], strict=True)
             )
 
         return grads.map_rows(rows, data_q, chunk)

@@ -162,6 +162,28 @@ def test_operators_that_do_not_fit_are_refused_before_any_work(setup, monkeypatc
     p = kernels.gate_params(fitted.site)
     assert p == sum(int(np.prod(g.shape[1:])) for g in fitted.params["subset_grads"])
     monkeypatch.setattr(resources, "available_bytes", lambda: 8 * 12 * p - 1)
+    explicit = cfg.copy_and_resolve_references()
+    explicit.kernels.layers = 2  # as asked: not narrowed automatically
     match = r"12 operators x [0-9,]+ gate parameters.*stride\.kernels\.layers"
     with pytest.raises(ConfigError, match=match):
+        method.fit(task, explicit, reuse=False)
+
+
+def test_automatic_layers_narrow_to_the_last_blocks_that_fit(setup, monkeypatch, caplog):
+    """kernels.layers = 0: every block when it fits, else the last blocks that do (logged);
+    opspace reads the same narrowed config. An explicit kernels.layers is kept."""
+    from stride_jax import resources
+
+    task, cfg, fitted = setup
+    per_block = kernels.gate_params(fitted.site) // 2
+    monkeypatch.setattr(resources, "available_bytes", lambda: 8 * 12 * per_block + 1)
+    site = task.site(cfg)
+    assert all(p.startswith("layers/1/") for p in site.layers) and site.cfg.kernels.layers == 1
+    assert kernels.ekfac_config(task, site.cfg).layers == 1
+    assert "auto: stride.kernels.layers: 0 -> 1 of 2 blocks" in caplog.text
+    explicit = cfg.copy_and_resolve_references()
+    explicit.kernels.layers = 2
+    assert len(task.site(explicit).layers) == 6
+    monkeypatch.setattr(resources, "available_bytes", lambda: 8 * 12 * per_block - 1)
+    with pytest.raises(ConfigError, match="kernels.layers"):
         method.fit(task, cfg, reuse=False)

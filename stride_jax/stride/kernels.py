@@ -48,7 +48,7 @@ def ekfac_config(task, cfg) -> ml_collections.ConfigDict:
     relative to each layer's mean eigenvalue, ``_chunk`` rows at a time."""
     k, s1 = cfg.kernels, cfg.stage1
     select = dict(params_filter=str(k.get("params_filter", "")), fisher="true")
-    if task.kind == "decoder":
+    if task.kind == "decoder":  # 0: every block (``kernel_site`` may narrow it to fit)
         select["layers"] = int(k.layers) or task.model_config.n_layers
         select["fisher"] = "sampled"
     lam = float(s1.gate_l2) / (float(s1.w_fidelity) + float(s1.w_stability))
@@ -253,10 +253,38 @@ def _responses_fn(task, layers, chunk: int):
 
 
 def kernel_site(task, cfg) -> KernelSite:
-    """The kernel operators' site for ``task`` under the ``stride`` config ``cfg``."""
+    """The kernel operators' site for ``task`` under the ``stride`` config ``cfg``.
+
+    A decoder's ``kernels.layers = 0`` is automatic: every block when the T operators'
+    subset gradients fit in memory (``check_memory``), else as many of the last blocks as fit
+    (logged as an ``auto:`` line; the site's config records the choice). When not even the
+    last block fits, ``check_memory`` refuses at fit time, naming the knobs."""
     check(cfg)
-    layers = task.dense_layers(ekfac_config(task, cfg))
-    return KernelSite(task, cfg, tuple(layers))
+    site = KernelSite(task, cfg, tuple(task.dense_layers(ekfac_config(task, cfg))))
+    if task.kind != "decoder" or int(cfg.kernels.layers) != 0:
+        return site
+    from stride_jax import resources
+    from stride_jax.stride import method
+
+    t = method.resolve_num_subsets(cfg.design, len(task.train), "decoder")
+    n_layers, have = task.model_config.n_layers, resources.available_bytes()
+    for layers in range(n_layers, 0, -1):
+        narrowed = cfg.copy_and_resolve_references()
+        narrowed.kernels.layers = layers
+        site = KernelSite(task, narrowed, tuple(task.dense_layers(ekfac_config(task, narrowed))))
+        if 8 * t * gate_params(site) <= have:
+            break
+    if layers < n_layers:
+        logging.warning(
+            "auto: stride.kernels.layers: 0 -> %d of %d blocks (T=%d operators x %d gate "
+            "parameters fit in the %s available; every block would not)",
+            layers,
+            n_layers,
+            t,
+            gate_params(site),
+            resources.human_bytes(have),
+        )
+    return site
 
 
 # --- operator-space influence in the kernel space (``opspace`` with hook="kernels") ----------

@@ -170,6 +170,7 @@ def test_decoder_from_hf_config_through_the_same_api():
     )
     assert float(task.row_losses(train).mean()) < float(task0.row_losses(train).mean())
     stride_cfg = {
+        "hook": "residual",  # the residual-stream operators with Adam steps
         "design": {"num_subsets": 24, "degree": 3},
         "stage1": {
             "steps": 10,
@@ -182,13 +183,17 @@ def test_decoder_from_hf_config_through_the_same_api():
         },
         "op_chunk": 8,
     }
-    for method, config in (("stride", stride_cfg), ("graddot", None)):
+    for method, config in (("stride", stride_cfg), ("stride", None), ("graddot", None)):
         scores = stride_jax.attribute(task, method=method, config=config)
         assert scores.shape == (4, train.num_examples) and np.isfinite(scores).all()
     with pytest.raises(ConfigError, match="frozen data basis: set stage1.lr_muon=0"):
-        stride_jax.attribute(task, config={"stage1": {"basis": "pca", "lr_muon": 0.02}})
+        stride_jax.attribute(
+            task, config={"hook": "residual", "stage1": {"basis": "pca", "lr_muon": 0.02}}
+        )
     with pytest.raises(ConfigError, match="basis rank 64 exceeds the hooked feature dimension"):
-        stride_jax.attribute(task, config={"stage1": {"basis": "pca"}})
+        stride_jax.attribute(task, config={"hook": "residual", "stage1": {"basis": "pca"}})
+    with pytest.raises(ConfigError, match="Adam steps need the residual-stream operators"):
+        stride_jax.attribute(task, config={"stage1": {"steps": 10}})
     with pytest.raises(TaskError, match="token id .* vocabulary"):
         small = transformer.build(
             transformer.DecoderConfig.from_hf({**hf_config, "vocab_size": 5}), jax.random.key(0)

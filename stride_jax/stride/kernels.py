@@ -69,7 +69,8 @@ def check(cfg) -> None:
         raise ConfigError(
             "stride.hook='kernels' operators are the closed-form Gauss-Newton step: set "
             f"stage1.init='newton' and stage1.steps=0 (got {s1.get('init', 'zero')!r}, "
-            f"{s1.steps})"
+            f"{s1.steps}); Adam steps need the residual-stream operators "
+            "(stride.hook='residual', or preset 'residual' / 'adam' / 'paper')"
         )
     if s1.w_fidelity <= 0 or s1.gate_l2 <= 0:
         raise ConfigError("stride.hook='kernels' needs stage1.w_fidelity > 0 and gate_l2 > 0")

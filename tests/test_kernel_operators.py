@@ -2,6 +2,8 @@
 against the damped EK-FAC system they solve, the responses against EK-FAC's own influence
 scores averaged over each subset, opspace in the kernel space, refusals."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,7 +76,6 @@ def test_gates_solve_the_damped_kronecker_system(setup):
     site = fitted.site
     state = site.curvature()
     g_L = kernels.subset_gradients(task, site.layers, site.encode(task.train), fitted.design, 16)
-    np.testing.assert_allclose(fitted.params["subset_grads"][0], g_L[0], rtol=1e-5, atol=1e-9)
     c = cfg.stage1.w_fidelity / (cfg.stage1.w_fidelity + cfg.stage1.w_stability)
     b_L = kernels.gates(fitted.params)
     for b, g, qa, qs, lam in zip(b_L, g_L, state["qa"], state["qs"], state["lam"], strict=True):
@@ -108,8 +109,10 @@ def test_opspace_in_the_kernel_space_is_ekfac_at_strides_settings(setup):
     ec = kernels.ekfac_config(task, cfg)
     assert ec.fisher == "sampled" and ec.relative_damping and ec.layers == 2
     assert ec.damping == pytest.approx(cfg.stage1.gate_l2 / (cfg.stage1.w_fidelity + 1.0))
-    fitted = influence.ekfac_fit(task, ec)
-    np.testing.assert_allclose(got, influence.kfac_score(task, fitted, task.query, ec), rtol=1e-6)
+    want = influence.kfac_score(task, influence.ekfac_fit(task, ec), task.query, ec)
+    # Two code paths (EK-FAC's preconditioned query gradients dotted with formed training
+    # gradients; opspace's rotated gradients): the same numbers up to float32 round-off.
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-4 * np.abs(want).max())
 
 
 def test_classifier_kernel_operators_match_ekfac():
@@ -187,3 +190,50 @@ def test_automatic_layers_narrow_to_the_last_blocks_that_fit(setup, monkeypatch,
     monkeypatch.setattr(resources, "available_bytes", lambda: 8 * 12 * per_block - 1)
     with pytest.raises(ConfigError, match="kernels.layers"):
         method.fit(task, cfg, reuse=False)
+
+
+def test_low_rank_operators_read_the_top_input_directions(setup):
+    """kernels.rank = r: the gates are the damped step restricted to each kernel's top-r input
+    eigenvectors, the responses are -<G_q, B_k> with autodiff query gradients, and opspace
+    is the restricted influence; P shrinks to r x O per kernel."""
+    task, cfg, full = setup
+    low = cfg.copy_and_resolve_references()
+    low.kernels.rank = 4
+    fitted = method.fit(task, low, reuse=False)
+    site = fitted.site
+    shapes = [g.shape for g in kernels.gates(full.params)]
+    assert (
+        kernels.gate_params(site)
+        == sum(min(4, i) * o for _, i, o in shapes)
+        < sum(i * o for _, i, o in shapes)
+    )
+    state = site.curvature()
+    data = site.encode(task.train)
+    g_L = kernels.subset_gradients(task, site.layers, data, fitted.design, 16)
+    c = cfg.stage1.w_fidelity / (cfg.stage1.w_fidelity + cfg.stage1.w_stability)
+    b_L = kernels.gates(fitted.params)
+    for b, g, qa, qs, lam in zip(b_L, g_L, state["qa"], state["qs"], state["lam"], strict=True):
+        qa, qs, lam, g = (np.asarray(x, np.float64) for x in (qa, qs, lam, g))
+        r = min(4, qa.shape[1])
+        q_r, lam_r = qa[:, -r:], lam[-r:]
+        want = -c * np.einsum("ir,tro,jo->tij", q_r, (q_r.T @ g @ qs) / lam_r, qs)
+        np.testing.assert_allclose(b, want, rtol=2e-3, atol=2e-3 * abs(want).max())
+    # responses against autodiff query gradients and the formed gates
+    query_task = dataclasses.replace(task, train=task.query)
+    g_q = _autodiff_kernel_grads(query_task, site.layers)
+    pairs = zip(g_q, b_L, strict=True)
+    want_y = -sum(np.einsum("qio,tio->qt", gq, np.asarray(b)) for gq, b in pairs)
+    y = method.responses(fitted, task.query, None)
+    np.testing.assert_allclose(y, want_y, rtol=2e-3, atol=2e-3 * np.abs(want_y).max())
+    # opspace at rank r: <restricted (F + lam)^-1 G_q, G_i>
+    op = methods.get("opspace", "decoder")
+    got = op.score(task, op.fit(task, low), task.query, low)
+    g_n = _autodiff_kernel_grads(task, site.layers)
+    want_s = 0
+    for gq, gn, qa, qs, lam in zip(g_q, g_n, state["qa"], state["qs"], state["lam"], strict=True):
+        qa, qs, lam = (np.asarray(x, np.float64) for x in (qa, qs, lam))
+        r = min(4, qa.shape[1])
+        q_r, lam_r = qa[:, -r:], lam[-r:]
+        pre = np.einsum("ir,qro,jo->qij", q_r, np.einsum("ir,qio,oj->qrj", q_r, gq, qs) / lam_r, qs)
+        want_s = want_s + np.einsum("qio,nio->qn", pre, gn)
+    np.testing.assert_allclose(got, want_s, rtol=2e-3, atol=2e-3 * np.abs(want_s).max())

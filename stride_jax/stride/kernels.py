@@ -96,10 +96,12 @@ class KernelSite(sites.Site):
 
     def fit_operators(self, cache, design, keys, mesh, workdir):
         """Every operator in closed form: (None, params, []). The params hold what defines
-        the gates ``B_k = scale (F + lam)^-1 g_k`` (``gates``): the subset gradients g_k
-        (T x I x O per kernel), the curvature's eigenbases and damped eigenvalues, and
-        ``scale = -w_f / (w_f + w_s)``. The responses precondition the Q query gradients
-        instead of the T subset gradients (F is symmetric: the same numbers, Q << T)."""
+        the gates ``B_k = scale (F + lam)^-1 g_k`` (``gates``): the curvature's eigenbases
+        and damped eigenvalues (``input_basis``: with ``kernels.rank`` the top-rank input
+        directions of each kernel), the subset gradients g_k in those eigenbases (T x r x O
+        per kernel: ``Q_A^T g_k Q_S``) and ``scale = -w_f / (w_f + w_s)``. The responses
+        rotate the Q query gradients the same way (F is diagonal there: the same numbers as
+        preconditioning the T subset gradients, Q << T)."""
         del keys, mesh, workdir  # one deterministic solve, seconds: nothing to resume
         check_memory(self, design.num_subsets)
         t0 = time.time()
@@ -107,10 +109,12 @@ class KernelSite(sites.Site):
         t1 = time.time()
         s1 = self.cfg.stage1
         scale = -float(s1.w_fidelity) / (float(s1.w_fidelity) + float(s1.w_stability))
-        g_L = subset_gradients(self.task, self.layers, cache, design, _chunk(self.task, self.cfg))
+        basis = input_basis(state, int(self.cfg.kernels.get("rank", 0)))
+        chunk = _chunk(self.task, self.cfg)
+        g_L = subset_gradients(self.task, self.layers, cache, design, chunk, basis)
         g_L = jax.block_until_ready(g_L)
-        finite = all(bool(jnp.isfinite(x).all()) for x in [*g_L, *state["lam"]])
-        if not finite or not all(bool((m > 0).all()) for m in state["lam"]):
+        finite = all(bool(jnp.isfinite(x).all()) for x in [*g_L, *basis["lam"]])
+        if not finite or not all(bool((m > 0).all()) for m in basis["lam"]):
             raise FloatingPointError(
                 "stage 1: the kernel operators' gradients or damped curvature are not finite "
                 f"and positive: raise stage1.gate_l2 (now {s1.gate_l2})"
@@ -124,8 +128,7 @@ class KernelSite(sites.Site):
             t1 - t0,
             time.time() - t1,
         )
-        params = {k: list(state[k]) for k in ("qa", "qs", "lam")}
-        return None, params | {"subset_grads": list(g_L), "scale": jnp.float32(scale)}, []
+        return None, basis | {"subset_grads": list(g_L), "scale": jnp.float32(scale)}, []
 
     def stage2_responses(self, ops_graphdef, ops_params, cache_q, rows_q, mesh):
         del ops_graphdef, rows_q, mesh
@@ -137,11 +140,16 @@ class KernelSite(sites.Site):
 
 
 def gate_params(site: KernelSite) -> int:
-    """P: one operator's gate parameters (the steered kernels' sizes; a classifier's biases
-    add a row each)."""
+    """P: one operator's gate parameters (the steered kernels' sizes, their inputs cut to
+    ``kernels.rank``; a classifier's biases, one more input each, are not counted)."""
     from stride_jax.func import layers
 
-    return sum(int(np.prod(layers.kernel_shape(site.task.params, p))) for p in site.layers)
+    rank = int(site.cfg.kernels.get("rank", 0))
+    total = 0
+    for p in site.layers:
+        i, o = layers.kernel_shape(site.task.params, p)
+        total += (i if rank <= 0 else min(rank, i)) * o
+    return total
 
 
 def check_memory(site: KernelSite, num_subsets: int) -> None:
@@ -156,7 +164,8 @@ def check_memory(site: KernelSite, num_subsets: int) -> None:
             f"stride.hook='kernels': {num_subsets} operators x {p:,} gate parameters (the "
             f"{len(site.layers)} steered kernels) need {resources.human_bytes(need)}, more than "
             f"the {resources.human_bytes(have)} available: steer fewer blocks "
-            "(stride.kernels.layers, kernels.params_filter), lower design.num_subsets, or use "
+            "(stride.kernels.layers, kernels.params_filter), read fewer input directions "
+            "(kernels.rank), lower design.num_subsets, or use "
             "the residual-stream operators (preset 'residual', stride.hook='residual')"
         )
 
@@ -176,77 +185,108 @@ def _io(task, layers):
     return io
 
 
-def subset_gradients(task, layers, data: dict, design, chunk: int) -> list[jax.Array]:
-    """Each subset's mean of its members' kernel gradients, per layer T x I x O, accumulated
-    chunk by chunk of training rows (memory T x P, never N x P)."""
+def input_basis(state: dict, rank: int = 0) -> dict:
+    """The curvature in the operators' coordinates: per kernel the top-``rank`` eigenvectors
+    of its input factor A (``qa``, I x r; 0 or >= I: all), the output factor's eigenbasis
+    (``qs``) and the damped corrected eigenvalues of those rows (``lam``, r x O). With r < I
+    each operator reads only the kernel input's top-r principal directions: the paper's
+    low-rank basis phi, here the PCA of the layer's input, and P shrinks by I / r."""
+    out = {"qa": [], "qs": list(state["qs"]), "lam": []}
+    for qa, lam in zip(state["qa"], state["lam"], strict=True):
+        r = qa.shape[1] if rank <= 0 else min(rank, qa.shape[1])  # eigh: ascending order
+        out["qa"].append(qa[:, qa.shape[1] - r :])
+        out["lam"].append(lam[lam.shape[0] - r :])
+    return out
+
+
+def _rotated(a_L, g_L, basis) -> list[jax.Array]:
+    """Rows' kernel gradients in the eigenbases, ``Q_A^T G Q_S`` per kernel (B x r x O), from
+    the inputs and output gradients (projected first: G is never formed at full size)."""
+    return [
+        curvature.row_grads(a @ qa, g @ qs)
+        for a, g, qa, qs in zip(a_L, g_L, basis["qa"], basis["qs"], strict=True)
+    ]
+
+
+def subset_gradients(
+    task, layers, data: dict, design, chunk: int, basis: dict | None = None
+) -> list[jax.Array]:
+    """Each subset's mean of its members' kernel gradients, per layer T x I x O (with a
+    ``basis``: rotated into it, T x r x O), accumulated chunk by chunk of training rows
+    (memory T x P, never N x P)."""
     n, t = design.num_examples, design.num_subsets
     sizes = jnp.maximum(jnp.asarray(design.sizes_T), 1).astype(jnp.float32)
     subsets_NxD = jnp.asarray(design.subsets_NxD)
     chunks, w = curvature.chunked(data, chunk)
     idx = grads.padded_chunks({"i": jnp.arange(n)}, chunk)["i"]
-    return _subset_fn(task, tuple(layers), t)(task.params, chunks, w, idx, subsets_NxD, sizes)
+    fn = _subset_fn(task, tuple(layers), t)
+    return fn(task.params, chunks, w, idx, subsets_NxD, sizes, basis)
 
 
 def _subset_fn(task, layers, t: int):
     io = _io(task, layers)
 
+    def row_grads(params, rows, basis):
+        a_L, g_L = io(params, rows)
+        if basis is None:
+            return [curvature.row_grads(a, g) for a, g in zip(a_L, g_L, strict=True)]
+        return _rotated(a_L, g_L, basis)
+
     @jax.jit
-    def fn(params, chunks, w_KxC, idx_KxC, subsets_NxD, sizes_T):
+    def fn(params, chunks, w_KxC, idx_KxC, subsets_NxD, sizes_T, basis):
         def body(acc, xs):
             rows, w_C, i_C = xs
-            a_L, g_L = io(params, rows)
             sub_CxD = subsets_NxD[i_C]
             share_CxD = w_C[:, None] / sizes_T[jnp.minimum(sub_CxD, t - 1)]
             out = []
-            for g_T, a, g in zip(acc, a_L, g_L, strict=True):
-                rg = curvature.row_grads(a, g)
+            for g_T, rg in zip(acc, row_grads(params, rows, basis), strict=True):
                 add = share_CxD[..., None, None] * rg[:, None]
                 out.append(g_T.at[sub_CxD].add(add, mode="drop"))
             return out, None
 
-        shapes = jax.eval_shape(lambda r: io(params, r), jax.tree.map(lambda a: a[0], chunks))
-        init = [jnp.zeros((t, a.shape[-1], g.shape[-1])) for a, g in zip(*shapes, strict=True)]
+        one = jax.tree.map(lambda a: a[0], chunks)
+        shapes = jax.eval_shape(lambda r: row_grads(params, r, basis), one)
+        init = [jnp.zeros((t, *x.shape[1:])) for x in shapes]
         return jax.lax.scan(body, init, (chunks, w_KxC, idx_KxC))[0]
 
     return fn
 
 
-def gates(params: dict, chunk: int = 256) -> list[jax.Array]:
-    """Every operator's gates ``B_k = scale (F + lam)^-1 g_k`` per kernel (T x I x O) from
-    ``fit_operators``' params, ``chunk`` operators at a time (the responses never form them)."""
+def gates(params: dict) -> list[jax.Array]:
+    """Every operator's gates ``B_k = scale (F + lam)^-1 g_k`` per kernel (T x I x O), from
+    ``fit_operators``' params: ``scale Q_A (g~_k / lam) Q_S^T`` (the responses never form
+    them)."""
 
     @jax.jit
     def fn(params):
-        g_L = params["subset_grads"]
-        t = g_L[0].shape[0]
-        c = min(chunk, t)
-        pad = -t % c
-
-        def one(v_L):
-            return curvature.precondition(params["qa"], params["qs"], params["lam"], v_L)
-
-        padded = [jnp.concatenate([g, jnp.zeros((pad, *g.shape[1:]))]) for g in g_L]
-        out = jax.lax.map(one, [g.reshape(-1, c, *g.shape[1:]) for g in padded])
-        return [params["scale"] * o.reshape(-1, *o.shape[2:])[:t] for o in out]
+        return [
+            params["scale"] * jnp.einsum("ir,tro,jo->tij", qa, g / lam, qs)
+            for g, qa, qs, lam in zip(
+                params["subset_grads"], params["qa"], params["qs"], params["lam"], strict=True
+            )
+        ]
 
     return fn(params)
 
 
+def _dots(rot_q, rot_rows, lam_L) -> jax.Array:
+    """sum over kernels of <g~_q / lam, g~_row>: Q x R from rotated gradients."""
+    return sum(
+        jnp.einsum("qro,tro->qt", q / lam, r, precision=grads.HIGHEST)
+        for q, r, lam in zip(rot_q, rot_rows, lam_L, strict=True)
+    )
+
+
 def _responses_fn(task, layers, chunk: int):
-    """y_QxT = -sum_l <G_q^l, B_k^l> = -scale sum_l <(F + lam)^-1 G_q^l, g_k^l>: query
-    gradients ``chunk`` rows at a time, preconditioned, against the subset gradients."""
+    """y_QxT = -sum_l <G_q^l, B_k^l> = -scale sum_l <Q_A^T G_q Q_S / lam, g~_k>: query
+    gradients ``chunk`` rows at a time, rotated, against the rotated subset gradients."""
     io = _io(task, layers)
 
     @jax.jit
     def fn(params, data_q, ops):
         def rows(r):
-            a_L, g_L = io(params, r)
-            rg = [curvature.row_grads(a, g) for a, g in zip(a_L, g_L, strict=True)]
-            pre = curvature.precondition(ops["qa"], ops["qs"], ops["lam"], rg)
-            return -ops["scale"] * sum(
-                jnp.einsum("bio,tio->bt", p, g_k, precision=grads.HIGHEST)
-                for p, g_k in zip(pre, ops["subset_grads"], strict=True)
-            )
+            rot = _rotated(*io(params, r), ops)
+            return -ops["scale"] * _dots(rot, ops["subset_grads"], ops["lam"])
 
         return grads.map_rows(rows, data_q, chunk)
 
@@ -292,12 +332,29 @@ def kernel_site(task, cfg) -> KernelSite:
 
 
 def opspace_fit(site: KernelSite) -> dict:
-    """EK-FAC's state at STRIDE's settings (the operator-space influence of this space)."""
-    return site.curvature()
+    """The curvature in the operators' coordinates (``input_basis``, ``kernels.rank``)."""
+    return input_basis(site.curvature(), int(site.cfg.kernels.get("rank", 0)))
 
 
-def opspace_score(site: KernelSite, state: dict, query) -> np.ndarray:
-    from stride_jax.methods import influence
+def opspace_score(site: KernelSite, basis: dict, query) -> np.ndarray:
+    """``score(q, i) = <(F + lam)^-1 G_q, G_i>`` in the kernel space: the queries' rotated
+    gradients once (Q x P), the training rows' ``chunk`` at a time. At full rank this is
+    EK-FAC at STRIDE's settings."""
+    from stride_jax import methods
 
-    cfg = ekfac_config(site.task, site.cfg)
-    return influence.kfac_score(site.task, state, query, cfg)
+    task, chunk = site.task, _chunk(site.task, site.cfg)
+    io = _io(task, site.layers)
+
+    @jax.jit
+    def fn(params, train, data_q, basis):
+        rot_q = grads.map_rows(lambda r: _rotated(*io(params, r), basis), data_q, chunk)
+        rot_q = [q / lam for q, lam in zip(rot_q, basis["lam"], strict=True)]
+        ones = [jnp.ones_like(lam) for lam in basis["lam"]]
+
+        def rows(r):
+            return _dots(_rotated(*io(params, r), basis), rot_q, ones)
+
+        return grads.map_rows(rows, train, chunk).T
+
+    out = fn(task.params, task.arrays(task.train), task.arrays(query), basis)
+    return methods.as_scores(out)

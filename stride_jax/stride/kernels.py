@@ -1,8 +1,9 @@
 """Kernel operators: STRIDE's operators on the model's dense kernels (``stride.hook="kernels"``).
 
 Operator k steers each dense layer l that ``task.dense_layers`` lists (a decoder's MLP ``fc``
-and ``proj`` kernels of its last ``kernels.layers`` blocks, 0 meaning all; every
-``nnx.Linear`` of a classifier; ``kernels.params_filter`` narrows either) by adding
+and ``proj`` kernels of its last ``kernels.layers`` blocks, 0 meaning all that fit in memory
+(``kernel_site``); every ``nnx.Linear`` of a classifier; ``kernels.params_filter`` narrows
+either) by adding
 ``x_t B_k^l`` to the layer's output at every token t, with x_t the layer's own input. This is
 the paper's operator ``B_k phi(h)`` with the layer's input as the (frozen, full-rank) basis
 phi, written where the layer writes; its gates B_k^l (I_l x O_l) live in the kernel's own
@@ -20,9 +21,11 @@ baseline's ``relative_damping``): layers' curvatures differ by orders of magnitu
 
 Responses are first order (``responses="linear"``): ``y_k(q) = -<G_q, B_k>`` summed over the
 layers, from one gradient per query row. The steered forward pass and Adam steps are not
-implemented for this site (refused). Operator-space influence (``opspace``) in this space is
-EK-FAC itself at STRIDE's damping and Fisher; the two rows differ only by STRIDE's subsets and
-Lasso. Everything runs under ``jax.jit`` on one device (no mesh yet).
+implemented for this site (refused). ``kernels.rank`` restricts each operator to the top-r
+principal directions of each kernel's input (``input_basis``). Operator-space influence
+(``opspace``) in this space is, at full rank, EK-FAC itself at STRIDE's damping and Fisher; the
+two rows differ only by STRIDE's subsets and Lasso. Everything runs under ``jax.jit`` on one
+device (no mesh yet).
 """
 
 from __future__ import annotations

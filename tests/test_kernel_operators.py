@@ -142,6 +142,7 @@ def test_classifier_kernel_operators_match_ekfac():
         (dict(stage1=dict(init="zero")), "closed-form Gauss-Newton step"),
         (dict(stage1=dict(gate_l2=0.0)), "gate_l2 > 0"),
         (dict(kernels=dict(layers=-1)), "kernels.layers must be >= 0"),
+        (dict(kernels=dict(rank=-2)), "kernels.rank must be >= 0"),
         (dict(kernels=dict(params_filter="nothing/here")), "matches no parameter path"),
         (dict(hook="mlp"), "stride.hook must be one of"),
     ],

@@ -3,8 +3,8 @@
 Operator k steers each dense layer l that ``task.dense_layers`` lists (a decoder's MLP ``fc``
 and ``proj`` kernels of its last ``kernels.layers`` blocks, 0 meaning all that fit in memory
 (``kernel_site``); every ``nnx.Linear`` of a classifier; ``kernels.params_filter`` narrows
-either) by adding
-``x_t B_k^l`` to the layer's output at every token t, with x_t the layer's own input. This is
+either) by adding ``x_t B_k^l`` to the layer's output at every token t, with x_t the layer's
+own input. This is
 the paper's operator ``B_k phi(h)`` with the layer's input as the (frozen, full-rank) basis
 phi, written where the layer writes; its gates B_k^l (I_l x O_l) live in the kernel's own
 space, so the operator space is the parameter space that EK-FAC attributes in.
@@ -77,8 +77,9 @@ def check(cfg) -> None:
         )
     if s1.w_fidelity <= 0 or s1.gate_l2 <= 0:
         raise ConfigError("stride.hook='kernels' needs stage1.w_fidelity > 0 and gate_l2 > 0")
-    if int(cfg.kernels.layers) < 0:
-        raise ConfigError(f"stride.kernels.layers must be >= 0, got {cfg.kernels.layers}")
+    for key in ("layers", "rank"):
+        if int(cfg.kernels.get(key, 0)) < 0:
+            raise ConfigError(f"stride.kernels.{key} must be >= 0, got {cfg.kernels[key]}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,6 +30,14 @@ def setup():
     return task, cfg, fitted
 
 
+def _plain(task, layers) -> dict:
+    """The identity basis: ``subset_gradients`` in it are the kernels' own gradients."""
+    from stride_jax.func.layers import kernel_shape
+
+    shapes = [kernel_shape(task.params, p) for p in layers]
+    return {"qa": [jnp.eye(i) for i, _ in shapes], "qs": [jnp.eye(o) for _, o in shapes]}
+
+
 def _autodiff_kernel_grads(task, layers):
     """Reference: per-row gradients of the row loss w.r.t. each kernel (N x I x O)."""
     names = tuple(p + "/kernel" for p in layers)
@@ -61,7 +69,8 @@ def test_site_steers_every_mlp_kernel(setup):
 def test_subset_gradients_are_member_means_of_autodiff_gradients(setup):
     task, cfg, fitted = setup
     site, design = fitted.site, fitted.design
-    got = kernels.subset_gradients(task, site.layers, site.encode(task.train), design, 5)
+    data = site.encode(task.train)
+    got = kernels.subset_gradients(task, site.layers, data, design, 5, _plain(task, site.layers))
     a = design.dense()
     mean = a / a.sum(1, keepdims=True)
     for g, ref in zip(got, _autodiff_kernel_grads(task, site.layers), strict=True):
@@ -75,7 +84,10 @@ def test_gates_solve_the_damped_kronecker_system(setup):
     task, cfg, fitted = setup
     site = fitted.site
     state = site.curvature()
-    g_L = kernels.subset_gradients(task, site.layers, site.encode(task.train), fitted.design, 16)
+    data = site.encode(task.train)
+    g_L = kernels.subset_gradients(
+        task, site.layers, data, fitted.design, 16, _plain(task, site.layers)
+    )
     c = cfg.stage1.w_fidelity / (cfg.stage1.w_fidelity + cfg.stage1.w_stability)
     b_L = kernels.gates(fitted.params)
     for b, g, qa, qs, lam in zip(b_L, g_L, state["qa"], state["qs"], state["lam"], strict=True):
@@ -210,7 +222,9 @@ def test_low_rank_operators_read_the_top_input_directions(setup):
     )
     state = site.curvature()
     data = site.encode(task.train)
-    g_L = kernels.subset_gradients(task, site.layers, data, fitted.design, 16)
+    g_L = kernels.subset_gradients(
+        task, site.layers, data, fitted.design, 16, _plain(task, site.layers)
+    )
     c = cfg.stage1.w_fidelity / (cfg.stage1.w_fidelity + cfg.stage1.w_stability)
     b_L = kernels.gates(fitted.params)
     for b, g, qa, qs, lam in zip(b_L, g_L, state["qa"], state["qs"], state["lam"], strict=True):

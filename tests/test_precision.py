@@ -85,7 +85,7 @@ def test_decoder_bf16_scores_rank_like_fp32():
 def test_unknown_compute_dtype_is_refused(kind):
     cfg = defaults.default(kind)
     cfg.compute_dtype = "float16"
-    make_site = sites.classifier_site if kind == "classifier" else sites.residual_site
+    make_site = sites.classifier_site if kind == "classifier" else sites.decoder_site
     with pytest.raises(ConfigError, match="compute_dtype must be one of"):
         make_site(None, cfg)  # before the task is read
 

@@ -156,13 +156,18 @@ def gate_params(site: KernelSite) -> int:
     return total
 
 
+def _gate_bytes(site: KernelSite, num_subsets: int) -> int:
+    """What T operators' subset gradients take: T x P float32, twice while they accumulate."""
+    return 8 * num_subsets * gate_params(site)
+
+
 def check_memory(site: KernelSite, num_subsets: int) -> None:
-    """Refuse, before any work, T operators whose subset gradients (T x P float32, twice
-    while they accumulate) would not fit in the memory ``resources.available_bytes`` reports."""
+    """Refuse, before any work, T operators whose subset gradients (``_gate_bytes``) would not
+    fit in the memory ``resources.available_bytes`` reports."""
     from stride_jax import resources
 
     p = gate_params(site)
-    need, have = 8 * num_subsets * p, resources.available_bytes()
+    need, have = _gate_bytes(site, num_subsets), resources.available_bytes()
     if need > have:
         raise ConfigError(
             f"stride.hook='kernels': {num_subsets} operators x {p:,} gate parameters (the "
@@ -212,12 +217,10 @@ def _rotated(a_L, g_L, basis) -> list[jax.Array]:
     ]
 
 
-def subset_gradients(
-    task, layers, data: dict, design, chunk: int, basis: dict | None = None
-) -> list[jax.Array]:
-    """Each subset's mean of its members' kernel gradients, per layer T x I x O (with a
-    ``basis``: rotated into it, T x r x O), accumulated chunk by chunk of training rows
-    (memory T x P, never N x P)."""
+def subset_gradients(task, layers, data: dict, design, chunk: int, basis: dict) -> list[jax.Array]:
+    """Each subset's mean of its members' kernel gradients rotated into ``basis``
+    (``_rotated``), per kernel T x r x O, accumulated chunk by chunk of training rows (memory
+    T x P, never N x P)."""
     n, t = design.num_examples, design.num_subsets
     sizes = jnp.maximum(jnp.asarray(design.sizes_T), 1).astype(jnp.float32)
     subsets_NxD = jnp.asarray(design.subsets_NxD)
@@ -231,10 +234,7 @@ def _subset_fn(task, layers, t: int):
     io = _io(task, layers)
 
     def row_grads(params, rows, basis):
-        a_L, g_L = io(params, rows)
-        if basis is None:
-            return [curvature.row_grads(a, g) for a, g in zip(a_L, g_L, strict=True)]
-        return _rotated(a_L, g_L, basis)
+        return _rotated(*io(params, rows), basis)
 
     @jax.jit
     def fn(params, chunks, w_KxC, idx_KxC, subsets_NxD, sizes_T, basis):
@@ -273,12 +273,18 @@ def gates(params: dict) -> list[jax.Array]:
     return fn(params)
 
 
-def _dots(rot_q, rot_rows, lam_L) -> jax.Array:
-    """sum over kernels of <g~_q / lam, g~_row>: Q x R from rotated gradients."""
+def _dots(a_L, b_L) -> jax.Array:
+    """sum over kernels of <a, b>: A x B from rotated gradients (A x r x O, B x r x O)."""
     return sum(
-        jnp.einsum("qro,tro->qt", q / lam, r, precision=grads.HIGHEST)
-        for q, r, lam in zip(rot_q, rot_rows, lam_L, strict=True)
+        jnp.einsum("qro,tro->qt", a, b, precision=grads.HIGHEST)
+        for a, b in zip(a_L, b_L, strict=True)
     )
+
+
+def _preconditioned(a_L, g_L, basis) -> list[jax.Array]:
+    """Rows' ``(F + lam)^-1 G`` in the eigenbases: their rotated gradients over lam."""
+    rot = _rotated(a_L, g_L, basis)
+    return [x / lam for x, lam in zip(rot, basis["lam"], strict=True)]
 
 
 def _responses_fn(task, layers, chunk: int):
@@ -289,8 +295,7 @@ def _responses_fn(task, layers, chunk: int):
     @jax.jit
     def fn(params, data_q, ops):
         def rows(r):
-            rot = _rotated(*io(params, r), ops)
-            return -ops["scale"] * _dots(rot, ops["subset_grads"], ops["lam"])
+            return -ops["scale"] * _dots(_preconditioned(*io(params, r), ops), ops["subset_grads"])
 
         return grads.map_rows(rows, data_q, chunk)
 
@@ -313,12 +318,12 @@ def kernel_site(task, cfg) -> KernelSite:
 
     t = method.resolve_num_subsets(cfg.design, len(task.train), "decoder")
     n_layers, have = task.model_config.n_layers, resources.available_bytes()
-    for layers in range(n_layers, 0, -1):
+    layers = n_layers
+    while layers > 1 and _gate_bytes(site, t) > have:
+        layers -= 1
         narrowed = cfg.copy_and_resolve_references()
         narrowed.kernels.layers = layers
         site = KernelSite(task, narrowed, tuple(task.dense_layers(ekfac_config(task, narrowed))))
-        if 8 * t * gate_params(site) <= have:
-            break
     if layers < n_layers:
         logging.warning(
             "auto: stride.kernels.layers: 0 -> %d of %d blocks (T=%d operators x %d gate "
@@ -351,12 +356,10 @@ def opspace_score(site: KernelSite, basis: dict, query) -> np.ndarray:
 
     @jax.jit
     def fn(params, train, data_q, basis):
-        rot_q = grads.map_rows(lambda r: _rotated(*io(params, r), basis), data_q, chunk)
-        rot_q = [q / lam for q, lam in zip(rot_q, basis["lam"], strict=True)]
-        ones = [jnp.ones_like(lam) for lam in basis["lam"]]
+        pre_q = grads.map_rows(lambda r: _preconditioned(*io(params, r), basis), data_q, chunk)
 
         def rows(r):
-            return _dots(_rotated(*io(params, r), basis), rot_q, ones)
+            return _dots(_rotated(*io(params, r), basis), pre_q)
 
         return grads.map_rows(rows, train, chunk).T
 

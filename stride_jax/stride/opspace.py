@@ -34,7 +34,8 @@ class Fitted:
     site: object
     graphdef: object
     params: object
-    # (H + lam I)^-1 g_n for every training row; with kernel operators the EK-FAC state
+    # (H + lam I)^-1 g_n for every training row; with kernel operators the curvature in
+    # their coordinates (``kernels.input_basis``)
     solved_NxP: object
     seconds: dict
 
@@ -48,7 +49,7 @@ def damping(config) -> float:
 def fit(task, cfg) -> Fitted:
     t0 = time.time()
     site = task.site(cfg)
-    if isinstance(site, kernels.KernelSite):  # the kernel space: EK-FAC at STRIDE's settings
+    if isinstance(site, kernels.KernelSite):  # at full rank, EK-FAC at STRIDE's settings
         state = kernels.opspace_fit(site)
         return Fitted(site, None, None, state, {"fit": time.time() - t0})
     design = method.design_for(cfg.design, len(task.train), task.kind)

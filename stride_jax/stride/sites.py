@@ -270,9 +270,9 @@ def check_basis(config) -> str:
 MAX_NEWTON_PARAMS = 16384
 
 
-def residual_site(task, cfg) -> Site:
-    """The decoder's site ``cfg.hook`` names: "residual" (``ResidualSite``, the default) or
-    "kernels" (``kernels.KernelSite``: operators on the MLPs' dense kernels)."""
+def decoder_site(task, cfg) -> Site:
+    """The decoder's site ``cfg.hook`` names: "residual" (``residual_site``) or "kernels"
+    (``kernels.kernel_site``: operators on the MLPs' dense kernels)."""
     precision.compute_dtype(cfg)  # checked before any work, and before the task is read
     hook = cfg.get("hook", "residual")
     if hook not in DECODER_HOOKS:
@@ -281,6 +281,11 @@ def residual_site(task, cfg) -> Site:
         from stride_jax.stride import kernels
 
         return kernels.kernel_site(task, cfg)
+    return residual_site(task, cfg)
+
+
+def residual_site(task, cfg) -> ResidualSite:
+    precision.compute_dtype(cfg)  # checked before any work, and before the task is read
     check_responses(cfg)
     if check_basis(cfg.stage1) != "random" and cfg.stage1.lr_muon > 0:
         raise ConfigError(

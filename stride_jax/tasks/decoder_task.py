@@ -123,7 +123,7 @@ class DecoderTask(Task):
     def site(self, config):
         from stride_jax.stride import sites
 
-        return sites.residual_site(self, config)
+        return sites.decoder_site(self, config)
 
     # --- dense layers (K-FAC / EK-FAC) ---------------------------------------------------------
 

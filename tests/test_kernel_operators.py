@@ -97,13 +97,20 @@ def test_gates_solve_the_damped_kronecker_system(setup):
         np.testing.assert_allclose(-applied / c, np.asarray(g), rtol=1e-3, atol=2e-3 * abs(g).max())
 
 
-def test_responses_are_subset_means_of_ekfac_influence(setup):
+@pytest.mark.parametrize("fisher", ["true", "empirical"])
+def test_responses_are_subset_means_of_ekfac_influence(setup, fisher):
     """y_k(q) = c * mean over S_k of EK-FAC's score(q, i) at STRIDE's damping and Fisher: the
     EK-FAC baseline's scoring path (preconditioned query gradients dotted with training
-    gradients) is an independent route to the same numbers."""
+    gradients) is an independent route to the same numbers. Under kernels.fisher="empirical"
+    the subset sums and the curvature share one backward pass per chunk."""
     task, cfg, fitted = setup
+    if fisher != "true":
+        cfg = cfg.copy_and_resolve_references()
+        cfg.kernels.fisher = fisher
+        fitted = method.fit(task, cfg, reuse=False)
     y = method.responses(fitted, task.query, None)
     ec = kernels.ekfac_config(task, cfg)
+    assert ec.fisher == {"true": "sampled", "empirical": "empirical"}[fisher]
     ekfac = methods.get("ekfac", "decoder")
     s = ekfac.score(task, ekfac.fit(task, ec), task.query, ec)
     a = fitted.design.dense()
@@ -112,6 +119,27 @@ def test_responses_are_subset_means_of_ekfac_influence(setup):
     np.testing.assert_allclose(y, want, rtol=2e-3, atol=1e-3 * np.abs(want).max())
     scores = method.score(task, fitted, task.query, cfg)
     assert scores.shape == (3, 24) and np.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("fisher", ["true", "empirical"])
+def test_fused_pass_equals_the_curvature_then_a_subset_pass(setup, fisher):
+    """At full rank the subset sums ride along the Kronecker factors' pass (``fused_fit``);
+    the same numbers as EK-FAC's own fit followed by a separate pass of rotated gradients."""
+    task, cfg, fitted = setup
+    cfg = cfg.copy_and_resolve_references()
+    cfg.kernels.fisher = fisher
+    site = task.site(cfg)
+    data = site.encode(task.train)
+    state, got = kernels.fused_fit(site, data, fitted.design)
+    ref_state = site.curvature()
+    ref = kernels.subset_gradients(
+        task, site.layers, data, fitted.design, 5, kernels.input_basis(ref_state)
+    )
+    for a, b in zip(state["lam"], ref_state["lam"], strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
+    for g, want in zip(got, ref, strict=True):
+        want = np.asarray(want)
+        np.testing.assert_allclose(np.asarray(g), want, rtol=1e-3, atol=1e-5 * abs(want).max())
 
 
 def test_opspace_in_the_kernel_space_is_ekfac_at_strides_settings(setup):
@@ -127,12 +155,14 @@ def test_opspace_in_the_kernel_space_is_ekfac_at_strides_settings(setup):
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-4 * np.abs(want).max())
 
 
-def test_classifier_kernel_operators_match_ekfac():
+@pytest.mark.parametrize("fisher", ["true", "empirical"])
+def test_classifier_kernel_operators_match_ekfac(fisher):
     from test_influence import make_task
 
     task, query = make_task(hidden=(8,), n=30, n_query=5, in_dim=6, seed=1, steps=100)
     cfg = defaults.classifier()
     cfg.update(hook="kernels", responses="linear")
+    cfg.kernels.fisher = fisher
     cfg.design.update(num_subsets=15, degree=2)
     fitted = method.fit(task, cfg, reuse=False)
     assert fitted.site.layers == ("layers/0", "head")
@@ -155,6 +185,7 @@ def test_classifier_kernel_operators_match_ekfac():
         (dict(stage1=dict(gate_l2=0.0)), "gate_l2 > 0"),
         (dict(kernels=dict(layers=-1)), "kernels.layers must be >= 0"),
         (dict(kernels=dict(rank=-2)), "kernels.rank must be >= 0"),
+        (dict(kernels=dict(fisher="sampled")), "kernels.fisher must be one of"),
         (dict(kernels=dict(params_filter="nothing/here")), "matches no parameter path"),
         (dict(hook="mlp"), "stride.hook must be one of"),
     ],

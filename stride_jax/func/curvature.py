@@ -37,15 +37,16 @@ def chunked(data: dict, chunk: int) -> tuple[dict, jax.Array]:
     return padded_chunks(data, chunk), w
 
 
-def _scan(body, init, chunks: dict, w: jax.Array, key):
-    """``body(acc, rows, w_C, key_or_None) -> (acc, rows counted)`` over the chunks;
-    returns (acc, total count)."""
+def _scan(body, init, chunks: dict, w: jax.Array, key, xs_K=None):
+    """``body(acc, rows, w_C, key_or_None[, x]) -> (acc, rows counted)`` over the chunks
+    (``x``: the chunk's slice of ``xs_K`` when given); returns (acc, total count)."""
 
     def step(acc, xs):
-        rows, w_C, c = xs
-        return body(acc, rows, w_C, None if key is None else jax.random.fold_in(key, c))
+        rows, w_C, c, x = xs
+        k = None if key is None else jax.random.fold_in(key, c)
+        return body(acc, rows, w_C, k) if xs_K is None else body(acc, rows, w_C, k, x)
 
-    acc, n_K = jax.lax.scan(step, init, (chunks, w, jnp.arange(w.shape[0])))
+    acc, n_K = jax.lax.scan(step, init, (chunks, w, jnp.arange(w.shape[0]), xs_K))
     return acc, n_K.sum()
 
 
@@ -57,26 +58,39 @@ def _shapes(io, chunks: dict):
     return [(a.shape[-1], g.shape[-1]) for a, g in zip(a_L, terms[0][1], strict=True)]
 
 
-def kron_factors(io, chunks: dict, w_KxC, key=None) -> list[tuple[jax.Array, jax.Array]]:
-    """[(A_IxI, S_OxO)] per layer: E[a a^T] over real tokens, E[g g^T] per real token."""
+def kron_factors(io, chunks: dict, w_KxC, key=None, extra=None):
+    """[(A_IxI, S_OxO)] per layer: E[a a^T] over real tokens, E[g g^T] per real token.
+
+    ``extra = (init, step, xs_K)`` accumulates something else in the same pass over the rows
+    (one forward and backward for both): ``step(acc, rows, w_C, x, (a_L, mask, terms))``,
+    ``x`` the chunk's slice of ``xs_K``; then the result is (factors, acc)."""
 
     def outer(u_BxTxD, wt_BxT):  # sum over rows and tokens of wt u u^T
         if u_BxTxD.shape[1] == 1:  # one token per row: a plain matmul
             return (u_BxTxD[:, 0] * wt_BxT).T @ u_BxTxD[:, 0]
         return jnp.einsum("bti,btj->ij", u_BxTxD * wt_BxT[..., None], u_BxTxD)
 
-    def body(acc, rows, w_C, k):
-        a_L, mask, terms = io(rows, k)
+    def factors(acc, rows, w_C, k):
+        a_L, mask, terms = out = io(rows, k)
         m = mask * w_C[:, None]
-        out = []
+        new = []
         for i, (a_acc, s_acc) in enumerate(acc):
             s_new = sum(outer(g[i], (wt * w_C)[:, None]) for wt, g in terms)
-            out.append((a_acc + outer(a_L[i], m), s_acc + s_new))
-        return out, m.sum()
+            new.append((a_acc + outer(a_L[i], m), s_acc + s_new))
+        return new, m.sum(), out
 
     init = [(jnp.zeros((i, i)), jnp.zeros((o, o))) for i, o in _shapes(io, chunks)]
-    acc, n_tok = _scan(body, init, chunks, w_KxC, key)
-    return [(a / n_tok, s / n_tok) for a, s in acc]
+    if extra is None:
+        acc, n_tok = _scan(lambda *a: factors(*a)[:2], init, chunks, w_KxC, key)
+        return [(a / n_tok, s / n_tok) for a, s in acc]
+    init_x, step_x, xs_K = extra
+
+    def body(acc, rows, w_C, k, x):
+        new, n, out = factors(acc[0], rows, w_C, k)
+        return (new, step_x(acc[1], rows, w_C, x, out)), n
+
+    (acc, acc_x), n_tok = _scan(body, (init, init_x), chunks, w_KxC, key, xs_K)
+    return [(a / n_tok, s / n_tok) for a, s in acc], acc_x
 
 
 def eigenbases(factors):

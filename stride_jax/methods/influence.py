@@ -121,13 +121,20 @@ def _io(task, params, layers, fisher):
     return lambda rows, key: task.dense_io(params, rows, layers, fisher, key)
 
 
-def _kfac_fit(task, cfg, eigen_correct: bool):
+def _kfac_fit(task, cfg, eigen_correct: bool, extra=None):
+    """The fitted state; with ``extra`` (``curvature.kron_factors``' extra accumulator, its
+    ``xs_K`` chunked by ``cfg.chunk``) also that accumulator: (state, acc)."""
     _check_fisher(cfg)
     layers, chunk = task.dense_layers(cfg), max(1, int(cfg.chunk))
     key = jax.random.key(cfg.get("seed", 0)) if cfg.fisher == "sampled" else None
     io = _io(task, task.params, layers, cfg.fisher)
     chunks, w = curvature.chunked(task.arrays(task.train), chunk)
-    factors = jax.jit(lambda c, w, k: curvature.kron_factors(io, c, w, k))(chunks, w, key)
+    if extra is None:
+        factors = jax.jit(lambda c, w, k: curvature.kron_factors(io, c, w, k))(chunks, w, key)
+    else:
+        init_x, step_x, xs_K = extra
+        fn = jax.jit(lambda c, w, k, i, x: curvature.kron_factors(io, c, w, k, (i, step_x, x)))
+        factors, acc = fn(chunks, w, key, init_x, xs_K)
     la, qa, ls, qs = curvature.eigenbases(factors)
     if eigen_correct:
         fn = jax.jit(lambda c, w, a, s, k: curvature.ekfac_eigenvalues(io, c, w, a, s, k))
@@ -138,7 +145,8 @@ def _kfac_fit(task, cfg, eigen_correct: bool):
         lam = [m + cfg.damping * m.mean() for m in lam]
     else:
         lam = [m + cfg.damping for m in lam]
-    return {"layers": layers, "qa": qa, "qs": qs, "lam": lam}
+    state = {"layers": layers, "qa": qa, "qs": qs, "lam": lam}
+    return state if extra is None else (state, acc)
 
 
 def kfac_fit(task, cfg):

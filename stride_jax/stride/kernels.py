@@ -50,15 +50,30 @@ def ekfac_config(task, cfg) -> ml_collections.ConfigDict:
     one label per token; a classifier's exact expectation over its classes), STRIDE's damping
     relative to each layer's mean eigenvalue, ``_chunk`` rows at a time."""
     k, s1 = cfg.kernels, cfg.stage1
-    select = dict(params_filter=str(k.get("params_filter", "")), fisher="true")
+    fisher = fisher_kind(task, cfg)
+    select = dict(params_filter=str(k.get("params_filter", "")), fisher=fisher)
     if task.kind == "decoder":  # 0: every block (``kernel_site`` may narrow it to fit)
         select["layers"] = int(k.layers) or task.model_config.n_layers
-        select["fisher"] = "sampled"
     lam = float(s1.gate_l2) / (float(s1.w_fidelity) + float(s1.w_stability))
     chunk = _chunk(task, cfg)
     return ml_collections.ConfigDict(
         select | dict(seed=int(cfg.seed), damping=lam, relative_damping=True) | dict(chunk=chunk)
     )
+
+
+FISHERS = ("true", "empirical")
+
+
+def fisher_kind(task, cfg) -> str:
+    """``kernels.fisher`` as ``task.dense_io`` names it: "true" is a decoder's "sampled" (one
+    label per token drawn from the base model) and a classifier's "true" (the exact
+    expectation over its classes); "empirical" takes the data's labels."""
+    fisher = str(cfg.kernels.get("fisher", "true"))
+    if fisher not in FISHERS:
+        raise ConfigError(f"stride.kernels.fisher must be one of {FISHERS}, got {fisher!r}")
+    if fisher == "empirical":
+        return "empirical"
+    return "sampled" if task.kind == "decoder" else "true"
 
 
 def check(cfg) -> None:
@@ -77,6 +92,10 @@ def check(cfg) -> None:
         )
     if s1.w_fidelity <= 0 or s1.gate_l2 <= 0:
         raise ConfigError("stride.hook='kernels' needs stage1.w_fidelity > 0 and gate_l2 > 0")
+    if str(cfg.kernels.get("fisher", "true")) not in FISHERS:
+        raise ConfigError(
+            f"stride.kernels.fisher must be one of {FISHERS}, got {cfg.kernels.fisher!r}"
+        )
     for key in ("layers", "rank"):
         if int(cfg.kernels.get(key, 0)) < 0:
             raise ConfigError(f"stride.kernels.{key} must be >= 0, got {cfg.kernels[key]}")
@@ -109,13 +128,17 @@ class KernelSite(sites.Site):
         del keys, mesh, workdir  # one deterministic solve, seconds: nothing to resume
         check_memory(self, design.num_subsets)
         t0 = time.time()
-        state = self.curvature()
-        t1 = time.time()
-        s1 = self.cfg.stage1
+        s1, rank = self.cfg.stage1, int(self.cfg.kernels.get("rank", 0))
         scale = -float(s1.w_fidelity) / (float(s1.w_fidelity) + float(s1.w_stability))
-        basis = input_basis(state, int(self.cfg.kernels.get("rank", 0)))
         chunk = _chunk(self.task, self.cfg)
-        g_L = subset_gradients(self.task, self.layers, cache, design, chunk, basis)
+        if rank <= 0:  # full rank: the subset sums ride along the curvature's first pass
+            state, g_L = fused_fit(self, cache, design)
+            basis = input_basis(state)
+            t1 = time.time()
+        else:  # the top-r input directions first, then a pass for the subset gradients
+            basis = input_basis(self.curvature(), rank)
+            t1 = time.time()
+            g_L = subset_gradients(self.task, self.layers, cache, design, chunk, basis)
         g_L = jax.block_until_ready(g_L)
         finite = all(bool(jnp.isfinite(x).all()) for x in [*g_L, *basis["lam"]])
         if not finite or not all(bool((m > 0).all()) for m in basis["lam"]):
@@ -125,7 +148,7 @@ class KernelSite(sites.Site):
             )
         logging.info(
             "stage 1: kernel operators on %d layers (%d gate parameters each) for %d "
-            "subsets: curvature %.1fs, subset gradients %.1fs",
+            "subsets: curvature (and, at full rank, subset gradients) %.1fs, then %.1fs",
             len(self.layers),
             sum(int(np.prod(g.shape[1:])) for g in g_L),
             design.num_subsets,
@@ -230,6 +253,60 @@ def subset_gradients(task, layers, data: dict, design, chunk: int, basis: dict) 
     return fn(task.params, chunks, w, idx, subsets_NxD, sizes, basis)
 
 
+def _scatter(acc_L, rg_L, w_C, i_C, subsets_NxD, sizes_T):
+    """``acc_L`` (per kernel T x ...) plus each row's ``rg`` (C x ...) shared over its
+    subsets (weight w / |S_k|; padding rows and slots beyond T add nothing)."""
+    t = acc_L[0].shape[0]
+    sub_CxD = subsets_NxD[i_C]
+    share_CxD = w_C[:, None] / sizes_T[jnp.minimum(sub_CxD, t - 1)]
+    out = []
+    for g_T, rg in zip(acc_L, rg_L, strict=True):
+        add = share_CxD[..., None, None] * rg[:, None]
+        out.append(g_T.at[sub_CxD].add(add, mode="drop"))
+    return out
+
+
+def fused_fit(site: KernelSite, data: dict, design) -> tuple[dict, list[jax.Array]]:
+    """EK-FAC's state at STRIDE's settings and the subset gradients in its eigenbases (per
+    kernel T x I x O), with the subset sums of the members' kernel gradients accumulated in
+    the Kronecker factors' pass over the rows: two passes over the training rows in all
+    (factors + sums, eigenvalue correction), not three. Under ``kernels.fisher="empirical"``
+    both use one backward pass per chunk; under the true Fisher the data's labels take a
+    second backward from the same forward. The sums are rotated once at the end
+    (``Q_A^T g_k Q_S``, exactly ``_rotated`` summed)."""
+    from stride_jax.methods import influence
+
+    task, cfg = site.task, site.cfg
+    ek = ekfac_config(task, cfg)
+    n, t = design.num_examples, design.num_subsets
+    if n != len(task.train):
+        raise ValueError(f"the design has {n} examples, the task {len(task.train)} train rows")
+    sizes = jnp.maximum(jnp.asarray(design.sizes_T), 1).astype(jnp.float32)
+    subsets_NxD = jnp.asarray(design.subsets_NxD)
+    idx = grads.padded_chunks({"i": jnp.arange(n)}, max(1, int(ek.chunk)))["i"]
+    data_io = None if ek.fisher == "empirical" else _io(task, site.layers)
+
+    def step(acc, rows, w_C, i_C, out):
+        if data_io is None:
+            a_L, _, [(_, g_L)] = out
+        else:
+            a_L, g_L = data_io(task.params, rows)
+        rg = [curvature.row_grads(a, g) for a, g in zip(a_L, g_L, strict=True)]
+        return _scatter(acc, rg, w_C, i_C, subsets_NxD, sizes)
+
+    one = jax.tree.map(lambda a: a[:1], data)
+    a_L, g_L = jax.eval_shape(lambda r: _io(task, site.layers)(task.params, r), one)
+    init = [jnp.zeros((t, a.shape[-1], g.shape[-1])) for a, g in zip(a_L, g_L, strict=True)]
+    state, raw = influence._kfac_fit(task, ek, True, extra=(init, step, idx))
+    rotate = jax.jit(
+        lambda raw, qa, qs: [
+            jnp.einsum("ai,tab,bj->tij", a, g, b, precision=grads.HIGHEST)
+            for g, a, b in zip(raw, qa, qs, strict=True)
+        ]
+    )
+    return state, rotate(raw, state["qa"], state["qs"])
+
+
 def _subset_fn(task, layers, t: int):
     io = _io(task, layers)
 
@@ -240,13 +317,8 @@ def _subset_fn(task, layers, t: int):
     def fn(params, chunks, w_KxC, idx_KxC, subsets_NxD, sizes_T, basis):
         def body(acc, xs):
             rows, w_C, i_C = xs
-            sub_CxD = subsets_NxD[i_C]
-            share_CxD = w_C[:, None] / sizes_T[jnp.minimum(sub_CxD, t - 1)]
-            out = []
-            for g_T, rg in zip(acc, row_grads(params, rows, basis), strict=True):
-                add = share_CxD[..., None, None] * rg[:, None]
-                out.append(g_T.at[sub_CxD].add(add, mode="drop"))
-            return out, None
+            rg = row_grads(params, rows, basis)
+            return _scatter(acc, rg, w_C, i_C, subsets_NxD, sizes_T), None
 
         one = jax.tree.map(lambda a: a[0], chunks)
         shapes = jax.eval_shape(lambda r: row_grads(params, r, basis), one)

@@ -97,21 +97,23 @@ def test_gates_solve_the_damped_kronecker_system(setup):
         np.testing.assert_allclose(-applied / c, np.asarray(g), rtol=1e-3, atol=2e-3 * abs(g).max())
 
 
-@pytest.mark.parametrize("fisher", ["true", "empirical"])
-def test_responses_are_subset_means_of_ekfac_influence(setup, fisher):
+@pytest.mark.parametrize(
+    "fisher, curvature", [("true", "ekfac"), ("empirical", "ekfac"), ("true", "kfac")]
+)
+def test_responses_are_subset_means_of_ekfac_influence(setup, fisher, curvature):
     """y_k(q) = c * mean over S_k of EK-FAC's score(q, i) at STRIDE's damping and Fisher: the
     EK-FAC baseline's scoring path (preconditioned query gradients dotted with training
     gradients) is an independent route to the same numbers. Under kernels.fisher="empirical"
     the subset sums and the curvature share one backward pass per chunk."""
     task, cfg, fitted = setup
-    if fisher != "true":
+    if (fisher, curvature) != ("true", "ekfac"):
         cfg = cfg.copy_and_resolve_references()
-        cfg.kernels.fisher = fisher
+        cfg.kernels.update(fisher=fisher, curvature=curvature)
         fitted = method.fit(task, cfg, reuse=False)
     y = method.responses(fitted, task.query, None)
     ec = kernels.ekfac_config(task, cfg)
     assert ec.fisher == {"true": "sampled", "empirical": "empirical"}[fisher]
-    ekfac = methods.get("ekfac", "decoder")
+    ekfac = methods.get(curvature, "decoder")  # the K-FAC / EK-FAC baselines' own code
     s = ekfac.score(task, ekfac.fit(task, ec), task.query, ec)
     a = fitted.design.dense()
     c = cfg.stage1.w_fidelity / (cfg.stage1.w_fidelity + cfg.stage1.w_stability)
@@ -186,6 +188,7 @@ def test_classifier_kernel_operators_match_ekfac(fisher):
         (dict(kernels=dict(layers=-1)), "kernels.layers must be >= 0"),
         (dict(kernels=dict(rank=-2)), "kernels.rank must be >= 0"),
         (dict(kernels=dict(fisher="sampled")), "kernels.fisher must be one of"),
+        (dict(kernels=dict(curvature="exact")), "kernels.curvature must be one of"),
         (dict(kernels=dict(params_filter="nothing/here")), "matches no parameter path"),
         (dict(hook="mlp"), "stride.hook must be one of"),
     ],

@@ -62,7 +62,7 @@ DECODER_NEWTON_STAGE1 |= dict(rank=64, w_fidelity=1e-2, gate_l2=1e-3, fisher_sam
 # gradients fit in memory, else as many of the last as fit); ``params_filter``: a regex over
 # parameter paths that narrows them (as the gradient baselines' key); ``rank``: each operator
 # reads the top-rank principal directions of each kernel's input (0: all of them).
-KERNELS = dict(layers=0, params_filter="", rank=0, fisher="true")
+KERNELS = dict(layers=0, params_filter="", rank=0, fisher="true", curvature="ekfac")
 
 
 # ``design.num_subsets = 0`` means automatic, at least d and capped:

@@ -15,9 +15,13 @@ gradient of subset k's members at zero gates and F the Gauss-Newton matrix (true
 the stability KL at the base model. F has P = sum_l I_l O_l rows (65,536 on lm_shakespeare's
 two MLPs), too many for ``newton``'s dense factorisation, so it is block-diagonal over layers
 and Kronecker-factored with eigenvalue correction (EK-FAC, George et al. 2018;
-``func.curvature``), from labels sampled from the base model. The damping
+``func.curvature``), from labels sampled from the base model (``kernels.fisher="empirical"``:
+the data's labels; ``kernels.curvature="kfac"``: no eigenvalue correction). The damping
 ``gate_l2 / (w_f + w_s)`` is relative to each layer's mean corrected eigenvalue (as the EK-FAC
-baseline's ``relative_damping``): layers' curvatures differ by orders of magnitude.
+baseline's ``relative_damping``): layers' curvatures differ by orders of magnitude. At full
+rank the subset sums of the members' gradients are accumulated in the Kronecker factors' own
+pass over the training rows (``fused_fit``): stage 1 reads the training rows twice (once
+under "kfac").
 
 Responses are first order (``responses="linear"``): ``y_k(q) = -<G_q, B_k>`` summed over the
 layers, from one gradient per query row. The steered forward pass and Adam steps are not
@@ -62,6 +66,17 @@ def ekfac_config(task, cfg) -> ml_collections.ConfigDict:
 
 
 FISHERS = ("true", "empirical")
+CURVATURES = ("ekfac", "kfac")
+
+
+def eigen_correct(cfg) -> bool:
+    """``kernels.curvature``: "ekfac" refits the Kronecker eigenbasis' eigenvalues in a second
+    pass over the training rows; "kfac" keeps the products of the factors' eigenvalues (one
+    pass in all, with the subset sums)."""
+    curv = str(cfg.kernels.get("curvature", "ekfac"))
+    if curv not in CURVATURES:
+        raise ConfigError(f"stride.kernels.curvature must be one of {CURVATURES}, got {curv!r}")
+    return curv == "ekfac"
 
 
 def fisher_kind(task, cfg) -> str:
@@ -92,6 +107,7 @@ def check(cfg) -> None:
         )
     if s1.w_fidelity <= 0 or s1.gate_l2 <= 0:
         raise ConfigError("stride.hook='kernels' needs stage1.w_fidelity > 0 and gate_l2 > 0")
+    eigen_correct(cfg)
     if str(cfg.kernels.get("fisher", "true")) not in FISHERS:
         raise ConfigError(
             f"stride.kernels.fisher must be one of {FISHERS}, got {cfg.kernels.fisher!r}"
@@ -112,10 +128,12 @@ class KernelSite(sites.Site):
         return self.task.arrays(rows)
 
     def curvature(self) -> dict:
-        """EK-FAC's fitted state (eigenbases and damped eigenvalues) at STRIDE's settings."""
+        """EK-FAC's (``kernels.curvature="kfac"``: K-FAC's) fitted state, eigenbases and damped
+        eigenvalues, at STRIDE's settings."""
         from stride_jax.methods import influence
 
-        return influence.ekfac_fit(self.task, ekfac_config(self.task, self.cfg))
+        ek = ekfac_config(self.task, self.cfg)
+        return influence._kfac_fit(self.task, ek, eigen_correct(self.cfg))
 
     def fit_operators(self, cache, design, keys, mesh, workdir):
         """Every operator in closed form: (None, params, []). The params hold what defines
@@ -270,7 +288,8 @@ def fused_fit(site: KernelSite, data: dict, design) -> tuple[dict, list[jax.Arra
     """EK-FAC's state at STRIDE's settings and the subset gradients in its eigenbases (per
     kernel T x I x O), with the subset sums of the members' kernel gradients accumulated in
     the Kronecker factors' pass over the rows: two passes over the training rows in all
-    (factors + sums, eigenvalue correction), not three. Under ``kernels.fisher="empirical"``
+    (factors + sums, eigenvalue correction), not three; one under
+    ``kernels.curvature="kfac"``. Under ``kernels.fisher="empirical"``
     both use one backward pass per chunk; under the true Fisher the data's labels take a
     second backward from the same forward. The sums are rotated once at the end
     (``Q_A^T g_k Q_S``, exactly ``_rotated`` summed)."""
@@ -297,7 +316,7 @@ def fused_fit(site: KernelSite, data: dict, design) -> tuple[dict, list[jax.Arra
     one = jax.tree.map(lambda a: a[:1], data)
     a_L, g_L = jax.eval_shape(lambda r: _io(task, site.layers)(task.params, r), one)
     init = [jnp.zeros((t, a.shape[-1], g.shape[-1])) for a, g in zip(a_L, g_L, strict=True)]
-    state, raw = influence._kfac_fit(task, ek, True, extra=(init, step, idx))
+    state, raw = influence._kfac_fit(task, ek, eigen_correct(cfg), extra=(init, step, idx))
     rotate = jax.jit(
         lambda raw, qa, qs: [
             jnp.einsum("ai,tab,bj->tij", a, g, b, precision=grads.HIGHEST)

@@ -106,7 +106,7 @@ def test_responses_are_subset_means_of_ekfac_influence(setup, fisher, curvature)
     gradients) is an independent route to the same numbers. Under kernels.fisher="empirical"
     the subset sums and the curvature share one backward pass per chunk."""
     task, cfg, fitted = setup
-    if (fisher, curvature) != ("true", "ekfac"):
+    if (fisher, curvature) != (cfg.kernels.fisher, "ekfac"):
         cfg = cfg.copy_and_resolve_references()
         cfg.kernels.update(fisher=fisher, curvature=curvature)
         fitted = method.fit(task, cfg, reuse=False)
@@ -126,7 +126,7 @@ def test_responses_are_subset_means_of_ekfac_influence(setup, fisher, curvature)
 @pytest.mark.parametrize("fisher", ["true", "empirical"])
 def test_fused_pass_equals_the_curvature_then_a_subset_pass(setup, fisher):
     """At full rank the subset sums ride along the Kronecker factors' pass (``fused_fit``);
-    the same numbers as EK-FAC's own fit followed by a separate pass of rotated gradients."""
+    the same numbers as EK-FAC's own fit followed by a separate pass over the rows."""
     task, cfg, fitted = setup
     cfg = cfg.copy_and_resolve_references()
     cfg.kernels.fisher = fisher
@@ -135,7 +135,7 @@ def test_fused_pass_equals_the_curvature_then_a_subset_pass(setup, fisher):
     state, got = kernels.fused_fit(site, data, fitted.design)
     ref_state = site.curvature()
     ref = kernels.subset_gradients(
-        task, site.layers, data, fitted.design, 5, kernels.input_basis(ref_state)
+        task, site.layers, data, fitted.design, 5, _plain(task, site.layers)
     )
     for a, b in zip(state["lam"], ref_state["lam"], strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
@@ -149,7 +149,7 @@ def test_opspace_in_the_kernel_space_is_ekfac_at_strides_settings(setup):
     op = methods.get("opspace", "decoder")
     got = op.score(task, op.fit(task, cfg), task.query, cfg)
     ec = kernels.ekfac_config(task, cfg)
-    assert ec.fisher == "sampled" and ec.relative_damping and ec.layers == 2
+    assert ec.fisher == "empirical" and ec.relative_damping and ec.layers == 2
     assert ec.damping == pytest.approx(cfg.stage1.gate_l2 / (cfg.stage1.w_fidelity + 1.0))
     want = influence.kfac_score(task, influence.ekfac_fit(task, ec), task.query, ec)
     # Two code paths (EK-FAC's preconditioned query gradients dotted with formed training
@@ -210,7 +210,7 @@ def test_operators_that_do_not_fit_are_refused_before_any_work(setup, monkeypatc
 
     task, cfg, fitted = setup
     p = kernels.gate_params(fitted.site)
-    assert p == sum(int(np.prod(g.shape[1:])) for g in fitted.params["subset_grads"])
+    assert p == sum(int(np.prod(g.shape[1:])) for g in kernels.subset_gradients_of(fitted.params))
     monkeypatch.setattr(resources, "available_bytes", lambda: 8 * 12 * p - 1)
     explicit = cfg.copy_and_resolve_references()
     explicit.kernels.layers = 2  # as asked: not narrowed automatically

@@ -139,10 +139,12 @@ class KernelSite(sites.Site):
         """Every operator in closed form: (None, params, []). The params hold what defines
         the gates ``B_k = scale (F + lam)^-1 g_k`` (``gates``): the curvature's eigenbases
         and damped eigenvalues (``input_basis``: with ``kernels.rank`` the top-rank input
-        directions of each kernel), the subset gradients g_k in those eigenbases (T x r x O
-        per kernel: ``Q_A^T g_k Q_S``) and ``scale = -w_f / (w_f + w_s)``. The responses
-        rotate the Q query gradients the same way (F is diagonal there: the same numbers as
-        preconditioning the T subset gradients, Q << T)."""
+        directions of each kernel), the subset gradients g_k and ``scale = -w_f / (w_f +
+        w_s)``. At full rank g_k stay in the kernels' own coordinates (``subset_sums``, T x I
+        x O per kernel, from ``fused_fit``) and the responses precondition the Q query
+        gradients into them; with ``kernels.rank`` they are stored in the eigenbases
+        (``subset_grads``, T x r x O: ``Q_A^T g_k Q_S``) and the query gradients are rotated
+        the same way. Either way the T subset gradients are never preconditioned (Q << T)."""
         del keys, mesh, workdir  # one deterministic solve, seconds: nothing to resume
         check_memory(self, design.num_subsets)
         t0 = time.time()
@@ -151,10 +153,10 @@ class KernelSite(sites.Site):
         chunk = _chunk(self.task, self.cfg)
         if rank <= 0:  # full rank: the subset sums ride along the curvature's first pass
             state, g_L = fused_fit(self, cache, design)
-            basis = input_basis(state)
+            basis, key = input_basis(state), "subset_sums"
             t1 = time.time()
         else:  # the top-r input directions first, then a pass for the subset gradients
-            basis = input_basis(self.curvature(), rank)
+            basis, key = input_basis(self.curvature(), rank), "subset_grads"
             t1 = time.time()
             g_L = subset_gradients(self.task, self.layers, cache, design, chunk, basis)
         g_L = jax.block_until_ready(g_L)
@@ -173,7 +175,7 @@ class KernelSite(sites.Site):
             t1 - t0,
             time.time() - t1,
         )
-        return None, basis | {"subset_grads": list(g_L), "scale": jnp.float32(scale)}, []
+        return None, basis | {key: list(g_L), "scale": jnp.float32(scale)}, []
 
     def stage2_responses(self, ops_graphdef, ops_params, cache_q, rows_q, mesh):
         del ops_graphdef, rows_q, mesh
@@ -285,14 +287,13 @@ def _scatter(acc_L, rg_L, w_C, i_C, subsets_NxD, sizes_T):
 
 
 def fused_fit(site: KernelSite, data: dict, design) -> tuple[dict, list[jax.Array]]:
-    """EK-FAC's state at STRIDE's settings and the subset gradients in its eigenbases (per
-    kernel T x I x O), with the subset sums of the members' kernel gradients accumulated in
+    """EK-FAC's state at STRIDE's settings and the subset gradients (per kernel T x I x O,
+    the kernel's own coordinates), the subset sums of the members' kernel gradients accumulated in
     the Kronecker factors' pass over the rows: two passes over the training rows in all
     (factors + sums, eigenvalue correction), not three; one under
     ``kernels.curvature="kfac"``. Under ``kernels.fisher="empirical"``
     both use one backward pass per chunk; under the true Fisher the data's labels take a
-    second backward from the same forward. The sums are rotated once at the end
-    (``Q_A^T g_k Q_S``, exactly ``_rotated`` summed)."""
+    second backward from the same forward (XLA shares what it can)."""
     from stride_jax.methods import influence
 
     task, cfg = site.task, site.cfg
@@ -316,14 +317,7 @@ def fused_fit(site: KernelSite, data: dict, design) -> tuple[dict, list[jax.Arra
     one = jax.tree.map(lambda a: a[:1], data)
     a_L, g_L = jax.eval_shape(lambda r: _io(task, site.layers)(task.params, r), one)
     init = [jnp.zeros((t, a.shape[-1], g.shape[-1])) for a, g in zip(a_L, g_L, strict=True)]
-    state, raw = influence._kfac_fit(task, ek, eigen_correct(cfg), extra=(init, step, idx))
-    rotate = jax.jit(
-        lambda raw, qa, qs: [
-            jnp.einsum("ai,tab,bj->tij", a, g, b, precision=grads.HIGHEST)
-            for g, a, b in zip(raw, qa, qs, strict=True)
-        ]
-    )
-    return state, rotate(raw, state["qa"], state["qs"])
+    return influence._kfac_fit(task, ek, eigen_correct(cfg), extra=(init, step, idx))
 
 
 def _subset_fn(task, layers, t: int):
@@ -354,14 +348,22 @@ def gates(params: dict) -> list[jax.Array]:
 
     @jax.jit
     def fn(params):
+        if "subset_sums" in params:  # the kernels' own coordinates: rotate them first
+            pairs = zip(params["subset_sums"], params["qa"], params["qs"], strict=True)
+            rot = [jnp.einsum("ai,tab,bj->tij", qa, g, qs) for g, qa, qs in pairs]
+        else:
+            rot = params["subset_grads"]
         return [
             params["scale"] * jnp.einsum("ir,tro,jo->tij", qa, g / lam, qs)
-            for g, qa, qs, lam in zip(
-                params["subset_grads"], params["qa"], params["qs"], params["lam"], strict=True
-            )
+            for g, qa, qs, lam in zip(rot, params["qa"], params["qs"], params["lam"], strict=True)
         ]
 
     return fn(params)
+
+
+def subset_gradients_of(params: dict) -> list[jax.Array]:
+    """The stored subset gradients, whichever coordinates they are in (T x ... per kernel)."""
+    return params["subset_sums"] if "subset_sums" in params else params["subset_grads"]
 
 
 def _dots(a_L, b_L) -> jax.Array:
@@ -380,13 +382,21 @@ def _preconditioned(a_L, g_L, basis) -> list[jax.Array]:
 
 def _responses_fn(task, layers, chunk: int):
     """y_QxT = -sum_l <G_q^l, B_k^l> = -scale sum_l <Q_A^T G_q Q_S / lam, g~_k>: query
-    gradients ``chunk`` rows at a time, rotated, against the rotated subset gradients."""
+    gradients ``chunk`` rows at a time, rotated, against the rotated subset gradients (with
+    ``subset_sums``: rotated back, ``Q_A (...) Q_S^T``, against the unrotated ones)."""
     io = _io(task, layers)
+
+    def back(pre_L, ops):
+        pairs = zip(pre_L, ops["qa"], ops["qs"], strict=True)
+        return [jnp.einsum("ai,qij,bj->qab", qa, p, qs) for p, qa, qs in pairs]
 
     @jax.jit
     def fn(params, data_q, ops):
         def rows(r):
-            return -ops["scale"] * _dots(_preconditioned(*io(params, r), ops), ops["subset_grads"])
+            pre = _preconditioned(*io(params, r), ops)
+            if "subset_sums" in ops:
+                return -ops["scale"] * _dots(back(pre, ops), ops["subset_sums"])
+            return -ops["scale"] * _dots(pre, ops["subset_grads"])
 
         return grads.map_rows(rows, data_q, chunk)
 

@@ -49,6 +49,9 @@ A STRIDE config (``method_config(task, "stride")`` prints the values for the tas
   ``lam_frac`` (lambda as a fraction of the query's lambda_max), ``path_len`` (warm-started
   path points), ``maxiter`` (FISTA steps per point), ``tol``, ``nonneg``, ``fit_intercept``,
   ``select`` ("fixed" or "heldout", with ``holdout_frac`` and ``path_min_frac``).
+- ``lasso_compressed``: Lasso settings that replace ``lasso``'s when the design has fewer
+  subsets than examples (T < N); the decoder default selects harder there (lam_frac 1e-3 on a
+  6-point path) than at T >= N (lam_frac 3e-5), where the Lasso only re-estimates influence.
 - ``size_weighted`` (classifiers): scale each subset's response by its size before the Lasso.
 - Batch sizes (memory, not results): ``response_batch`` (classifiers: query rows per fused
   response call); decoders: ``encode_batch`` (rows per encoding call), ``op_chunk``

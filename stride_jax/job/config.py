@@ -278,6 +278,9 @@ def validate(config) -> None:
             f"config.groundtruth.alpha must be in (0, 1], got {config.groundtruth.alpha}"
         )
     _positive(config, "groundtruth.num_models", "lds.n_boot")
+    from stride_jax.stride import method as stride_method
+
+    stride_method.lasso_config(config.stride, compressed=True)  # unknown Lasso keys
     if kind == "decoder":
         _positive(config, "groundtruth.seeds")
     if not config.groundtruth.models_per_batch >= 0:

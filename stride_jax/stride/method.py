@@ -104,6 +104,21 @@ def lasso_targets(y_QxT: np.ndarray, design: subsets.Design, config) -> np.ndarr
     return y_QxT * np.asarray(design.sizes_T, y_QxT.dtype)[None]
 
 
+def lasso_config(cfg, compressed: bool) -> recover.LassoConfig:
+    """``cfg.lasso``, with ``cfg.lasso_compressed``'s settings over it when the design is
+    compressive (T < N): a Lasso tuned at T = N (nearly unregularised, where it only
+    re-estimates per-example influence) is not the one that recovers from fewer subsets than
+    examples (decoder defaults, experiments/RESULTS.md)."""
+    lasso = cfg.lasso.to_dict()
+    over = dict(cfg.get("lasso_compressed", {}))
+    unknown = sorted(set(over) - set(lasso))
+    if unknown:
+        raise ConfigError(f"stride.lasso_compressed: unknown Lasso settings {unknown}")
+    if compressed:
+        lasso |= over
+    return recover.LassoConfig(**lasso)
+
+
 def _keys(cfg):
     return jax.random.split(jax.random.key(cfg.seed), 3)  # sketch, stage 1, Lasso
 
@@ -180,7 +195,7 @@ def attribute_rows(task, fitted: Fitted, query, cfg) -> Scores:
     out = recover.lasso_scores(
         fitted.design,
         lasso_targets(y_QxT, fitted.design, cfg),
-        recover.LassoConfig(**cfg.lasso.to_dict()),
+        lasso_config(cfg, fitted.design.num_subsets < fitted.design.num_examples),
         key=_keys(cfg)[2],
         mesh=mesh,
     )

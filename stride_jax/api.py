@@ -24,13 +24,21 @@ A STRIDE config (``method_config(task, "stride")`` prints the values for the tas
 - ``design``: which training examples each of the T steering operators stands for.
   ``kind`` "expander" (every example in exactly ``degree`` subsets, sizes within one of
   each other) or "bernoulli" (random membership); ``num_subsets`` T, the number of operators
-  (0, the default: automatic, min(3000 classifier / 1000 decoder, N * degree // 2), see
-  ``stride.defaults.auto_num_subsets``; a T set by hand must leave no subset empty);
+  (0, the default: automatic, classifier min(3000, N * degree // 2), decoder min(8192, N);
+  see ``stride.defaults.auto_num_subsets``; a T set by hand must leave no subset empty);
   ``degree`` d; ``seed``.
-- ``hook`` (classifiers): where the operators attach, "logits" (the logits) or "hidden" (also
+- ``hook``: where the operators attach. Classifiers: "logits" (the default), "hidden" (also
   the MLP's last hidden layer, with a ``hidden_rank`` basis of ``hidden_basis`` "whitened"
-  or "pca" directions of its input). Decoders: ``layer``, the block after which the
-  operators add to the residual stream (-1: round(2/3 of the depth)).
+  or "pca" directions of its input) or "kernels". Decoders: "kernels" (the default) or
+  "residual" (added to the residual stream after block ``layer``; -1: round(2/3 of the
+  depth)).
+- ``kernels`` (hook "kernels": operators on the dense kernels, closed-form Gauss-Newton
+  step with Kronecker-factored curvature): ``layers`` (a decoder's last blocks steered, 0:
+  all that fit in memory), ``params_filter`` (a substring of the steered kernels' paths),
+  ``rank`` (each operator reads the top-r principal directions of a kernel's input; 0: all),
+  ``fisher`` "true" (labels from the model) or "empirical" (the data's; the decoder
+  default), ``curvature`` "ekfac" (eigenvalue-corrected, the default) or "kfac" (one pass
+  over the training rows fewer).
 - ``stage1``: training the T operators on the frozen model, in six groups.
   Operators: ``rank`` (basis width), ``basis_scale`` (init scale), ``init`` "zero" (Adam from
   zero gates) or "newton" (one damped Gauss-Newton step; classifiers only, then ``steps``

@@ -72,23 +72,32 @@ class LassoConfig:
     ws_rounds: int = 20
 
 
+def _col(v_T, like):
+    """``v`` (one value per leading index) shaped to broadcast against ``like`` (T or T x Q)."""
+    return v_T.reshape(v_T.shape + (1,) * (like.ndim - 1))
+
+
 def _ops(members_TxS, subsets_NxD, w_T, fit_intercept: bool):
-    """Weighted, optionally centred operators: (matvec N->T, rmatvec T->N, mu_N, T')."""
+    """Weighted, optionally centred operators: (matvec N->T, rmatvec T->N, mu_N, T'). They
+    take one vector (N / T) or a batch of columns (N x Q / T x Q, one per query)."""
     n_used = jnp.sum(w_T)
 
+    def pad(x):  # a zero row for the design tables' padding index
+        return jnp.concatenate([x, jnp.zeros((1, *x.shape[1:]), x.dtype)])
+
     def a_mv(b_N):  # A @ b
-        return jnp.concatenate([b_N, jnp.zeros(1, b_N.dtype)])[members_TxS].sum(-1)
+        return pad(b_N)[members_TxS].sum(1)
 
     def a_rmv(r_T):  # A.T @ r
-        return jnp.concatenate([r_T, jnp.zeros(1, r_T.dtype)])[subsets_NxD].sum(-1)
+        return pad(r_T)[subsets_NxD].sum(1)
 
     mu_N = a_rmv(w_T) / n_used if fit_intercept else jnp.zeros(subsets_NxD.shape[0], jnp.float32)
 
     def mv(b_N):
-        return a_mv(b_N) - jnp.dot(mu_N, b_N)
+        return a_mv(b_N) - jnp.tensordot(mu_N, b_N, axes=1)
 
     def rmv(r_T):
-        return a_rmv(r_T) - mu_N * jnp.sum(r_T)
+        return a_rmv(r_T) - _col(mu_N, r_T) * jnp.sum(r_T, 0)
 
     return mv, rmv, mu_N, n_used
 
@@ -118,9 +127,10 @@ def _setup(members_TxS, subsets_NxD, w_T, fit_intercept, nonneg, maxiter, tol):
     mv, rmv, _, n_used = _ops(members_TxS, subsets_NxD, w_T, fit_intercept)
     step = 1.0 / _lipschitz(mv, rmv, w_T, n_used, subsets_NxD.shape[0])
 
-    def value_and_grad(b_N, yc_T):
+    def value_and_grad(b_N, yc_T):  # one query, or the sum over a batch of columns
         r_T = mv(b_N) - yc_T
-        return 0.5 * jnp.sum(w_T * r_T * r_T) / n_used, rmv(w_T * r_T) / n_used
+        wr_T = _col(w_T, r_T) * r_T
+        return 0.5 * jnp.sum(wr_T * r_T) / n_used, rmv(wr_T) / n_used
 
     solver = jaxopt.ProximalGradient(
         fun=value_and_grad,
@@ -134,16 +144,21 @@ def _setup(members_TxS, subsets_NxD, w_T, fit_intercept, nonneg, maxiter, tol):
     )
 
     def centre(y_T):
-        """(y_c, ybar, lambda_max) for one query on the weighted rows."""
-        ybar = jnp.sum(w_T * y_T) / n_used if fit_intercept else jnp.float32(0.0)
+        """(y_c, ybar, lambda_max) on the weighted rows, for one query (T) or per column of
+        a batch (T x Q)."""
+        w = _col(w_T, y_T)
+        ybar = jnp.sum(w * y_T, 0) / n_used if fit_intercept else jnp.zeros(y_T.shape[1:])
         yc_T = y_T - ybar
-        grad0_N = rmv(w_T * yc_T) / n_used
-        lam_max = jnp.max(grad0_N if nonneg else jnp.abs(grad0_N))
+        grad0_N = rmv(w * yc_T) / n_used
+        lam_max = jnp.max(grad0_N if nonneg else jnp.abs(grad0_N), axis=0)
         return yc_T, ybar, jnp.maximum(lam_max, 0.0)
 
     def solve(b_N, yc_T, lam_max, frac):
-        """Lasso at frac * lam_max from b_N. By KKT b = 0 when frac >= 1; set it exactly, since
-        float32 sums of the gradient in and out of the solver can differ by an ulp."""
+        """Lasso at frac * lam_max from b_N (one query, or a batch of columns with one
+        lam_max each: one FISTA run on their sum, which is separable, so the iterates are
+        each query's own; it stops when the change of all columns together is below tol).
+        By KKT b = 0 when frac >= 1; set it exactly, since float32 sums of the gradient in and
+        out of the solver can differ by an ulp."""
         b_N = solver.run(b_N, frac * lam_max, yc_T).params
         return jnp.where(frac >= 1.0, jnp.zeros_like(b_N), b_N)
 
@@ -188,18 +203,17 @@ def lasso_scores_arrays(
     _, centre, solve = _setup(members_TxS, subsets_NxD, row_weight_T, *_solver_args(solver))
     fracs_K = _fracs(lam_frac, solver.path_len)
     num_examples = subsets_NxD.shape[0]
+    # All queries in one batched solve (columns of N x Q), not a vmap over per-query solves:
+    # the design's gathers then move Q contiguous floats per index, and FISTA's loop runs once.
+    yc_TxQ, _, lam_max_Q = centre(jnp.asarray(y_QxT, jnp.float32).T)
 
-    def one_query(y_T):
-        yc_T, _, lam_max = centre(y_T)
+    def step(b_NxQ, frac):
+        return solve(b_NxQ, yc_TxQ, lam_max_Q, frac), None
 
-        def step(b_N, frac):
-            return solve(b_N, yc_T, lam_max, frac), None
-
-        b_N, _ = jax.lax.scan(step, jnp.zeros(num_examples, jnp.float32), fracs_K)
-        return b_N, fracs_K[-1] * lam_max
-
-    scores_QxN, lam_Q = jax.vmap(one_query)(jnp.asarray(y_QxT, jnp.float32))
-    return _result(scores_QxN, lam_Q, jnp.full(lam_Q.shape, fracs_K[-1]))
+    zeros = jnp.zeros((num_examples, yc_TxQ.shape[1]), jnp.float32)
+    b_NxQ, _ = jax.lax.scan(step, zeros, fracs_K)
+    lam_Q = fracs_K[-1] * lam_max_Q
+    return _result(b_NxQ.T, lam_Q, jnp.full(lam_Q.shape, fracs_K[-1]))
 
 
 @partial(jax.jit, static_argnames="solver")

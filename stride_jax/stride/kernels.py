@@ -83,12 +83,16 @@ def fisher_kind(task, cfg) -> str:
     """``kernels.fisher`` as ``task.dense_io`` names it: "true" is a decoder's "sampled" (one
     label per token drawn from the base model) and a classifier's "true" (the exact
     expectation over its classes); "empirical" takes the data's labels."""
+    if _fisher(cfg) == "empirical":
+        return "empirical"
+    return "sampled" if task.kind == "decoder" else "true"
+
+
+def _fisher(cfg) -> str:
     fisher = str(cfg.kernels.get("fisher", "true"))
     if fisher not in FISHERS:
         raise ConfigError(f"stride.kernels.fisher must be one of {FISHERS}, got {fisher!r}")
-    if fisher == "empirical":
-        return "empirical"
-    return "sampled" if task.kind == "decoder" else "true"
+    return fisher
 
 
 def check(cfg) -> None:
@@ -107,11 +111,8 @@ def check(cfg) -> None:
         )
     if s1.w_fidelity <= 0 or s1.gate_l2 <= 0:
         raise ConfigError("stride.hook='kernels' needs stage1.w_fidelity > 0 and gate_l2 > 0")
-    eigen_correct(cfg)
-    if str(cfg.kernels.get("fisher", "true")) not in FISHERS:
-        raise ConfigError(
-            f"stride.kernels.fisher must be one of {FISHERS}, got {cfg.kernels.fisher!r}"
-        )
+    eigen_correct(cfg)  # both raise on an unknown value
+    _fisher(cfg)
     for key in ("layers", "rank"):
         if int(cfg.kernels.get(key, 0)) < 0:
             raise ConfigError(f"stride.kernels.{key} must be >= 0, got {cfg.kernels[key]}")
@@ -168,10 +169,11 @@ class KernelSite(sites.Site):
             )
         logging.info(
             "stage 1: kernel operators on %d layers (%d gate parameters each) for %d "
-            "subsets: curvature (and, at full rank, subset gradients) %.1fs, then %.1fs",
+            "subsets: %s %.1fs, then %.1fs",
             len(self.layers),
             sum(int(np.prod(g.shape[1:])) for g in g_L),
             design.num_subsets,
+            "curvature with the subset sums" if rank <= 0 else "curvature",
             t1 - t0,
             time.time() - t1,
         )

@@ -9,7 +9,9 @@ rows). With ``fit_intercept`` the columns of A and y are centred implicitly on t
 (``A_c = A - 1 mu^T``), exactly like ``sklearn.linear_model.Lasso``. A is only applied through
 its gather form (``members_TxS`` / ``subsets_NxD``, see :mod:`stride_jax.subsets`). Solves use
 jaxopt's FISTA with the fixed step 1/L (L from power iteration), warm-started along a geometric
-lambda path under ``lax.scan``, and are vmapped over queries. ``solver="cd"`` opts in to
+lambda path under ``lax.scan``. With a fixed lambda fraction all queries are one batched solve
+(the columns of an N x Q matrix; the objective is separable, so each column's iterates are its
+query's own); the held-out selection is vmapped over queries. ``solver="cd"`` opts in to
 :mod:`stride_jax.stride.lasso_cd` instead: batched coordinate descent on the same problem, which
 stops each query at scikit-learn's duality-gap tolerance; on CPU it is several times faster than
 scikit-learn's coordinate descent looped over queries, where this FISTA is slower (BENCHMARKS.md,

@@ -59,8 +59,10 @@ class LassoConfig:
     nonneg: bool = False
     fit_intercept: bool = True
     maxiter: int = 500  # FISTA iterations (solver "cd": at most this many sweeps) per path point
-    tol: float = 1e-6  # jaxopt's ||b_k+1 - b_k|| * L stopping tolerance (solver "cd": a query
-    # stops at duality gap <= tol * ||y_c||^2 / T', scikit-learn's rule)
+    tol: float = 1e-6  # solver "cd" and working sets: a query stops at duality gap <= tol *
+    # ||y_c||^2 / T' (scikit-learn's rule). FISTA runs exactly maxiter steps per path point: an
+    # absolute tolerance on ||b_k+1 - b_k|| * L stopped queries with small responses after a
+    # few steps (MNIST-5k at T = N/4, validation LDS 0.649 with it, 0.678 without).
     path_len: int = 8  # warm-started path from lambda_max down to lam_frac*lambda_max (geometric)
     select: str = "fixed"  # "fixed": use lam_frac; "heldout": choose per query on held-out rows
     holdout_frac: float = 0.1
@@ -125,6 +127,7 @@ def _fracs(end_frac, path_len: int):
 
 def _setup(members_TxS, subsets_NxD, w_T, fit_intercept, nonneg, maxiter, tol):
     """Operators, centring and a FISTA solver for one row weighting (shared by all queries)."""
+    del tol  # FISTA runs exactly maxiter steps (see LassoConfig.tol)
     w_T = jnp.asarray(w_T, jnp.float32)
     mv, rmv, _, n_used = _ops(members_TxS, subsets_NxD, w_T, fit_intercept)
     step = 1.0 / _lipschitz(mv, rmv, w_T, n_used, subsets_NxD.shape[0])
@@ -140,7 +143,7 @@ def _setup(members_TxS, subsets_NxD, w_T, fit_intercept, nonneg, maxiter, tol):
         prox=jaxopt.prox.prox_non_negative_lasso if nonneg else jaxopt.prox.prox_lasso,
         stepsize=lambda _: step,  # callable => fixed step, no line search (step is traced)
         maxiter=maxiter,
-        tol=tol,
+        tol=0.0,  # exactly maxiter steps (LassoConfig.tol): the same for every query and batch
         acceleration=True,
         implicit_diff=False,
     )
@@ -158,7 +161,7 @@ def _setup(members_TxS, subsets_NxD, w_T, fit_intercept, nonneg, maxiter, tol):
     def solve(b_N, yc_T, lam_max, frac):
         """Lasso at frac * lam_max from b_N (one query, or a batch of columns with one
         lam_max each: one FISTA run on their sum, which is separable, so the iterates are
-        each query's own; it stops when the change of all columns together is below tol).
+        each query's own, whatever the batch).
         By KKT b = 0 when frac >= 1; set it exactly, since float32 sums of the gradient in and
         out of the solver can differ by an ulp."""
         b_N = solver.run(b_N, frac * lam_max, yc_T).params

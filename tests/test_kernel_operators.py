@@ -210,7 +210,7 @@ def test_operators_that_do_not_fit_are_refused_before_any_work(setup, monkeypatc
 
     task, cfg, fitted = setup
     p = kernels.gate_params(fitted.site)
-    assert p == sum(int(np.prod(g.shape[1:])) for g in kernels.subset_gradients_of(fitted.params))
+    assert p == sum(int(np.prod(g.shape[1:])) for g in fitted.params["subset_sums"])
     monkeypatch.setattr(resources, "available_bytes", lambda: 8 * 12 * p - 1)
     explicit = cfg.copy_and_resolve_references()
     explicit.kernels.layers = 2  # as asked: not narrowed automatically

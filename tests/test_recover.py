@@ -88,7 +88,7 @@ def test_masked_rows_equal_sklearn_on_kept_rows():
         jnp.asarray(y_QxT, jnp.float32),
         jnp.asarray(keep_T, jnp.float32),
         0.05,
-        recover.Solver(nonneg=False, fit_intercept=True, path_len=8, **TIGHT),
+        recover.Solver(nonneg=False, fit_intercept=True, path_len=8, maxiter=TIGHT["maxiter"]),
     )
     a_kept, y_kept = a_TxN[keep_T], y_QxT[:, keep_T]
     lam_ref_Q = [0.05 * _alpha_max(a_kept, y, True) for y in y_kept]

@@ -363,11 +363,6 @@ def gates(params: dict) -> list[jax.Array]:
     return fn(params)
 
 
-def subset_gradients_of(params: dict) -> list[jax.Array]:
-    """The stored subset gradients, whichever coordinates they are in (T x ... per kernel)."""
-    return params["subset_sums"] if "subset_sums" in params else params["subset_grads"]
-
-
 def _dots(a_L, b_L) -> jax.Array:
     """sum over kernels of <a, b>: A x B from rotated gradients (A x r x O, B x r x O)."""
     return sum(

@@ -125,9 +125,8 @@ def _fracs(end_frac, path_len: int):
     return jnp.asarray(end_frac, jnp.float32) ** (jnp.arange(path_len) / (path_len - 1.0))
 
 
-def _setup(members_TxS, subsets_NxD, w_T, fit_intercept, nonneg, maxiter, tol):
+def _setup(members_TxS, subsets_NxD, w_T, fit_intercept, nonneg, maxiter):
     """Operators, centring and a FISTA solver for one row weighting (shared by all queries)."""
-    del tol  # FISTA runs exactly maxiter steps (see LassoConfig.tol)
     w_T = jnp.asarray(w_T, jnp.float32)
     mv, rmv, _, n_used = _ops(members_TxS, subsets_NxD, w_T, fit_intercept)
     step = 1.0 / _lipschitz(mv, rmv, w_T, n_used, subsets_NxD.shape[0])
@@ -171,8 +170,8 @@ def _setup(members_TxS, subsets_NxD, w_T, fit_intercept, nonneg, maxiter, tol):
 
 
 def _solver_args(solver) -> tuple:
-    """(fit_intercept, nonneg, maxiter, tol): ``_setup``'s settings."""
-    return solver.fit_intercept, solver.nonneg, solver.maxiter, solver.tol
+    """(fit_intercept, nonneg, maxiter): ``_setup``'s settings."""
+    return solver.fit_intercept, solver.nonneg, solver.maxiter
 
 
 def _result(scores_QxN, lam_Q, lam_frac_Q) -> dict:
@@ -181,12 +180,12 @@ def _result(scores_QxN, lam_Q, lam_frac_Q) -> dict:
 
 
 class Solver(NamedTuple):
-    """The static (compile-time) settings of the jitted Lasso cores."""
+    """The static (compile-time) settings of the jitted FISTA cores (no tolerance: FISTA runs
+    exactly ``maxiter`` steps per path point, see ``LassoConfig.tol``)."""
 
     nonneg: bool
     fit_intercept: bool
     maxiter: int
-    tol: float
     path_len: int
 
 

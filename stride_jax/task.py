@@ -200,7 +200,9 @@ class Task(abc.ABC):
         among the parameters ``param_names(select)`` chooses, input to output."""
         raise NotImplementedError(f"{type(self).__name__} exposes no dense layers")
 
-    def dense_io(self, params, batch: dict, layers, fisher: str = "empirical", key=None):
+    def dense_io(
+        self, params, batch: dict, layers, fisher: str = "empirical", key=None, with_data=False
+    ):
         """Per-token inputs and output gradients of the dense ``layers`` on the rows ``batch``
         (pure, jittable): ``(a_L, mask_BxT, terms)`` with, per layer l (I_l in, O_l out),
 
@@ -212,6 +214,10 @@ class Task(abc.ABC):
           data's, one term of weight 1), "sampled" (drawn from the model's predictive
           distribution with ``key``, one term) or "true" (the exact expectation over it: one
           term per class weighted by its probability; classifiers only).
+
+        With ``with_data`` a fourth element follows: ``g_L`` under the data's labels (the
+        empirical term's), from the same forward pass where the task can share it (STRIDE's
+        fused stage 1 needs both under the true Fisher).
 
         The row's gradient w.r.t. the layer's kernel is ``sum_t a_t g_t^T``."""
         raise NotImplementedError(f"{type(self).__name__} exposes no dense layers")

@@ -144,6 +144,34 @@ def test_fused_pass_equals_the_curvature_then_a_subset_pass(setup, fisher):
         np.testing.assert_allclose(np.asarray(g), want, rtol=1e-3, atol=1e-5 * abs(want).max())
 
 
+def test_responses_in_query_blocks_equal_all_at_once(setup, monkeypatch):
+    """The responses contract the subset gradients once per block of queries
+    (``_DOT_BYTES``): a block of one chunk (here 5 rows, with padding) gives the same
+    numbers as all queries in one block."""
+    task, cfg, fitted = setup
+    query = task.train.subset(np.arange(9))  # two blocks of 5, the second padded
+    site = fitted.site
+    whole = site.stage2_responses(None, fitted.params, site.encode(query), query, None)
+    monkeypatch.setattr(kernels, "_DOT_BYTES", 1)
+    blocks = site.stage2_responses(None, fitted.params, site.encode(query), query, None)
+    np.testing.assert_allclose(np.asarray(blocks), np.asarray(whole), rtol=1e-5, atol=1e-8)
+
+
+def test_one_forward_gives_both_label_sets_gradients(setup):
+    """``dense_io(with_data=True)`` under the sampled Fisher pulls the data labels' gradients
+    back from the same forward pass: equal to the two separate calls (same key)."""
+    task, _, fitted = setup
+    rows = task.arrays(task.train.subset(np.arange(4)))
+    key, layers = jax.random.key(3), fitted.site.layers
+    a_L, mask, [(_, g_s)], g_d = task.dense_io(task.params, rows, layers, "sampled", key, True)
+    ref_a, _, [(_, ref_s)] = task.dense_io(task.params, rows, layers, "sampled", key)
+    _, _, [(_, ref_d)] = task.dense_io(task.params, rows, layers, "empirical")
+    for got, want in [(a_L, ref_a), (g_s, ref_s), (g_d, ref_d)]:
+        for x, y in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-9)
+    assert not np.allclose(np.asarray(g_s[0]), np.asarray(g_d[0]))  # two label sets
+
+
 def test_opspace_in_the_kernel_space_is_ekfac_at_strides_settings(setup):
     task, cfg, _ = setup
     op = methods.get("opspace", "decoder")

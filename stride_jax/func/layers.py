@@ -76,27 +76,34 @@ def tap(model, paths, eps_layers) -> list[Tap]:
     return taps
 
 
-def layer_io(graphdef, params, paths, rows: dict, key=None):
+def layer_io(graphdef, params, paths, rows: dict, key=None, data_too: bool = False):
     """[(x_BxLxI inputs, g_BxLxO output gradients)] of the dense layers at ``paths``.
 
     g is the gradient of the row's mean target CE (``lm_train.example_losses``) w.r.t. the
     layer output, so the row's kernel gradient is ``x^T g``; with ``key``, the targets are
     sampled from the model's own predictive distribution instead of the data (true Fisher).
+    With ``key`` and ``data_too``: ``(pairs, g_data)``, the data targets' output gradients
+    too, pulled back from the same forward pass (one forward, two backwards).
     """
     tokens, B, L = rows["tokens"], *rows["tokens"].shape
     eps0 = [jnp.zeros((B, L, kernel_shape(params, p)[1])) for p in paths]
+    w = rows["loss_mask"][:, 1:]
 
-    def loss(eps):
+    def mean_ce(logits, targets):  # summed over rows
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        return ((ce * w).sum(-1) / jnp.maximum(w.sum(-1), 1.0)).sum()
+
+    def losses(eps):
         model = nnx.merge(graphdef, params)
         taps = tap(model, paths, eps)
         logits = model(tokens, rows["attn"])[:, :-1]
-        targets = tokens[:, 1:]
+        targets = [tokens[:, 1:]]
         if key is not None:
-            targets = jax.random.categorical(key, jax.lax.stop_gradient(logits))
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        w = rows["loss_mask"][:, 1:]
-        row_loss = (ce * w).sum(-1) / jnp.maximum(w.sum(-1), 1.0)
-        return row_loss.sum(), [t.x[...] for t in taps]
+            sampled = jax.random.categorical(key, jax.lax.stop_gradient(logits))
+            targets = [sampled, *targets] if data_too else [sampled]
+        return jnp.stack([mean_ce(logits, t) for t in targets]), [t.x[...] for t in taps]
 
-    g, xs = jax.grad(loss, has_aux=True)(eps0)
-    return list(zip(xs, g, strict=True))
+    vals, pull, xs = jax.vjp(losses, eps0, has_aux=True)
+    g_K = [pull(jnp.eye(len(vals))[k])[0] for k in range(len(vals))]
+    pairs = list(zip(xs, g_K[0], strict=True))
+    return (pairs, g_K[1]) if len(g_K) > 1 else pairs

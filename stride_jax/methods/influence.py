@@ -123,7 +123,8 @@ def _io(task, params, layers, fisher):
 
 def _kfac_fit(task, cfg, eigen_correct: bool, extra=None):
     """The fitted state; with ``extra`` (``curvature.kron_factors``' extra accumulator, its
-    ``xs_K`` chunked by ``cfg.chunk``) also that accumulator: (state, acc)."""
+    ``xs_K`` chunked by ``cfg.chunk``) also that accumulator: (state, acc). Its step reads
+    ``task.dense_io(..., with_data=True)``: the data labels' output gradients come fourth."""
     _check_fisher(cfg)
     layers, chunk = task.dense_layers(cfg), max(1, int(cfg.chunk))
     key = jax.random.key(cfg.get("seed", 0)) if cfg.fisher == "sampled" else None
@@ -133,7 +134,11 @@ def _kfac_fit(task, cfg, eigen_correct: bool, extra=None):
         factors = jax.jit(lambda c, w, k: curvature.kron_factors(io, c, w, k))(chunks, w, key)
     else:
         init_x, step_x, xs_K = extra
-        fn = jax.jit(lambda c, w, k, i, x: curvature.kron_factors(io, c, w, k, (i, step_x, x)))
+
+        def both(rows, key):
+            return task.dense_io(task.params, rows, layers, cfg.fisher, key, with_data=True)
+
+        fn = jax.jit(lambda c, w, k, i, x: curvature.kron_factors(both, c, w, k, (i, step_x, x)))
         factors, acc = fn(chunks, w, key, init_x, xs_K)
     la, qa, ls, qs = curvature.eigenbases(factors)
     if eigen_correct:

@@ -192,11 +192,13 @@ class ClassifierTask(Task):
         names = self.param_names(select)
         return dense.linear_layers(self.graphdef, self.params, names, self.train.x_NxF.shape[1])
 
-    def dense_io(self, params, batch: dict, layers, fisher: str = "empirical", key=None):
+    def dense_io(
+        self, params, batch: dict, layers, fisher: str = "empirical", key=None, with_data=False
+    ):
         from stride_jax.tasks import dense
 
         self._check_plain_forward()
-        return dense.dense_io(self.graphdef, params, batch, layers, fisher, key)
+        return dense.dense_io(self.graphdef, params, batch, layers, fisher, key, with_data)
 
     def _check_plain_forward(self) -> None:
         from stride_jax.models import mlp

@@ -134,9 +134,12 @@ class DecoderTask(Task):
 
         return layers.kernel_paths(self.param_names(select))
 
-    def dense_io(self, params, batch: dict, layers, fisher: str = "empirical", key=None):
+    def dense_io(
+        self, params, batch: dict, layers, fisher: str = "empirical", key=None, with_data=False
+    ):
         """Token-level inputs and output gradients (``func.layers.layer_io``); a padding token
-        has mask 0 (and zero output gradient)."""
+        has mask 0 (and zero output gradient). With ``with_data`` and a sampled Fisher, the
+        data labels' output gradients come from the same forward pass (see ``Task``)."""
         from stride_jax.func import layers as func_layers
 
         if fisher not in ("empirical", "sampled"):
@@ -144,10 +147,13 @@ class DecoderTask(Task):
                 f"fisher must be 'empirical' or 'sampled' for a decoder, got {fisher!r}"
             )
         k = key if fisher == "sampled" else None
-        io = func_layers.layer_io(self.graphdef, params, layers, batch, k)
+        both = with_data and k is not None
+        io = func_layers.layer_io(self.graphdef, params, layers, batch, k, data_too=both)
+        io, g_data = io if both else (io, [g for _, g in io])
         ones = jnp.ones(batch["tokens"].shape[0], jnp.float32)
         mask = batch["attn"].astype(jnp.float32)
-        return [a for a, _ in io], mask, [(ones, [g for _, g in io])]
+        out = [a for a, _ in io], mask, [(ones, [g for _, g in io])]
+        return (*out, g_data) if with_data else out
 
     # --- the base model's trajectory (TracIn) ----------------------------------------------
 

@@ -68,7 +68,7 @@ def linear_layers(graphdef, params, names, num_features: int) -> tuple[str, ...]
     return tuple(order)
 
 
-def dense_io(graphdef, params, batch: dict, layers, fisher: str, key=None):
+def dense_io(graphdef, params, batch: dict, layers, fisher: str, key=None, with_data=False):
     """``Task.dense_io`` of a classifier (one token per row, T = 1); see ``task.Task``.
 
     ``fisher``: "empirical" (one term: the data labels, weight 1), "true" (one term per class
@@ -107,4 +107,7 @@ def dense_io(graphdef, params, batch: dict, layers, fisher: str, key=None):
         raise ValueError(
             f"fisher must be 'empirical', 'true' or 'sampled' for a classifier, got {fisher!r}"
         )
-    return acts, jnp.ones((n, 1), jnp.float32), terms
+    out = acts, jnp.ones((n, 1), jnp.float32), terms
+    if not with_data:
+        return out
+    return (*out, terms[0][1] if fisher == "empirical" else grads(batch["y"]))

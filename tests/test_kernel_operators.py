@@ -14,6 +14,7 @@ from stride_jax.errors import ConfigError
 from stride_jax.func import grads
 from stride_jax.methods import influence
 from stride_jax.stride import defaults, kernels, method
+from stride_jax.stride import kernel_passes as passes
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_site_steers_every_mlp_kernel(setup):
     assert fitted.site.layers == tuple(
         f"layers/{i}/mlp/{k}" for i in range(2) for k in ("down", "gate", "up")
     )
-    assert [g.shape[0] for g in kernels.gates(fitted.params)] == [12] * 6
+    assert [g.shape[0] for g in passes.gates(fitted.params)] == [12] * 6
     one = cfg.copy_and_resolve_references()
     one.kernels.layers = 1
     assert all(p.startswith("layers/1/") for p in task.site(one).layers)
@@ -70,7 +71,7 @@ def test_subset_gradients_are_member_means_of_autodiff_gradients(setup):
     task, cfg, fitted = setup
     site, design = fitted.site, fitted.design
     data = site.encode(task.train)
-    got = kernels.subset_gradients(task, site.layers, data, design, 5, _plain(task, site.layers))
+    got = passes.subset_gradients(task, site.layers, data, design, 5, _plain(task, site.layers))
     a = design.dense()
     mean = a / a.sum(1, keepdims=True)
     for g, ref in zip(got, _autodiff_kernel_grads(task, site.layers), strict=True):
@@ -85,11 +86,11 @@ def test_gates_solve_the_damped_kronecker_system(setup):
     site = fitted.site
     state = site.curvature()
     data = site.encode(task.train)
-    g_L = kernels.subset_gradients(
+    g_L = passes.subset_gradients(
         task, site.layers, data, fitted.design, 16, _plain(task, site.layers)
     )
     c = cfg.stage1.w_fidelity / (cfg.stage1.w_fidelity + cfg.stage1.w_stability)
-    b_L = kernels.gates(fitted.params)
+    b_L = passes.gates(fitted.params)
     for b, g, qa, qs, lam in zip(b_L, g_L, state["qa"], state["qs"], state["lam"], strict=True):
         qa, qs, lam, b = (np.asarray(x, np.float64) for x in (qa, qs, lam, b))
         applied = np.einsum("ai,tij,bj->tab", qa, (qa.T @ b @ qs) * lam, qs)
@@ -132,9 +133,10 @@ def test_fused_pass_equals_the_curvature_then_a_subset_pass(setup, fisher):
     cfg.kernels.fisher = fisher
     site = task.site(cfg)
     data = site.encode(task.train)
-    state, got = kernels.fused_fit(site, data, fitted.design)
+    ek = kernels.ekfac_config(task, cfg)
+    state, got = passes.fused_fit(task, ek, kernels.eigen_correct(cfg), fitted.design)
     ref_state = site.curvature()
-    ref = kernels.subset_gradients(
+    ref = passes.subset_gradients(
         task, site.layers, data, fitted.design, 5, _plain(task, site.layers)
     )
     for a, b in zip(state["lam"], ref_state["lam"], strict=True):
@@ -152,7 +154,7 @@ def test_responses_in_query_blocks_equal_all_at_once(setup, monkeypatch):
     query = task.train.subset(np.arange(9))  # two blocks of 5, the second padded
     site = fitted.site
     whole = site.stage2_responses(None, fitted.params, site.encode(query), query, None)
-    monkeypatch.setattr(kernels, "_DOT_BYTES", 1)
+    monkeypatch.setattr(passes, "_DOT_BYTES", 1)
     blocks = site.stage2_responses(None, fitted.params, site.encode(query), query, None)
     np.testing.assert_allclose(np.asarray(blocks), np.asarray(whole), rtol=1e-5, atol=1e-8)
 
@@ -276,7 +278,7 @@ def test_low_rank_operators_read_the_top_input_directions(setup):
     low.kernels.rank = 4
     fitted = method.fit(task, low, reuse=False)
     site = fitted.site
-    shapes = [g.shape for g in kernels.gates(full.params)]
+    shapes = [g.shape for g in passes.gates(full.params)]
     assert (
         kernels.gate_params(site)
         == sum(min(4, i) * o for _, i, o in shapes)
@@ -284,11 +286,11 @@ def test_low_rank_operators_read_the_top_input_directions(setup):
     )
     state = site.curvature()
     data = site.encode(task.train)
-    g_L = kernels.subset_gradients(
+    g_L = passes.subset_gradients(
         task, site.layers, data, fitted.design, 16, _plain(task, site.layers)
     )
     c = cfg.stage1.w_fidelity / (cfg.stage1.w_fidelity + cfg.stage1.w_stability)
-    b_L = kernels.gates(fitted.params)
+    b_L = passes.gates(fitted.params)
     for b, g, qa, qs, lam in zip(b_L, g_L, state["qa"], state["qs"], state["lam"], strict=True):
         qa, qs, lam, g = (np.asarray(x, np.float64) for x in (qa, qs, lam, g))
         r = min(4, qa.shape[1])

@@ -20,16 +20,17 @@ the data's labels; ``kernels.curvature="kfac"``: no eigenvalue correction). The 
 ``gate_l2 / (w_f + w_s)`` is relative to each layer's mean corrected eigenvalue (as the EK-FAC
 baseline's ``relative_damping``): layers' curvatures differ by orders of magnitude. At full
 rank the subset sums of the members' gradients are accumulated in the Kronecker factors' own
-pass over the training rows (``fused_fit``): stage 1 reads the training rows twice (once
-under "kfac").
+pass over the training rows (``kernel_passes.fused_fit``): stage 1 reads the training rows
+twice (once under "kfac").
 
 Responses are first order (``responses="linear"``): ``y_k(q) = -<G_q, B_k>`` summed over the
 layers, from one gradient per query row. The steered forward pass and Adam steps are not
 implemented for this site (refused). ``kernels.rank`` restricts each operator to the top-r
-principal directions of each kernel's input (``input_basis``). Operator-space influence
-(``opspace``) in this space is, at full rank, EK-FAC itself at STRIDE's damping and Fisher; the
-two rows differ only by STRIDE's subsets and Lasso. Everything runs under ``jax.jit`` on one
-device (no mesh yet).
+principal directions of each kernel's input (``kernel_passes.input_basis``).
+Operator-space influence (``opspace``) in this space is, at full rank, EK-FAC itself at
+STRIDE's damping and Fisher; the two rows differ only by STRIDE's subsets and Lasso. The
+passes over rows are in ``kernel_passes``; everything runs under ``jax.jit`` on one device
+(no mesh yet).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import numpy as np
 from absl import logging
 
 from stride_jax.errors import ConfigError
-from stride_jax.func import curvature, grads
+from stride_jax.stride import kernel_passes as passes
 from stride_jax.stride import sites
 
 
@@ -153,13 +154,14 @@ class KernelSite(sites.Site):
         scale = -float(s1.w_fidelity) / (float(s1.w_fidelity) + float(s1.w_stability))
         chunk = _chunk(self.task, self.cfg)
         if rank <= 0:  # full rank: the subset sums ride along the curvature's first pass
-            state, g_L = fused_fit(self, cache, design)
-            basis, key = input_basis(state), "subset_sums"
+            ek = ekfac_config(self.task, self.cfg)
+            state, g_L = passes.fused_fit(self.task, ek, eigen_correct(self.cfg), design)
+            basis, key = passes.input_basis(state), "subset_sums"
             t1 = time.time()
         else:  # the top-r input directions first, then a pass for the subset gradients
-            basis, key = input_basis(self.curvature(), rank), "subset_grads"
+            basis, key = passes.input_basis(self.curvature(), rank), "subset_grads"
             t1 = time.time()
-            g_L = subset_gradients(self.task, self.layers, cache, design, chunk, basis)
+            g_L = passes.subset_gradients(self.task, self.layers, cache, design, chunk, basis)
         g_L = jax.block_until_ready(g_L)
         finite = all(bool(jnp.isfinite(x).all()) for x in [*g_L, *basis["lam"]])
         if not finite or not all(bool((m > 0).all()) for m in basis["lam"]):
@@ -181,7 +183,7 @@ class KernelSite(sites.Site):
 
     def stage2_responses(self, ops_graphdef, ops_params, cache_q, rows_q, mesh):
         del ops_graphdef, rows_q, mesh
-        fn = _responses_fn(self.task, self.layers, _chunk(self.task, self.cfg))
+        fn = passes.responses_fn(self.task, self.layers, _chunk(self.task, self.cfg))
         return fn(self.task.params, cache_q, ops_params)
 
     def responses(self, ops_graphdef, ops_params, cache_q, rows_q, mesh):
@@ -229,184 +231,6 @@ def _chunk(task, cfg) -> int:
     return int(cfg.stage1.get("curvature_batch", 0)) or (16 if task.kind == "decoder" else 256)
 
 
-def _io(task, layers):
-    """Rows -> (inputs, output gradients) per layer under the data's labels."""
-
-    def io(params, rows):
-        a_L, _, [(_, g_L)] = task.dense_io(params, rows, layers, "empirical", None)
-        return a_L, g_L
-
-    return io
-
-
-def input_basis(state: dict, rank: int = 0) -> dict:
-    """The curvature in the operators' coordinates: per kernel the top-``rank`` eigenvectors
-    of its input factor A (``qa``, I x r; 0 or >= I: all), the output factor's eigenbasis
-    (``qs``) and the damped corrected eigenvalues of those rows (``lam``, r x O). With r < I
-    each operator reads only the kernel input's top-r principal directions: the paper's
-    low-rank basis phi, here the PCA of the layer's input, and P shrinks by I / r."""
-    out = {"qa": [], "qs": list(state["qs"]), "lam": []}
-    for qa, lam in zip(state["qa"], state["lam"], strict=True):
-        r = qa.shape[1] if rank <= 0 else min(rank, qa.shape[1])  # eigh: ascending order
-        out["qa"].append(qa[:, qa.shape[1] - r :])
-        out["lam"].append(lam[lam.shape[0] - r :])
-    return out
-
-
-def _rotated(a_L, g_L, basis) -> list[jax.Array]:
-    """Rows' kernel gradients in the eigenbases, ``Q_A^T G Q_S`` per kernel (B x r x O), from
-    the inputs and output gradients (projected first: G is never formed at full size)."""
-    return [
-        curvature.row_grads(a @ qa, g @ qs)
-        for a, g, qa, qs in zip(a_L, g_L, basis["qa"], basis["qs"], strict=True)
-    ]
-
-
-def subset_gradients(task, layers, data: dict, design, chunk: int, basis: dict) -> list[jax.Array]:
-    """Each subset's mean of its members' kernel gradients rotated into ``basis``
-    (``_rotated``), per kernel T x r x O, accumulated chunk by chunk of training rows (memory
-    T x P, never N x P)."""
-    n, t = design.num_examples, design.num_subsets
-    sizes = jnp.maximum(jnp.asarray(design.sizes_T), 1).astype(jnp.float32)
-    subsets_NxD = jnp.asarray(design.subsets_NxD)
-    chunks, w = curvature.chunked(data, chunk)
-    idx = grads.padded_chunks({"i": jnp.arange(n)}, chunk)["i"]
-    fn = _subset_fn(task, tuple(layers), t)
-    return fn(task.params, chunks, w, idx, subsets_NxD, sizes, basis)
-
-
-def _scatter(acc_L, rg_L, w_C, i_C, subsets_NxD, sizes_T):
-    """``acc_L`` (per kernel T x ...) plus each row's ``rg`` (C x ...) shared over its
-    subsets (weight w / |S_k|; padding rows and slots beyond T add nothing)."""
-    t = acc_L[0].shape[0]
-    sub_CxD = subsets_NxD[i_C]
-    share_CxD = w_C[:, None] / sizes_T[jnp.minimum(sub_CxD, t - 1)]
-    out = []
-    for g_T, rg in zip(acc_L, rg_L, strict=True):
-        add = share_CxD[..., None, None] * rg[:, None]
-        out.append(g_T.at[sub_CxD].add(add, mode="drop"))
-    return out
-
-
-def fused_fit(site: KernelSite, data: dict, design) -> tuple[dict, list[jax.Array]]:
-    """EK-FAC's state at STRIDE's settings and the subset gradients (per kernel T x I x O,
-    the kernel's own coordinates), the subset sums of the members' kernel gradients accumulated in
-    the Kronecker factors' pass over the rows: two passes over the training rows in all
-    (factors + sums, eigenvalue correction), not three; one under
-    ``kernels.curvature="kfac"``. Under ``kernels.fisher="empirical"``
-    both use one backward pass per chunk; under the true Fisher the data's labels take a
-    second backward from the same forward (``task.dense_io(with_data=True)``)."""
-    from stride_jax.methods import influence
-
-    task, cfg = site.task, site.cfg
-    ek = ekfac_config(task, cfg)
-    n, t = design.num_examples, design.num_subsets
-    if n != len(task.train):
-        raise ValueError(f"the design has {n} examples, the task {len(task.train)} train rows")
-    sizes = jnp.maximum(jnp.asarray(design.sizes_T), 1).astype(jnp.float32)
-    subsets_NxD = jnp.asarray(design.subsets_NxD)
-    idx = grads.padded_chunks({"i": jnp.arange(n)}, max(1, int(ek.chunk)))["i"]
-
-    def step(acc, rows, w_C, i_C, out):
-        a_L, g_L = out[0], out[3]  # the data labels' gradients, from the factors' forward
-        rg = [curvature.row_grads(a, g) for a, g in zip(a_L, g_L, strict=True)]
-        return _scatter(acc, rg, w_C, i_C, subsets_NxD, sizes)
-
-    one = jax.tree.map(lambda a: a[:1], data)
-    a_L, g_L = jax.eval_shape(lambda r: _io(task, site.layers)(task.params, r), one)
-    init = [jnp.zeros((t, a.shape[-1], g.shape[-1])) for a, g in zip(a_L, g_L, strict=True)]
-    return influence._kfac_fit(task, ek, eigen_correct(cfg), extra=(init, step, idx))
-
-
-def _subset_fn(task, layers, t: int):
-    io = _io(task, layers)
-
-    def row_grads(params, rows, basis):
-        return _rotated(*io(params, rows), basis)
-
-    @jax.jit
-    def fn(params, chunks, w_KxC, idx_KxC, subsets_NxD, sizes_T, basis):
-        def body(acc, xs):
-            rows, w_C, i_C = xs
-            rg = row_grads(params, rows, basis)
-            return _scatter(acc, rg, w_C, i_C, subsets_NxD, sizes_T), None
-
-        one = jax.tree.map(lambda a: a[0], chunks)
-        shapes = jax.eval_shape(lambda r: row_grads(params, r, basis), one)
-        init = [jnp.zeros((t, *x.shape[1:])) for x in shapes]
-        return jax.lax.scan(body, init, (chunks, w_KxC, idx_KxC))[0]
-
-    return fn
-
-
-def gates(params: dict) -> list[jax.Array]:
-    """Every operator's gates ``B_k = scale (F + lam)^-1 g_k`` per kernel (T x I x O), from
-    ``fit_operators``' params: ``scale Q_A (g~_k / lam) Q_S^T`` (the responses never form
-    them)."""
-
-    @jax.jit
-    def fn(params):
-        if "subset_sums" in params:  # the kernels' own coordinates: rotate them first
-            pairs = zip(params["subset_sums"], params["qa"], params["qs"], strict=True)
-            rot = [jnp.einsum("ai,tab,bj->tij", qa, g, qs) for g, qa, qs in pairs]
-        else:
-            rot = params["subset_grads"]
-        return [
-            params["scale"] * jnp.einsum("ir,tro,jo->tij", qa, g / lam, qs)
-            for g, qa, qs, lam in zip(rot, params["qa"], params["qs"], params["lam"], strict=True)
-        ]
-
-    return fn(params)
-
-
-def _dots(a_L, b_L) -> jax.Array:
-    """sum over kernels of <a, b>: A x B from rotated gradients (A x r x O, B x r x O)."""
-    return sum(curvature.flat_dots(a, b) for a, b in zip(a_L, b_L, strict=True))
-
-
-def _preconditioned(a_L, g_L, basis) -> list[jax.Array]:
-    """Rows' ``(F + lam)^-1 G`` in the eigenbases: their rotated gradients over lam."""
-    rot = _rotated(a_L, g_L, basis)
-    return [x / lam for x, lam in zip(rot, basis["lam"], strict=True)]
-
-
-_DOT_BYTES = 1 << 28  # query gradients per block of the responses' contraction (256 MiB)
-
-
-def _responses_fn(task, layers, chunk: int):
-    """y_QxT = -sum_l <G_q^l, B_k^l> = -scale sum_l <Q_A^T G_q Q_S / lam, g~_k>: query
-    gradients ``chunk`` rows at a time, rotated and preconditioned, then one contraction per
-    block of queries (``_DOT_BYTES`` of them) against the rotated subset gradients (with
-    ``subset_sums``: rotated back, ``Q_A (...) Q_S^T``, against the unrotated ones). The T x P
-    subset gradients are read once per block, not once per ``chunk`` of queries: at T = N =
-    2,000 they are 0.5 GB, and re-reading them for every 16 queries bound the responses on
-    memory bandwidth (lm_shakespeare's 200 queries: 2.6 s -> 1.0 s, compilation included)."""
-    io = _io(task, layers)
-
-    def back(pre_L, ops):
-        pairs = zip(pre_L, ops["qa"], ops["qs"], strict=True)
-        return [jnp.einsum("ai,qij,bj->qab", qa, p, qs) for p, qa, qs in pairs]
-
-    def pre(params, ops, r):
-        p = _preconditioned(*io(params, r), ops)
-        return back(p, ops) if "subset_sums" in ops else p
-
-    @jax.jit
-    def fn(params, data_q, ops):
-        subset = ops["subset_sums"] if "subset_sums" in ops else ops["subset_grads"]
-        per_row = 4 * sum(int(np.prod(g.shape[1:])) for g in subset)
-        block = max(chunk, _DOT_BYTES // per_row // chunk * chunk)
-        block = min(block, -(-grads.num_rows(data_q) // chunk) * chunk)  # no padded blocks
-
-        def rows(r):
-            pre_L = grads.map_rows(lambda c: pre(params, ops, c), r, chunk)
-            return -ops["scale"] * _dots(pre_L, subset)
-
-        return grads.map_rows(rows, data_q, block)
-
-    return fn
-
-
 def kernel_site(task, cfg) -> KernelSite:
     """The kernel operators' site for ``task`` under the ``stride`` config ``cfg``.
 
@@ -440,33 +264,3 @@ def kernel_site(task, cfg) -> KernelSite:
             resources.human_bytes(have),
         )
     return site
-
-
-# --- operator-space influence in the kernel space (``opspace`` with hook="kernels") ----------
-
-
-def opspace_fit(site: KernelSite) -> dict:
-    """The curvature in the operators' coordinates (``input_basis``, ``kernels.rank``)."""
-    return input_basis(site.curvature(), int(site.cfg.kernels.get("rank", 0)))
-
-
-def opspace_score(site: KernelSite, basis: dict, query) -> np.ndarray:
-    """``score(q, i) = <(F + lam)^-1 G_q, G_i>`` in the kernel space: the queries' rotated
-    gradients once (Q x P), the training rows' ``chunk`` at a time. At full rank this is
-    EK-FAC at STRIDE's settings."""
-    from stride_jax import methods
-
-    task, chunk = site.task, _chunk(site.task, site.cfg)
-    io = _io(task, site.layers)
-
-    @jax.jit
-    def fn(params, train, data_q, basis):
-        pre_q = grads.map_rows(lambda r: _preconditioned(*io(params, r), basis), data_q, chunk)
-
-        def rows(r):
-            return _dots(_rotated(*io(params, r), basis), pre_q)
-
-        return grads.map_rows(rows, train, chunk).T
-
-    out = fn(task.params, task.arrays(task.train), task.arrays(query), basis)
-    return methods.as_scores(out)

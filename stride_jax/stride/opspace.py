@@ -26,7 +26,7 @@ from absl import logging
 from flax import nnx
 
 from stride_jax import distributed
-from stride_jax.stride import defaults, kernels, method, newton, stage1
+from stride_jax.stride import defaults, kernel_passes, kernels, method, newton, stage1
 
 
 @dataclasses.dataclass
@@ -35,7 +35,7 @@ class Fitted:
     graphdef: object
     params: object
     # (H + lam I)^-1 g_n for every training row; with kernel operators the curvature in
-    # their coordinates (``kernels.input_basis``)
+    # their coordinates (``kernel_passes.input_basis``)
     solved_NxP: object
     seconds: dict
 
@@ -50,7 +50,8 @@ def fit(task, cfg) -> Fitted:
     t0 = time.time()
     site = task.site(cfg)
     if isinstance(site, kernels.KernelSite):  # at full rank, EK-FAC at STRIDE's settings
-        state = kernels.opspace_fit(site)
+        rank = int(site.cfg.kernels.get("rank", 0))  # the curvature in the gates' coordinates
+        state = kernel_passes.input_basis(site.curvature(), rank)
         return Fitted(site, None, None, state, {"fit": time.time() - t0})
     design = method.design_for(cfg.design, len(task.train), task.kind)
     cache = site.encode(task.train)
@@ -87,7 +88,8 @@ def score(task, fitted: Fitted, query, cfg) -> np.ndarray:
     del task, cfg
     site = fitted.site
     if isinstance(site, kernels.KernelSite):
-        return kernels.opspace_score(site, fitted.solved_NxP, query)
+        chunk = kernels._chunk(site.task, site.cfg)
+        return kernel_passes.opspace_scores(site.task, site.layers, chunk, fitted.solved_NxP, query)
     inputs = site.row_inputs(site.encode(query), query)
     graphdef = fitted.graphdef
 

@@ -1,0 +1,211 @@
+"""The passes over rows behind the kernel operators (``stride.kernels``): the subset sums of
+the members' kernel gradients (fused into EK-FAC's factors pass, ``fused_fit``, or a pass of
+their own in a low-rank basis, ``subset_gradients``), the gates they define (``gates``), the
+first-order responses of the T operators to Q query rows (``responses_fn``) and
+operator-space influence in the kernel space (``opspace_scores``). Pure functions of a task,
+its steered ``layers`` and arrays, jitted; the site and its config live in ``kernels``."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stride_jax.func import curvature, grads
+
+
+def data_io(task, layers):
+    """Rows -> (inputs, output gradients) per layer under the data's labels."""
+
+    def io(params, rows):
+        a_L, _, [(_, g_L)] = task.dense_io(params, rows, layers, "empirical", None)
+        return a_L, g_L
+
+    return io
+
+
+def input_basis(state: dict, rank: int = 0) -> dict:
+    """The curvature in the operators' coordinates: per kernel the top-``rank`` eigenvectors
+    of its input factor A (``qa``, I x r; 0 or >= I: all), the output factor's eigenbasis
+    (``qs``) and the damped corrected eigenvalues of those rows (``lam``, r x O). With r < I
+    each operator reads only the kernel input's top-r principal directions: the paper's
+    low-rank basis phi, here the PCA of the layer's input, and P shrinks by I / r."""
+    out = {"qa": [], "qs": list(state["qs"]), "lam": []}
+    for qa, lam in zip(state["qa"], state["lam"], strict=True):
+        r = qa.shape[1] if rank <= 0 else min(rank, qa.shape[1])  # eigh: ascending order
+        out["qa"].append(qa[:, qa.shape[1] - r :])
+        out["lam"].append(lam[lam.shape[0] - r :])
+    return out
+
+
+def rotated(a_L, g_L, basis) -> list[jax.Array]:
+    """Rows' kernel gradients in the eigenbases, ``Q_A^T G Q_S`` per kernel (B x r x O), from
+    the inputs and output gradients (projected first: G is never formed at full size)."""
+    return [
+        curvature.row_grads(a @ qa, g @ qs)
+        for a, g, qa, qs in zip(a_L, g_L, basis["qa"], basis["qs"], strict=True)
+    ]
+
+
+def subset_gradients(task, layers, data: dict, design, chunk: int, basis: dict) -> list[jax.Array]:
+    """Each subset's mean of its members' kernel gradients rotated into ``basis``
+    (``rotated``), per kernel T x r x O, accumulated chunk by chunk of training rows (memory
+    T x P, never N x P)."""
+    n, t = design.num_examples, design.num_subsets
+    sizes = jnp.maximum(jnp.asarray(design.sizes_T), 1).astype(jnp.float32)
+    subsets_NxD = jnp.asarray(design.subsets_NxD)
+    chunks, w = curvature.chunked(data, chunk)
+    idx = grads.padded_chunks({"i": jnp.arange(n)}, chunk)["i"]
+    fn = _subset_fn(task, tuple(layers), t)
+    return fn(task.params, chunks, w, idx, subsets_NxD, sizes, basis)
+
+
+def scatter(acc_L, rg_L, w_C, i_C, subsets_NxD, sizes_T):
+    """``acc_L`` (per kernel T x ...) plus each row's ``rg`` (C x ...) shared over its
+    subsets (weight w / |S_k|; padding rows and slots beyond T add nothing)."""
+    t = acc_L[0].shape[0]
+    sub_CxD = subsets_NxD[i_C]
+    share_CxD = w_C[:, None] / sizes_T[jnp.minimum(sub_CxD, t - 1)]
+    out = []
+    for g_T, rg in zip(acc_L, rg_L, strict=True):
+        add = share_CxD[..., None, None] * rg[:, None]
+        out.append(g_T.at[sub_CxD].add(add, mode="drop"))
+    return out
+
+
+def fused_fit(task, ek, eigen_correct: bool, design) -> tuple[dict, list[jax.Array]]:
+    """EK-FAC's state at the config ``ek`` (``kernels.ekfac_config``: STRIDE's settings) and
+    the subset gradients (per kernel T x I x O, the kernel's own coordinates), the subset sums
+    of the members' kernel gradients accumulated in the Kronecker factors' pass over the rows:
+    two passes over the training rows in all (factors + sums, eigenvalue correction), not
+    three; one without ``eigen_correct`` (K-FAC). Under the empirical Fisher both use one
+    backward pass per chunk; under the true Fisher the data's labels take a second backward
+    from the same forward (``task.dense_io(with_data=True)``)."""
+    from stride_jax.methods import influence
+
+    n, t = design.num_examples, design.num_subsets
+    if n != len(task.train):
+        raise ValueError(f"the design has {n} examples, the task {len(task.train)} train rows")
+    sizes = jnp.maximum(jnp.asarray(design.sizes_T), 1).astype(jnp.float32)
+    subsets_NxD = jnp.asarray(design.subsets_NxD)
+    idx = grads.padded_chunks({"i": jnp.arange(n)}, max(1, int(ek.chunk)))["i"]
+
+    def step(acc, rows, w_C, i_C, out):
+        a_L, g_L = out[0], out[3]  # the data labels' gradients, from the factors' forward
+        rg = [curvature.row_grads(a, g) for a, g in zip(a_L, g_L, strict=True)]
+        return scatter(acc, rg, w_C, i_C, subsets_NxD, sizes)
+
+    one = jax.tree.map(lambda a: a[:1], task.arrays(task.train))
+    a_L, g_L = jax.eval_shape(lambda r: data_io(task, task.dense_layers(ek))(task.params, r), one)
+    init = [jnp.zeros((t, a.shape[-1], g.shape[-1])) for a, g in zip(a_L, g_L, strict=True)]
+    return influence._kfac_fit(task, ek, eigen_correct, extra=(init, step, idx))
+
+
+def _subset_fn(task, layers, t: int):
+    io = data_io(task, layers)
+
+    def row_grads(params, rows, basis):
+        return rotated(*io(params, rows), basis)
+
+    @jax.jit
+    def fn(params, chunks, w_KxC, idx_KxC, subsets_NxD, sizes_T, basis):
+        def body(acc, xs):
+            rows, w_C, i_C = xs
+            rg = row_grads(params, rows, basis)
+            return scatter(acc, rg, w_C, i_C, subsets_NxD, sizes_T), None
+
+        one = jax.tree.map(lambda a: a[0], chunks)
+        shapes = jax.eval_shape(lambda r: row_grads(params, r, basis), one)
+        init = [jnp.zeros((t, *x.shape[1:])) for x in shapes]
+        return jax.lax.scan(body, init, (chunks, w_KxC, idx_KxC))[0]
+
+    return fn
+
+
+def gates(params: dict) -> list[jax.Array]:
+    """Every operator's gates ``B_k = scale (F + lam)^-1 g_k`` per kernel (T x I x O), from
+    ``fit_operators``' params: ``scale Q_A (g~_k / lam) Q_S^T`` (the responses never form
+    them)."""
+
+    @jax.jit
+    def fn(params):
+        if "subset_sums" in params:  # the kernels' own coordinates: rotate them first
+            pairs = zip(params["subset_sums"], params["qa"], params["qs"], strict=True)
+            rot = [jnp.einsum("ai,tab,bj->tij", qa, g, qs) for g, qa, qs in pairs]
+        else:
+            rot = params["subset_grads"]
+        return [
+            params["scale"] * jnp.einsum("ir,tro,jo->tij", qa, g / lam, qs)
+            for g, qa, qs, lam in zip(rot, params["qa"], params["qs"], params["lam"], strict=True)
+        ]
+
+    return fn(params)
+
+
+def dots(a_L, b_L) -> jax.Array:
+    """sum over kernels of <a, b>: A x B from rotated gradients (A x r x O, B x r x O)."""
+    return sum(curvature.flat_dots(a, b) for a, b in zip(a_L, b_L, strict=True))
+
+
+def preconditioned(a_L, g_L, basis) -> list[jax.Array]:
+    """Rows' ``(F + lam)^-1 G`` in the eigenbases: their rotated gradients over lam."""
+    rot = rotated(a_L, g_L, basis)
+    return [x / lam for x, lam in zip(rot, basis["lam"], strict=True)]
+
+
+_DOT_BYTES = 1 << 28  # query gradients per block of the responses' contraction (256 MiB)
+
+
+def responses_fn(task, layers, chunk: int):
+    """y_QxT = -sum_l <G_q^l, B_k^l> = -scale sum_l <Q_A^T G_q Q_S / lam, g~_k>: query
+    gradients ``chunk`` rows at a time, rotated and preconditioned, then one contraction per
+    block of queries (``_DOT_BYTES`` of them) against the rotated subset gradients (with
+    ``subset_sums``: rotated back, ``Q_A (...) Q_S^T``, against the unrotated ones). The T x P
+    subset gradients are read once per block, not once per ``chunk`` of queries: at T = N =
+    2,000 they are 0.5 GB, and re-reading them for every 16 queries bound the responses on
+    memory bandwidth (lm_shakespeare's 200 queries: 2.6 s -> 1.0 s, compilation included)."""
+    io = data_io(task, layers)
+
+    def back(pre_L, ops):
+        pairs = zip(pre_L, ops["qa"], ops["qs"], strict=True)
+        return [jnp.einsum("ai,qij,bj->qab", qa, p, qs) for p, qa, qs in pairs]
+
+    def pre(params, ops, r):
+        p = preconditioned(*io(params, r), ops)
+        return back(p, ops) if "subset_sums" in ops else p
+
+    @jax.jit
+    def fn(params, data_q, ops):
+        subset = ops["subset_sums"] if "subset_sums" in ops else ops["subset_grads"]
+        per_row = 4 * sum(int(np.prod(g.shape[1:])) for g in subset)
+        block = max(chunk, _DOT_BYTES // per_row // chunk * chunk)
+        block = min(block, -(-grads.num_rows(data_q) // chunk) * chunk)  # no padded blocks
+
+        def rows(r):
+            pre_L = grads.map_rows(lambda c: pre(params, ops, c), r, chunk)
+            return -ops["scale"] * dots(pre_L, subset)
+
+        return grads.map_rows(rows, data_q, block)
+
+    return fn
+
+
+def opspace_scores(task, layers, chunk: int, basis: dict, query) -> np.ndarray:
+    """``score(q, i) = <(F + lam)^-1 G_q, G_i>`` in the kernel space (``opspace`` with
+    hook="kernels"): the queries' rotated gradients once (Q x P), the training rows'
+    ``chunk`` at a time. At full rank this is EK-FAC at STRIDE's settings."""
+    from stride_jax import methods
+
+    io = data_io(task, layers)
+
+    @jax.jit
+    def fn(params, train, data_q, basis):
+        pre_q = grads.map_rows(lambda r: preconditioned(*io(params, r), basis), data_q, chunk)
+
+        def rows(r):
+            return dots(rotated(*io(params, r), basis), pre_q)
+
+        return grads.map_rows(rows, train, chunk).T
+
+    out = fn(task.params, task.arrays(task.train), task.arrays(query), basis)
+    return methods.as_scores(out)

@@ -7,7 +7,9 @@
 fit + score on the config's query rows is timed ``rounds`` times, the methods interleaved (one
 call of each per round, so a load change hits them alike); the first round includes XLA
 compilation, so the table reports it apart from the median of the others. STRIDE is refitted
-every round (no reuse of the process's last fit). Labels are those of ``config.methods``
+every round (no reuse of the process's last fit). The order rotates by one method per round,
+so the process's one-time costs (first jitted calls of shared helpers) do not always fall on
+the first method. Labels are those of ``config.methods``
 (variants included); each runs with the block the LM job gives it (``benchmark.method_block``).
 """
 
@@ -51,21 +53,23 @@ def timed(task, label: str, config, query) -> dict:
     return dict(fit_s=t1 - t0, score_s=t2 - t1, total_s=t2 - t0, peak_mb=pm.peak_mb)
 
 
-def main(argv):
-    del argv
-    f = flags.FLAGS
-    config = f.config
-    config.methods = tuple(f.methods)  # what is validated: only the timed labels
-    ctx = benchmark.prepare(config, f.workdir)
-    runs = {label: [] for label in f.methods}
-    for r in range(f.rounds):
-        for label in f.methods:
+def run(config, workdir: str, labels, rounds: int) -> dict:
+    """Time every label ``rounds`` times, interleaved and rotated; the JSON-ready record."""
+    labels = list(labels)
+    config.methods = tuple(labels)  # what is validated: only the timed labels
+    ctx = benchmark.prepare(config, workdir)
+    runs, orders = {label: [] for label in labels}, []
+    for r in range(rounds):
+        k = r % len(labels)  # rotated: the process's first calls fall on each in turn
+        orders.append(labels[k:] + labels[:k])
+        for label in orders[-1]:
             runs[label].append(timed(ctx.task, label, config, ctx.splits.query))
             print(f"round {r}: {label} {runs[label][-1]['total_s']:.1f}s", flush=True)
     out = dict(
         date=datetime.datetime.now().isoformat(timespec="seconds"),
         machine=platform.processor() or platform.machine(),
         rows=dict(train=len(ctx.task.train), query=len(ctx.splits.query)),
+        orders=orders,
         methods={},
     )
     for label, rs in runs.items():
@@ -78,6 +82,13 @@ def main(argv):
             peak_mb=max(x["peak_mb"] for x in rs),
             runs=rs,
         )
+    return out
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    out = run(f.config, f.workdir, f.methods, f.rounds)
     with open(f.out, "w") as fh:
         json.dump(out, fh, indent=1)
     base = out["methods"].get("stride", {}).get("median_total_s")

@@ -40,6 +40,14 @@ Methods (each its default decoder config, except as said):
   (28 on SmolLM2's d_model 576, instead of the recipe's 64), or set with ``--stride_rank``.
 - ``stride_forward``: the same with ``responses="forward"`` (every operator run forward
   through the upper blocks per query); not in the default list.
+- ``stride_kernels``: the decoder default, kernel operators (``stride.defaults.decoder()``:
+  closed-form Gauss-Newton gates on the MLP kernels, EK-FAC curvature, empirical Fisher,
+  T = min(8192, N)), on the last block's three MLP kernels (``kernels.layers=1``), each
+  operator reading the top ``KERNEL_RANK`` input directions of each kernel
+  (``kernels.rank``): T x 233,472 gate floats on SmolLM2 instead of T x 2.65M; not in the
+  default list.
+- ``ekfac_last``: EK-FAC on the same three kernels (``layers=1``), its default damping, the
+  empirical Fisher as STRIDE's; not in the default list.
 - ``ekfac``: ``layers`` = the model's depth (every MLP's kernels), ``fisher="sampled"`` (one
   label per token drawn from the model: the Monte-Carlo true Fisher; a decoder refuses
   ``"true"``, the exact expectation over the vocabulary).
@@ -73,7 +81,8 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WEIGHTS = os.path.join(ROOT, "runs/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 METHODS = ("stride", "ekfac", "trak1", "logra")
-KNOWN = METHODS + ("stride_forward",)
+KNOWN = METHODS + ("stride_forward", "stride_kernels", "ekfac_last")
+KERNEL_RANK = 64  # stride_kernels: input directions per steered kernel (kernels.rank)
 # The "small" model: SmolLM2's family (Llama, grouped-query attention, SwiGLU, tied head),
 # tiny; its vocabulary is the character tokenizer's.
 SMALL = dict(family="llama", d_model=32, n_layers=6, n_heads=4, n_kv_heads=2, d_ff=64)
@@ -180,10 +189,17 @@ def method_config(name: str, model_config, stride_rank: int = 0):
         elif limit and cfg.stage1.rank * model_config.d_model > limit:
             cfg.stage1.rank = limit // model_config.d_model
         return "stride", cfg
-    cfg = methods.get(name, "decoder").default_config("decoder")
+    if name == "stride_kernels":
+        cfg = defaults.decoder()
+        cfg.kernels.update(layers=1, rank=KERNEL_RANK)
+        return "stride", cfg
+    reg = "ekfac" if name == "ekfac_last" else name
+    cfg = methods.get(reg, "decoder").default_config("decoder")
     if name == "ekfac":
         cfg.update(layers=model_config.n_layers, fisher="sampled")
-    return name, cfg
+    if name == "ekfac_last":
+        cfg.update(layers=1, fisher="empirical")
+    return reg, cfg
 
 
 def differentiated(name: str, task, cfg, n_train: int) -> dict:
@@ -193,6 +209,23 @@ def differentiated(name: str, task, cfg, n_train: int) -> dict:
     from stride_jax.stride import method as stride_method
 
     mc = task.model_config
+    if name == "stride_kernels":
+        from stride_jax.stride import kernels
+
+        site = kernels.kernel_site(task, cfg)
+        t = stride_method.resolve_num_subsets(cfg.design, n_train, "decoder")
+        p = kernels.gate_params(site)
+        names = tuple(x + "/kernel" for x in site.layers)
+        return dict(
+            params_differentiated=grads.num_params(task.params, names),
+            what=f"the {len(site.layers)} MLP kernels of the last block, each operator on "
+            f"their top {cfg.kernels.rank} input directions",
+            layers=1,
+            num_subsets=t,
+            rank=int(cfg.kernels.rank),
+            gate_params_per_operator=p,
+            operator_params=t * p,
+        )
     if name.startswith("stride"):
         layer = sites.hook_layer(cfg, mc.n_layers)
         # blocks >= layer, the final norm and the embedding (the tied head)
@@ -214,8 +247,9 @@ def differentiated(name: str, task, cfg, n_train: int) -> dict:
         )
     names = task.param_names(cfg)
     out = dict(params_differentiated=grads.num_params(task.params, names), layers=int(cfg.layers))
-    if name == "ekfac":
-        out["what"] = f"every MLP kernel of the last {cfg.layers} blocks (all of them)"
+    if name in ("ekfac", "ekfac_last"):
+        which = "(all of them)" if name == "ekfac" else "(STRIDE's kernel operators' layers)"
+        out["what"] = f"every MLP kernel of the last {cfg.layers} blocks {which}"
         out["fisher"] = cfg.fisher
     elif name == "trak1":
         out["what"] = f"the MLP of the last {cfg.layers} block(s), projected to {cfg.proj_dim}"

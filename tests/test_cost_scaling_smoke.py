@@ -91,3 +91,23 @@ def test_cap_kills_the_cell_and_skips_larger_n(tmp_path):
     assert capped["ran_s"] >= 0.01 and _positive(capped["peak_rss_mb"])
     assert skipped["status"] == "skipped" and "N=16" in skipped["reason"]
     assert "| logra | 16 | capped |" in cost_scaling.format_table(res)
+
+
+def test_kernel_operators_and_ekfac_on_the_same_block(tmp_path):
+    """``stride_kernels`` (the decoder default on the last block, top-64 input directions)
+    and ``ekfac_last`` (EK-FAC on the same kernels) run and count the same parameters."""
+    names = ["stride_kernels", "ekfac_last"]
+    res = cost_scaling.run("small", [24], N_QUERY, 32, names, cap_s=300, workdir=str(tmp_path))
+    mi = res["model_info"]
+    block = 3 * mi["d_model"] * mi["d_ff"]
+    for name in names:
+        cell = res["cells"][f"{name}/24"]
+        assert cell["status"] == "ok", (name, cell.get("error"), cell.get("log_tail"))
+        assert cell["scores_shape"] == [N_QUERY, 24] and cell["scores_finite"]
+        assert cell["params"]["params_differentiated"] == block
+    s = res["cells"]["stride_kernels/24"]
+    assert s["num_subsets"] == s["params"]["num_subsets"] == 24  # T = N
+    # rank 64 >= every input width of the small model: all of each kernel
+    assert s["params"]["gate_params_per_operator"] == block
+    assert s["params"]["operator_params"] == 24 * block
+    assert res["cells"]["ekfac_last/24"]["params"]["fisher"] == "empirical"

@@ -124,26 +124,42 @@ def test_responses_are_subset_means_of_ekfac_influence(setup, fisher, curvature)
     assert scores.shape == (3, 24) and np.isfinite(scores).all()
 
 
-@pytest.mark.parametrize("fisher", ["true", "empirical"])
-def test_fused_pass_equals_the_curvature_then_a_subset_pass(setup, fisher):
-    """At full rank the subset sums ride along the Kronecker factors' pass (``fused_fit``);
-    the same numbers as EK-FAC's own fit followed by a separate pass over the rows."""
+@pytest.mark.parametrize(
+    "fisher, curvature, rank",
+    [("true", "ekfac", 0), ("empirical", "ekfac", 0), ("true", "ekfac", 4), ("true", "kfac", 0)],
+)
+def test_fused_pass_equals_the_curvature_then_a_subset_pass(setup, fisher, curvature, rank):
+    """The subset means ride along a pass the curvature makes anyway (``fused_fit``):
+    EK-FAC's eigenvalue correction, rotated into its eigenbases cut to the top ``rank`` input
+    directions; K-FAC's factors, in the kernels' own coordinates. The same numbers as the
+    curvature's own fit followed by a separate pass over the rows in that basis."""
     task, cfg, fitted = setup
     cfg = cfg.copy_and_resolve_references()
-    cfg.kernels.fisher = fisher
+    cfg.kernels.update(fisher=fisher, curvature=curvature, rank=rank)
     site = task.site(cfg)
     data = site.encode(task.train)
-    ek = kernels.ekfac_config(task, cfg)
-    state, got = passes.fused_fit(task, ek, kernels.eigen_correct(cfg), fitted.design)
+    ek, ec = kernels.ekfac_config(task, cfg), kernels.eigen_correct(cfg)
+    state, got, key = passes.fused_fit(task, ek, ec, fitted.design, rank)
     ref_state = site.curvature()
-    ref = passes.subset_gradients(
-        task, site.layers, data, fitted.design, 5, _plain(task, site.layers)
-    )
+    basis = passes.input_basis(ref_state, rank) if ec else _plain(task, site.layers)
+    ref = passes.subset_gradients(task, site.layers, data, fitted.design, 5, basis)
+    assert key == ("subset_grads" if ec else "subset_sums")
     for a, b in zip(state["lam"], ref_state["lam"], strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
     for g, want in zip(got, ref, strict=True):
         want = np.asarray(want)
+        assert g.shape == want.shape and (rank == 0 or g.shape[1] <= rank)
         np.testing.assert_allclose(np.asarray(g), want, rtol=1e-3, atol=1e-5 * abs(want).max())
+
+
+def test_kfac_with_a_rank_needs_a_pass_of_its_own(setup):
+    task, cfg, fitted = setup
+    cfg = cfg.copy_and_resolve_references()
+    cfg.kernels.update(curvature="kfac", rank=4)
+    with pytest.raises(ValueError, match="full rank only"):
+        passes.fused_fit(task, kernels.ekfac_config(task, cfg), False, fitted.design, 4)
+    low = method.fit(task, cfg, reuse=False)  # the site takes the separate pass instead
+    assert all(g.shape[1] <= 4 for g in low.params["subset_grads"])
 
 
 def test_responses_in_query_blocks_equal_all_at_once(setup, monkeypatch):
@@ -240,7 +256,7 @@ def test_operators_that_do_not_fit_are_refused_before_any_work(setup, monkeypatc
 
     task, cfg, fitted = setup
     p = kernels.gate_params(fitted.site)
-    assert p == sum(int(np.prod(g.shape[1:])) for g in fitted.params["subset_sums"])
+    assert p == sum(int(np.prod(g.shape[1:])) for g in fitted.params["subset_grads"])
     monkeypatch.setattr(resources, "available_bytes", lambda: 8 * 12 * p - 1)
     explicit = cfg.copy_and_resolve_references()
     explicit.kernels.layers = 2  # as asked: not narrowed automatically

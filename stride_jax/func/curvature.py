@@ -112,8 +112,12 @@ def row_grads(a_BxTxI, g_BxTxO) -> jax.Array:
     return jnp.einsum("bti,bto->bio", a_BxTxI, g_BxTxO, precision=HIGHEST)
 
 
-def ekfac_eigenvalues(io, chunks: dict, w_KxC, qa, qs, key=None) -> list[jax.Array]:
-    """EK-FAC's Lambda_IxO = E_rows[(Q_A^T G Q_S)^2] per layer (the Fisher terms summed)."""
+def ekfac_eigenvalues(io, chunks: dict, w_KxC, qa, qs, key=None, extra=None):
+    """EK-FAC's Lambda_IxO = E_rows[(Q_A^T G Q_S)^2] per layer (the Fisher terms summed).
+
+    ``extra = (init, step, xs_K)`` accumulates something else in the same pass, as in
+    ``kron_factors``, with the eigenbases too: ``step(acc, rows, w_C, x, out, qa, qs)``; then
+    the result is (Lambda, acc)."""
 
     def layer(a, g, wt, q_a, q_s):
         if a.shape[1] == 1:  # one token per row: G = a g^T has rank one
@@ -121,17 +125,21 @@ def ekfac_eigenvalues(io, chunks: dict, w_KxC, qa, qs, key=None) -> list[jax.Arr
         rot = jnp.einsum("ai,nab,bj->nij", q_a, row_grads(a, g), q_s, precision=HIGHEST)
         return (rot**2 * wt[:, None, None]).sum(0)
 
-    def body(acc, rows, w_C, k):
-        a_L, _, terms = io(rows, k)
-        out = [
+    def body(acc, rows, w_C, k, x=None):
+        out = io(rows, k)
+        a_L, _, terms = out[:3]
+        new = [
             u + sum(layer(a_L[i], g[i], wt * w_C, qa[i], qs[i]) for wt, g in terms)
-            for i, u in enumerate(acc)
+            for i, u in enumerate(acc[0])
         ]
-        return out, w_C.sum()
+        acc_x = None if extra is None else extra[1](acc[1], rows, w_C, x, out, qa, qs)
+        return (new, acc_x), w_C.sum()
 
     init = [jnp.zeros((i, o)) for i, o in _shapes(io, chunks)]
-    lam, n_rows = _scan(body, init, chunks, w_KxC, key)
-    return [m / n_rows for m in lam]
+    init_x, xs_K = (None, None) if extra is None else (extra[0], extra[2])
+    (lam, acc_x), n_rows = _scan(body, (init, init_x), chunks, w_KxC, key, xs_K)
+    lam = [m / n_rows for m in lam]
+    return lam if extra is None else (lam, acc_x)
 
 
 def precondition(qa, qs, lam, grads_L):

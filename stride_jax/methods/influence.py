@@ -121,8 +121,9 @@ def _io(task, params, layers, fisher):
     return lambda rows, key: task.dense_io(params, rows, layers, fisher, key)
 
 
-def _kfac_fit(task, cfg, eigen_correct: bool, extra=None):
-    """The fitted state; with ``extra`` (``curvature.kron_factors``' extra accumulator, its
+def _kfac_fit(task, cfg, eigen_correct: bool, extra=None, extra_pass: str = "factors"):
+    """The fitted state; with ``extra`` (an extra accumulator for ``curvature.kron_factors``,
+    ``extra_pass="factors"``, or for ``curvature.ekfac_eigenvalues``, ``"eigen"``; its
     ``xs_K`` chunked by ``cfg.chunk``) also that accumulator: (state, acc). Its step reads
     ``task.dense_io(..., with_data=True)``: the data labels' output gradients come fourth."""
     _check_fisher(cfg)
@@ -130,20 +131,28 @@ def _kfac_fit(task, cfg, eigen_correct: bool, extra=None):
     key = jax.random.key(cfg.get("seed", 0)) if cfg.fisher == "sampled" else None
     io = _io(task, task.params, layers, cfg.fisher)
     chunks, w = curvature.chunked(task.arrays(task.train), chunk)
-    if extra is None:
+    if extra_pass not in ("factors", "eigen") or (extra_pass == "eigen" and not eigen_correct):
+        raise ValueError(f"extra_pass {extra_pass!r}: 'factors', or 'eigen' with eigen_correct")
+
+    def both(rows, key):
+        return task.dense_io(task.params, rows, layers, cfg.fisher, key, with_data=True)
+
+    init_x, step_x, xs_K = extra if extra is not None else (None, None, None)
+    if extra is None or extra_pass != "factors":
         factors = jax.jit(lambda c, w, k: curvature.kron_factors(io, c, w, k))(chunks, w, key)
     else:
-        init_x, step_x, xs_K = extra
-
-        def both(rows, key):
-            return task.dense_io(task.params, rows, layers, cfg.fisher, key, with_data=True)
-
         fn = jax.jit(lambda c, w, k, i, x: curvature.kron_factors(both, c, w, k, (i, step_x, x)))
         factors, acc = fn(chunks, w, key, init_x, xs_K)
     la, qa, ls, qs = curvature.eigenbases(factors)
-    if eigen_correct:
+    if eigen_correct and (extra is None or extra_pass != "eigen"):
         fn = jax.jit(lambda c, w, a, s, k: curvature.ekfac_eigenvalues(io, c, w, a, s, k))
         lam = fn(chunks, w, qa, qs, key)
+    elif eigen_correct:
+
+        def fn(c, w, a, s, k, i, x):
+            return curvature.ekfac_eigenvalues(both, c, w, a, s, k, (i, step_x, x))
+
+        lam, acc = jax.jit(fn)(chunks, w, qa, qs, key, init_x, xs_K)
     else:
         lam = curvature.kfac_eigenvalues(la, ls)
     if cfg.relative_damping:

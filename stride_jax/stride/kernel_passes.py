@@ -32,10 +32,15 @@ def input_basis(state: dict, rank: int = 0) -> dict:
     low-rank basis phi, here the PCA of the layer's input, and P shrinks by I / r."""
     out = {"qa": [], "qs": list(state["qs"]), "lam": []}
     for qa, lam in zip(state["qa"], state["lam"], strict=True):
-        r = qa.shape[1] if rank <= 0 else min(rank, qa.shape[1])  # eigh: ascending order
+        r = _rank(qa.shape[1], rank)  # eigh: ascending order, the top r are the last
         out["qa"].append(qa[:, qa.shape[1] - r :])
         out["lam"].append(lam[lam.shape[0] - r :])
     return out
+
+
+def _rank(width: int, rank: int) -> int:
+    """The input directions kept of a kernel ``width`` wide: ``rank``, 0 meaning all."""
+    return width if rank <= 0 else min(rank, width)
 
 
 def rotated(a_L, g_L, basis) -> list[jax.Array]:
@@ -73,32 +78,55 @@ def scatter(acc_L, rg_L, w_C, i_C, subsets_NxD, sizes_T):
     return out
 
 
-def fused_fit(task, ek, eigen_correct: bool, design) -> tuple[dict, list[jax.Array]]:
+def fused_fit(task, ek, eigen_correct: bool, design, rank: int = 0):
     """EK-FAC's state at the config ``ek`` (``kernels.ekfac_config``: STRIDE's settings) and
-    the subset gradients (per kernel T x I x O, the kernel's own coordinates), the subset sums
-    of the members' kernel gradients accumulated in the Kronecker factors' pass over the rows:
-    two passes over the training rows in all (factors + sums, eigenvalue correction), not
-    three; one without ``eigen_correct`` (K-FAC). Under the empirical Fisher both use one
-    backward pass per chunk; under the true Fisher the data's labels take a second backward
-    from the same forward (``task.dense_io(with_data=True)``)."""
+    each subset's mean of its members' kernel gradients, accumulated in a pass over the rows
+    that the curvature makes anyway: two passes over the training rows in all, not three.
+
+    - With ``eigen_correct`` (EK-FAC) the means ride along the eigenvalue-correction pass, in
+      the eigenbases it has just computed: per kernel T x r x O, ``Q_A^T g_k Q_S`` with
+      ``Q_A`` cut to its top ``rank`` input directions (``input_basis``; 0: all). Returns
+      (state, means, "subset_grads").
+    - Without (K-FAC: one pass in all) they ride along the Kronecker factors' pass, before any
+      eigenbasis exists: per kernel T x I x O in the kernel's own coordinates, at full rank
+      only. Returns (state, means, "subset_sums").
+
+    Under the empirical Fisher the curvature's backward pass is the data labels' own; under
+    the true Fisher the data's labels take a second backward from the same forward
+    (``task.dense_io(with_data=True)``)."""
     from stride_jax.methods import influence
 
     n, t = design.num_examples, design.num_subsets
     if n != len(task.train):
         raise ValueError(f"the design has {n} examples, the task {len(task.train)} train rows")
+    if not eigen_correct and rank > 0:
+        raise ValueError("without the eigenvalue correction the means are fused at full rank only")
     sizes = jnp.maximum(jnp.asarray(design.sizes_T), 1).astype(jnp.float32)
     subsets_NxD = jnp.asarray(design.subsets_NxD)
     idx = grads.padded_chunks({"i": jnp.arange(n)}, max(1, int(ek.chunk)))["i"]
-
-    def step(acc, rows, w_C, i_C, out):
-        a_L, g_L = out[0], out[3]  # the data labels' gradients, from the factors' forward
-        rg = [curvature.row_grads(a, g) for a, g in zip(a_L, g_L, strict=True)]
-        return scatter(acc, rg, w_C, i_C, subsets_NxD, sizes)
-
     one = jax.tree.map(lambda a: a[:1], task.arrays(task.train))
     a_L, g_L = jax.eval_shape(lambda r: data_io(task, task.dense_layers(ek))(task.params, r), one)
-    init = [jnp.zeros((t, a.shape[-1], g.shape[-1])) for a, g in zip(a_L, g_L, strict=True)]
-    return influence._kfac_fit(task, ek, eigen_correct, extra=(init, step, idx))
+    io_shapes = [(a.shape[-1], g.shape[-1]) for a, g in zip(a_L, g_L, strict=True)]
+
+    if not eigen_correct:
+
+        def step(acc, rows, w_C, i_C, out):
+            a_L, g_L = out[0], out[3]  # the data labels' gradients, from the factors' forward
+            rg = [curvature.row_grads(a, g) for a, g in zip(a_L, g_L, strict=True)]
+            return scatter(acc, rg, w_C, i_C, subsets_NxD, sizes)
+
+        init = [jnp.zeros((t, i, o)) for i, o in io_shapes]
+        state, acc = influence._kfac_fit(task, ek, False, extra=(init, step, idx))
+        return state, acc, "subset_sums"
+
+    def step(acc, rows, w_C, i_C, out, qa, qs):
+        top = [q[:, q.shape[1] - _rank(q.shape[1], rank) :] for q in qa]
+        rg = rotated(out[0], out[3], {"qa": top, "qs": qs})
+        return scatter(acc, rg, w_C, i_C, subsets_NxD, sizes)
+
+    init = [jnp.zeros((t, _rank(i, rank), o)) for i, o in io_shapes]
+    state, acc = influence._kfac_fit(task, ek, True, extra=(init, step, idx), extra_pass="eigen")
+    return state, acc, "subset_grads"
 
 
 def _subset_fn(task, layers, t: int):

@@ -18,10 +18,11 @@ and Kronecker-factored with eigenvalue correction (EK-FAC, George et al. 2018;
 ``func.curvature``), from labels sampled from the base model (``kernels.fisher="empirical"``:
 the data's labels; ``kernels.curvature="kfac"``: no eigenvalue correction). The damping
 ``gate_l2 / (w_f + w_s)`` is relative to each layer's mean corrected eigenvalue (as the EK-FAC
-baseline's ``relative_damping``): layers' curvatures differ by orders of magnitude. At full
-rank the subset sums of the members' gradients are accumulated in the Kronecker factors' own
-pass over the training rows (``kernel_passes.fused_fit``): stage 1 reads the training rows
-twice (once under "kfac").
+baseline's ``relative_damping``): layers' curvatures differ by orders of magnitude. The
+subset means of the members' gradients ride along a pass the curvature makes anyway
+(``kernel_passes.fused_fit``: EK-FAC's eigenvalue correction, in its eigenbases, at any
+``kernels.rank``; K-FAC's factors, at full rank): stage 1 reads the training rows twice
+(once under "kfac").
 
 Responses are first order (``responses="linear"``): ``y_k(q) = -<G_q, B_k>`` summed over the
 layers, from one gradient per query row. The steered forward pass and Adam steps are not
@@ -142,27 +143,34 @@ class KernelSite(sites.Site):
         the gates ``B_k = scale (F + lam)^-1 g_k`` (``gates``): the curvature's eigenbases
         and damped eigenvalues (``input_basis``: with ``kernels.rank`` the top-rank input
         directions of each kernel), the subset gradients g_k and ``scale = -w_f / (w_f +
-        w_s)``. At full rank g_k stay in the kernels' own coordinates (``subset_sums``, T x I
-        x O per kernel, from ``fused_fit``) and the responses precondition the Q query
-        gradients into them; with ``kernels.rank`` they are stored in the eigenbases
-        (``subset_grads``, T x r x O: ``Q_A^T g_k Q_S``) and the query gradients are rotated
-        the same way. Either way the T subset gradients are never preconditioned (Q << T)."""
+        w_s)``. Under EK-FAC's curvature (the default) g_k ride along its
+        eigenvalue-correction pass, stored in the eigenbases (``subset_grads``, T x r x O:
+        ``Q_A^T g_k Q_S``), and the query gradients are rotated the same way: two passes over
+        the training rows at any rank. Under K-FAC's at full rank they ride along the factors'
+        pass in the kernels' own coordinates (``subset_sums``, T x I x O), and the responses
+        precondition the Q query gradients into them: one pass. K-FAC with ``kernels.rank``
+        needs the eigenbasis first, then a pass for g_k. Either way the T subset gradients
+        are never preconditioned (Q << T)."""
         del keys, mesh, workdir  # one deterministic solve, seconds: nothing to resume
         check_memory(self, design.num_subsets)
         t0 = time.time()
         s1, rank = self.cfg.stage1, int(self.cfg.kernels.get("rank", 0))
         scale = -float(s1.w_fidelity) / (float(s1.w_fidelity) + float(s1.w_stability))
         chunk = _chunk(self.task, self.cfg)
-        if rank <= 0:  # full rank: the subset sums ride along the curvature's first pass
-            ek = ekfac_config(self.task, self.cfg)
-            state, g_L = passes.fused_fit(self.task, ek, eigen_correct(self.cfg), design)
-            basis, key = passes.input_basis(state), "subset_sums"
-            t1 = time.time()
-        else:  # the top-r input directions first, then a pass for the subset gradients
-            basis, key = passes.input_basis(self.curvature(), rank), "subset_grads"
-            t1 = time.time()
-            g_L = passes.subset_gradients(self.task, self.layers, cache, design, chunk, basis)
+        ek, ec = ekfac_config(self.task, self.cfg), eigen_correct(self.cfg)
+        if ec or rank <= 0:  # the subset gradients ride along a pass of the curvature
+            state, g_L, key = passes.fused_fit(self.task, ek, ec, design, rank)
+            basis = jax.block_until_ready(passes.input_basis(state, rank))
+            what = "curvature with the subset gradients"
+        else:  # K-FAC's top-r input directions first, then a pass for the subset gradients
+            basis = jax.block_until_ready(passes.input_basis(self.curvature(), rank))
+            g_L, key = (
+                passes.subset_gradients(self.task, self.layers, cache, design, chunk, basis),
+                "subset_grads",
+            )
+            what = "curvature, then the subset gradients"
         g_L = jax.block_until_ready(g_L)
+        t1 = time.time()
         finite = all(bool(jnp.isfinite(x).all()) for x in [*g_L, *basis["lam"]])
         if not finite or not all(bool((m > 0).all()) for m in basis["lam"]):
             raise FloatingPointError(
@@ -171,13 +179,12 @@ class KernelSite(sites.Site):
             )
         logging.info(
             "stage 1: kernel operators on %d layers (%d gate parameters each) for %d "
-            "subsets: %s %.1fs, then %.1fs",
+            "subsets: %s in %.1fs",
             len(self.layers),
             sum(int(np.prod(g.shape[1:])) for g in g_L),
             design.num_subsets,
-            "curvature with the subset sums" if rank <= 0 else "curvature",
+            what,
             t1 - t0,
-            time.time() - t1,
         )
         return None, basis | {key: list(g_L), "scale": jnp.float32(scale)}, []
 

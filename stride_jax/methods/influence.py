@@ -138,21 +138,22 @@ def _kfac_fit(task, cfg, eigen_correct: bool, extra=None, extra_pass: str = "fac
         return task.dense_io(task.params, rows, layers, cfg.fisher, key, with_data=True)
 
     init_x, step_x, xs_K = extra if extra is not None else (None, None, None)
-    if extra is None or extra_pass != "factors":
-        factors = jax.jit(lambda c, w, k: curvature.kron_factors(io, c, w, k))(chunks, w, key)
-    else:
+    on_factors, on_eigen = (extra is not None and extra_pass == p for p in ("factors", "eigen"))
+    if on_factors:
         fn = jax.jit(lambda c, w, k, i, x: curvature.kron_factors(both, c, w, k, (i, step_x, x)))
         factors, acc = fn(chunks, w, key, init_x, xs_K)
+    else:
+        factors = jax.jit(lambda c, w, k: curvature.kron_factors(io, c, w, k))(chunks, w, key)
     la, qa, ls, qs = curvature.eigenbases(factors)
-    if eigen_correct and (extra is None or extra_pass != "eigen"):
-        fn = jax.jit(lambda c, w, a, s, k: curvature.ekfac_eigenvalues(io, c, w, a, s, k))
-        lam = fn(chunks, w, qa, qs, key)
-    elif eigen_correct:
+    if on_eigen:
 
         def fn(c, w, a, s, k, i, x):
             return curvature.ekfac_eigenvalues(both, c, w, a, s, k, (i, step_x, x))
 
         lam, acc = jax.jit(fn)(chunks, w, qa, qs, key, init_x, xs_K)
+    elif eigen_correct:
+        fn = jax.jit(lambda c, w, a, s, k: curvature.ekfac_eigenvalues(io, c, w, a, s, k))
+        lam = fn(chunks, w, qa, qs, key)
     else:
         lam = curvature.kfac_eigenvalues(la, ls)
     if cfg.relative_damping:

@@ -54,14 +54,14 @@ def ekfac_config(task, cfg) -> ml_collections.ConfigDict:
     """The EK-FAC baseline's config (``methods.influence``) that gives STRIDE's curvature:
     the chosen kernels, the model's own (true) Fisher (a decoder's sampled with ``cfg.seed``,
     one label per token; a classifier's exact expectation over its classes), STRIDE's damping
-    relative to each layer's mean eigenvalue, ``_chunk`` rows at a time."""
+    relative to each layer's mean eigenvalue, ``chunk_rows`` rows at a time."""
     k, s1 = cfg.kernels, cfg.stage1
     fisher = fisher_kind(task, cfg)
     select = dict(params_filter=str(k.get("params_filter", "")), fisher=fisher)
     if task.kind == "decoder":  # 0: every block (``kernel_site`` may narrow it to fit)
         select["layers"] = int(k.layers) or task.model_config.n_layers
     lam = float(s1.gate_l2) / (float(s1.w_fidelity) + float(s1.w_stability))
-    chunk = _chunk(task, cfg)
+    chunk = chunk_rows(task, cfg)
     return ml_collections.ConfigDict(
         select | dict(seed=int(cfg.seed), damping=lam, relative_damping=True) | dict(chunk=chunk)
     )
@@ -156,7 +156,7 @@ class KernelSite(sites.Site):
         t0 = time.time()
         s1, rank = self.cfg.stage1, int(self.cfg.kernels.get("rank", 0))
         scale = -float(s1.w_fidelity) / (float(s1.w_fidelity) + float(s1.w_stability))
-        chunk = _chunk(self.task, self.cfg)
+        chunk = chunk_rows(self.task, self.cfg)
         ek, ec = ekfac_config(self.task, self.cfg), eigen_correct(self.cfg)
         if ec or rank <= 0:  # the subset gradients ride along a pass of the curvature
             state, g_L, key = passes.fused_fit(self.task, ek, ec, design, rank)
@@ -190,7 +190,7 @@ class KernelSite(sites.Site):
 
     def stage2_responses(self, ops_graphdef, ops_params, cache_q, rows_q, mesh):
         del ops_graphdef, rows_q, mesh
-        fn = passes.responses_fn(self.task, self.layers, _chunk(self.task, self.cfg))
+        fn = passes.responses_fn(self.task, self.layers, chunk_rows(self.task, self.cfg))
         return fn(self.task.params, cache_q, ops_params)
 
     def responses(self, ops_graphdef, ops_params, cache_q, rows_q, mesh):
@@ -233,7 +233,7 @@ def check_memory(site: KernelSite, num_subsets: int) -> None:
         )
 
 
-def _chunk(task, cfg) -> int:
+def chunk_rows(task, cfg) -> int:
     """Rows per chunk: ``stage1.curvature_batch``, 0 meaning 16 decoder / 256 classifier rows."""
     return int(cfg.stage1.get("curvature_batch", 0)) or (16 if task.kind == "decoder" else 256)
 

@@ -88,7 +88,7 @@ def score(task, fitted: Fitted, query, cfg) -> np.ndarray:
     del task, cfg
     site = fitted.site
     if isinstance(site, kernels.KernelSite):
-        chunk = kernels._chunk(site.task, site.cfg)
+        chunk = kernels.chunk_rows(site.task, site.cfg)
         return kernel_passes.opspace_scores(site.task, site.layers, chunk, fitted.solved_NxP, query)
     inputs = site.row_inputs(site.encode(query), query)
     graphdef = fitted.graphdef

@@ -3,6 +3,7 @@ the same settings, STRIDE presets (the paper's recipe), ablations of a variant, 
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from experiments.configs import digits_quick
 from stride_jax.errors import ConfigError
@@ -11,8 +12,8 @@ from stride_jax.job.config import method_block, validate
 from stride_jax.stride import defaults
 
 
-def test_a_variant_is_its_method_with_the_overrides(tmp_path):
-    c = digits_quick.get_config()
+def test_a_variant_is_its_method_with_the_overrides(tiny, tmp_path):
+    c = tiny
     c.variants.ekfac_damped = dict(method="ekfac", damping=1e-2, relative_damping=True)
     c.variants.stride_paper = dict(method="stride", preset="paper", stage1=dict(steps=20))
     c.variants.stride_paper.stage1.update(log_every=10, ckpt_every=10, warmup_steps=2)
@@ -22,7 +23,7 @@ def test_a_variant_is_its_method_with_the_overrides(tmp_path):
     c.groundtruth.noise_ceiling = False
     res = benchmark.run(c, str(tmp_path))
     # The same method with the variant's settings written into its own block: equal scores.
-    d = digits_quick.get_config()
+    d = tiny_config()
     d.baselines.ekfac.update(damping=1e-2, relative_damping=True)
     d.methods = ("ekfac",)
     d.groundtruth.noise_ceiling = False

@@ -15,7 +15,9 @@ import pytest
 
 from experiments.benchmarks import lasso_speed
 
-pytestmark = pytest.mark.xdist_group("lasso_speed_smoke")
+# Slow (run with -m slow): it tests a benchmark script, not the library, and the paths
+# it times have unit tests of their own (test_recover, against scikit-learn).
+pytestmark = [pytest.mark.xdist_group("lasso_speed_smoke"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

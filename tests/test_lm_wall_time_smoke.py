@@ -11,6 +11,10 @@ from experiments.benchmarks import lm_wall_time
 from experiments.configs import lm_shakespeare_quick
 from stride_jax.stride import defaults
 
+# Slow (run with -m slow): it tests a benchmark script, not the library, and the paths
+# it times have unit tests of their own (test_kernel_operators, test_lm_baselines).
+pytestmark = pytest.mark.slow
+
 
 def test_rounds_rotate_and_time_every_label(tmp_path):
     c = lm_shakespeare_quick.get_config()

@@ -178,6 +178,7 @@ def test_recovery_is_near_perfect_when_t_exceeds_n(tmp_path):
     assert again["queries_computed_this_run"] == 0 and again["recovery"] == rec
 
 
+@pytest.mark.slow  # the benchmark binary; the streaming it runs is tested above
 def test_benchmark_entry_point_writes_scale_json(tmp_path):
     workdir = str(tmp_path / "scale")
     cmd = [sys.executable, "-m", "experiments.benchmarks.scale", "--n_train=3000", "--n_query=10"]

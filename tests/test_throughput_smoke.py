@@ -14,7 +14,10 @@ from experiments.benchmarks import throughput
 
 # Agreement tolerances (measured on the quick sizes: 5e-7, 4e-7, 8e-5, 6e-8, 3e-7).
 # One worker runs the whole module (pyproject: --dist loadgroup): the fixture is the cost.
-pytestmark = pytest.mark.xdist_group("throughput_smoke")
+# Slow (run with -m slow): it tests a benchmark script, not the library, and the paths
+# it times have unit tests of their own (test_lm_stride, test_recover, test_newton,
+# test_groundtruth).
+pytestmark = [pytest.mark.xdist_group("throughput_smoke"), pytest.mark.slow]
 
 TOLERANCES = {
     ("responses", "max_abs_diff_vs_loop"): 1e-5,  # float32 logits, same maths

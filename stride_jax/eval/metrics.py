@@ -13,7 +13,6 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.stats
 
 KINDS = ("spearman", "pearson", "kendall")
 
@@ -134,6 +133,8 @@ def lds(scores_QxN, masks_MxN, losses_MxQ, *, kind="spearman", key=None, n_boot=
         (preds_QxM.max(1) > preds_QxM.min(1)) & (targets_QxM.max(1) > targets_QxM.min(1))
     )
     if kind == "kendall":
+        import scipy.stats  # only here: the import costs a binary's start-up 0.6 s
+
         p_QxM, t_QxM = np.asarray(preds_QxM, np.float64), np.asarray(targets_QxM, np.float64)
         per_query_Q = np.full(q, np.nan)
         for i in np.flatnonzero(valid_Q):

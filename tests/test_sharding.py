@@ -151,7 +151,8 @@ for shape in SHAPES:
         tick("classifier retrain")
     task = DecoderTask(graphdef=gd, params=lm_params, train=sp.train, query=sp.query,
         mesh=mesh, model_config=lm_cfg, recipe=recipe, params0=p0, tokenizer=sp.tokenizer)
-    for name, cfg in (("decoder", dec_cfg), ("decoder_newton", dec_newton))[1 - FULL :]:
+    recipes = [("decoder", dec_cfg)] if FULL else []
+    for name, cfg in recipes + [("decoder_newton", dec_newton)]:
         fitted, res[name] = stride_run(task, cfg, sp.query, mesh)
         y = ref_y.setdefault(name, np.asarray(res[name]["responses"], np.float32))
         res[name]["lasso"] = lasso_alone(fitted, y, cfg, mesh)

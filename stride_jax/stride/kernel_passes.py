@@ -32,10 +32,16 @@ def input_basis(state: dict, rank: int = 0) -> dict:
     low-rank basis phi, here the PCA of the layer's input, and P shrinks by I / r."""
     out = {"qa": [], "qs": list(state["qs"]), "lam": []}
     for qa, lam in zip(state["qa"], state["lam"], strict=True):
-        r = _rank(qa.shape[1], rank)  # eigh: ascending order, the top r are the last
-        out["qa"].append(qa[:, qa.shape[1] - r :])
-        out["lam"].append(lam[lam.shape[0] - r :])
+        top = top_directions(qa, rank)
+        out["qa"].append(top)
+        out["lam"].append(lam[lam.shape[0] - top.shape[1] :])
     return out
+
+
+def top_directions(qa, rank: int):
+    """The top-``rank`` eigenvectors of an input factor's eigenbasis (I x r; 0: all). eigh
+    orders eigenvalues ascending, so the top r are the last r columns."""
+    return qa[:, qa.shape[1] - _rank(qa.shape[1], rank) :]
 
 
 def _rank(width: int, rank: int) -> int:
@@ -120,8 +126,7 @@ def fused_fit(task, ek, eigen_correct: bool, design, rank: int = 0):
         return state, acc, "subset_sums"
 
     def step(acc, rows, w_C, i_C, out, qa, qs):
-        top = [q[:, q.shape[1] - _rank(q.shape[1], rank) :] for q in qa]
-        rg = rotated(out[0], out[3], {"qa": top, "qs": qs})
+        rg = rotated(out[0], out[3], {"qa": [top_directions(q, rank) for q in qa], "qs": qs})
         return scatter(acc, rg, w_C, i_C, subsets_NxD, sizes)
 
     init = [jnp.zeros((t, _rank(i, rank), o)) for i, o in io_shapes]

@@ -129,10 +129,11 @@ def test_responses_are_subset_means_of_ekfac_influence(setup, fisher, curvature)
     [("true", "ekfac", 0), ("empirical", "ekfac", 0), ("true", "ekfac", 4), ("true", "kfac", 0)],
 )
 def test_fused_pass_equals_the_curvature_then_a_subset_pass(setup, fisher, curvature, rank):
-    """The subset means ride along a pass the curvature makes anyway (``fused_fit``):
-    EK-FAC's eigenvalue correction, rotated into its eigenbases cut to the top ``rank`` input
-    directions; K-FAC's factors, in the kernels' own coordinates. The same numbers as the
-    curvature's own fit followed by a separate pass over the rows in that basis."""
+    """The subset means ride along a pass the curvature makes anyway (``fused_fit``): at full
+    rank in the kernels' own coordinates (EK-FAC's eigenvalue correction or K-FAC's factors);
+    with a rank, EK-FAC's eigenvalue correction rotated into its eigenbases cut to the top
+    ``rank`` input directions. The same numbers as the curvature's own fit followed by a
+    separate pass over the rows in that basis."""
     task, cfg, fitted = setup
     cfg = cfg.copy_and_resolve_references()
     cfg.kernels.update(fisher=fisher, curvature=curvature, rank=rank)
@@ -141,9 +142,9 @@ def test_fused_pass_equals_the_curvature_then_a_subset_pass(setup, fisher, curva
     ek, ec = kernels.ekfac_config(task, cfg), kernels.eigen_correct(cfg)
     state, got, key = passes.fused_fit(task, ek, ec, fitted.design, rank)
     ref_state = site.curvature()
-    basis = passes.input_basis(ref_state, rank) if ec else _plain(task, site.layers)
+    basis = passes.input_basis(ref_state, rank) if rank else _plain(task, site.layers)
     ref = passes.subset_gradients(task, site.layers, data, fitted.design, 5, basis)
-    assert key == ("subset_grads" if ec else "subset_sums")
+    assert key == ("subset_grads" if rank else "subset_sums")
     for a, b in zip(state["lam"], ref_state["lam"], strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
     for g, want in zip(got, ref, strict=True):
@@ -256,7 +257,7 @@ def test_operators_that_do_not_fit_are_refused_before_any_work(setup, monkeypatc
 
     task, cfg, fitted = setup
     p = kernels.gate_params(fitted.site)
-    assert p == sum(int(np.prod(g.shape[1:])) for g in fitted.params["subset_grads"])
+    assert p == sum(int(np.prod(g.shape[1:])) for g in fitted.params["subset_sums"])
     monkeypatch.setattr(resources, "available_bytes", lambda: 8 * 12 * p - 1)
     explicit = cfg.copy_and_resolve_references()
     explicit.kernels.layers = 2  # as asked: not narrowed automatically

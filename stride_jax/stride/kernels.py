@@ -20,9 +20,9 @@ the data's labels; ``kernels.curvature="kfac"``: no eigenvalue correction). The 
 ``gate_l2 / (w_f + w_s)`` is relative to each layer's mean corrected eigenvalue (as the EK-FAC
 baseline's ``relative_damping``): layers' curvatures differ by orders of magnitude. The
 subset means of the members' gradients ride along a pass the curvature makes anyway
-(``kernel_passes.fused_fit``: EK-FAC's eigenvalue correction, in its eigenbases, at any
-``kernels.rank``; K-FAC's factors, at full rank): stage 1 reads the training rows twice
-(once under "kfac").
+(``kernel_passes.fused_fit``: at full rank in the kernels' own coordinates, on EK-FAC's
+eigenvalue correction or K-FAC's factors; with ``kernels.rank``, on EK-FAC's eigenvalue
+correction in its eigenbases): stage 1 reads the training rows twice (once under "kfac").
 
 Responses are first order (``responses="linear"``): ``y_k(q) = -<G_q, B_k>`` summed over the
 layers, from one gradient per query row. The steered forward pass and Adam steps are not
@@ -143,14 +143,15 @@ class KernelSite(sites.Site):
         the gates ``B_k = scale (F + lam)^-1 g_k`` (``gates``): the curvature's eigenbases
         and damped eigenvalues (``input_basis``: with ``kernels.rank`` the top-rank input
         directions of each kernel), the subset gradients g_k and ``scale = -w_f / (w_f +
-        w_s)``. Under EK-FAC's curvature (the default) g_k ride along its
-        eigenvalue-correction pass, stored in the eigenbases (``subset_grads``, T x r x O:
-        ``Q_A^T g_k Q_S``), and the query gradients are rotated the same way: two passes over
-        the training rows at any rank. Under K-FAC's at full rank they ride along the factors'
-        pass in the kernels' own coordinates (``subset_sums``, T x I x O), and the responses
-        precondition the Q query gradients into them: one pass. K-FAC with ``kernels.rank``
-        needs the eigenbasis first, then a pass for g_k. Either way the T subset gradients
-        are never preconditioned (Q << T)."""
+        w_s)``. At full rank g_k stay in the kernels' own coordinates (``subset_sums``,
+        T x I x O), riding along EK-FAC's eigenvalue-correction pass (the default: two passes
+        over the training rows) or K-FAC's factors' pass (one), and the responses precondition
+        the Q query gradients and rotate them back into those coordinates. With
+        ``kernels.rank`` under EK-FAC they ride along the eigenvalue-correction pass in the
+        eigenbases it has just computed (``subset_grads``, T x r x O: ``Q_A^T g_k Q_S``), and
+        the query gradients are rotated the same way. K-FAC with ``kernels.rank`` needs the
+        eigenbasis first, then a pass for g_k. Either way the T subset gradients are never
+        preconditioned (Q << T)."""
         del keys, mesh, workdir  # one deterministic solve, seconds: nothing to resume
         check_memory(self, design.num_subsets)
         t0 = time.time()

@@ -76,6 +76,18 @@ def tap(model, paths, eps_layers) -> list[Tap]:
     return taps
 
 
+def sample_labels(key, logits) -> jax.Array:
+    """Labels drawn from ``softmax(logits)`` over the last axis (one per leading position),
+    by inverse CDF: one uniform per position, scaled to the running sum's total, against the
+    running sum of the probabilities. ``jax.random.categorical`` (Gumbel max) draws one
+    uniform per position and class: at SmolLM2's 49,152 classes, 16 rows of 127 tokens took
+    1.70 s a call against 0.46 s here, and at lm_shakespeare's 65 it compiled EK-FAC's two
+    passes 0.6 s slower (2-core CPU). A class of probability 0 is never drawn."""
+    c = jnp.cumsum(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
+    u = jax.random.uniform(key, c.shape[:-1] + (1,)) * c[..., -1:]
+    return jnp.minimum((c <= u).sum(-1), c.shape[-1] - 1).astype(jnp.int32)
+
+
 def layer_io(graphdef, params, paths, rows: dict, key=None, data_too: bool = False):
     """[(x_BxLxI inputs, g_BxLxO output gradients)] of the dense layers at ``paths``.
 
@@ -99,7 +111,7 @@ def layer_io(graphdef, params, paths, rows: dict, key=None, data_too: bool = Fal
         logits = model(tokens, rows["attn"])[:, :-1]
         targets = [tokens[:, 1:]]
         if key is not None:
-            sampled = jax.random.categorical(key, jax.lax.stop_gradient(logits))
+            sampled = sample_labels(key, jax.lax.stop_gradient(logits))
             targets = [sampled, *targets] if data_too else [sampled]
         return jnp.stack([mean_ce(logits, t) for t in targets]), [t.x[...] for t in taps]
 

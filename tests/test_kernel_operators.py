@@ -145,8 +145,9 @@ def test_fused_pass_equals_the_curvature_then_a_subset_pass(setup, fisher, curva
     basis = passes.input_basis(ref_state, rank) if rank else _plain(task, site.layers)
     ref = passes.subset_gradients(task, site.layers, data, fitted.design, 5, basis)
     assert key == ("subset_grads" if rank else "subset_sums")
-    for a, b in zip(state["lam"], ref_state["lam"], strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
+    for a, b in zip(state["lam"], ref_state["lam"], strict=True):  # round-off: the smallest
+        b = np.asarray(b)  # eigenvalues (1e-3 of the largest) differ in their 4th digit
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
     for g, want in zip(got, ref, strict=True):
         want = np.asarray(want)
         assert g.shape == want.shape and (rank == 0 or g.shape[1] <= rank)
@@ -178,7 +179,8 @@ def test_responses_in_query_blocks_equal_all_at_once(setup, monkeypatch):
 
 def test_one_forward_gives_both_label_sets_gradients(setup):
     """``dense_io(with_data=True)`` under the sampled Fisher pulls the data labels' gradients
-    back from the same forward pass: equal to the two separate calls (same key)."""
+    back from the same forward pass (one batched pull of both cotangents): equal to the two
+    separate calls (same key) up to float32 round-off, relative to each array's largest."""
     task, _, fitted = setup
     rows = task.arrays(task.train.subset(np.arange(4)))
     key, layers = jax.random.key(3), fitted.site.layers
@@ -187,7 +189,8 @@ def test_one_forward_gives_both_label_sets_gradients(setup):
     _, _, [(_, ref_d)] = task.dense_io(task.params, rows, layers, "empirical")
     for got, want in [(a_L, ref_a), (g_s, ref_s), (g_d, ref_d)]:
         for x, y in zip(got, want, strict=True):
-            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-9)
+            y = np.asarray(y)
+            np.testing.assert_allclose(np.asarray(x), y, rtol=1e-5, atol=1e-6 * np.abs(y).max())
     assert not np.allclose(np.asarray(g_s[0]), np.asarray(g_d[0]))  # two label sets
 
 

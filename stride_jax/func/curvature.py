@@ -23,16 +23,20 @@ eigenvalue refit see the same targets.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from stride_jax.func.grads import HIGHEST, num_rows, padded_chunks
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def chunked(data: dict, chunk: int) -> tuple[dict, jax.Array]:
     """(rows as K x C x ..., w_KxC: 1 for the real rows, 0 for the padding). Build them
-    outside ``jit`` and pass them in: XLA fuses weights it sees as constants differently,
-    which changes the round-off (and ill-conditioned curvature amplifies it)."""
+    outside the passes' ``jit`` and pass them in: XLA fuses weights it sees as constants
+    differently, which changes the round-off (and ill-conditioned curvature amplifies it).
+    Jitted itself: one program, where op by op a fresh process compiled about 15."""
     w = padded_chunks({"w": jnp.ones(num_rows(data), jnp.float32)}, chunk)["w"]
     return padded_chunks(data, chunk), w
 
@@ -95,6 +99,7 @@ def kron_factors(io, chunks: dict, w_KxC, key=None, extra=None):
     return [(a / n_tok, s / n_tok) for a, s in acc], acc_x
 
 
+@jax.jit
 def eigenbases(factors):
     """([eigenvalues of A], [Q_A], [eigenvalues of S], [Q_S]) of the symmetrised factors."""
     ea = [jnp.linalg.eigh(0.5 * (a + a.T)) for a, _ in factors]

@@ -172,8 +172,7 @@ class KernelSite(sites.Site):
             what = "curvature, then the subset gradients"
         g_L = jax.block_until_ready(g_L)
         t1 = time.time()
-        finite = all(bool(jnp.isfinite(x).all()) for x in [*g_L, *basis["lam"]])
-        if not finite or not all(bool((m > 0).all()) for m in basis["lam"]):
+        if not bool(_finite_and_positive(g_L, basis["lam"])):
             raise FloatingPointError(
                 "stage 1: the kernel operators' gradients or damped curvature are not finite "
                 f"and positive: raise stage1.gate_l2 (now {s1.gate_l2})"
@@ -196,6 +195,14 @@ class KernelSite(sites.Site):
 
     def responses(self, ops_graphdef, ops_params, cache_q, rows_q, mesh):
         raise ConfigError("stride.hook='kernels' has first-order responses only")
+
+
+@jax.jit
+def _finite_and_positive(g_L, lam_L) -> jax.Array:
+    """Whether every subset gradient and damped eigenvalue is finite and every eigenvalue
+    positive: one program (op by op, a fresh process compiled two per array)."""
+    finite = [jnp.isfinite(x).all() for x in [*g_L, *lam_L]]
+    return jnp.stack(finite + [(m > 0).all() for m in lam_L]).all()
 
 
 def gate_params(site: KernelSite) -> int:

@@ -10,6 +10,7 @@ zero to a length-N (or length-T) vector makes the sentinel gather a no-op, so
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +96,14 @@ def _from_pairs(subset_ids: np.ndarray, example_ids: np.ndarray, t: int, n: int,
     return Design(np.sort(members, -1), np.sort(subsets, -1), kind)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _round_permutations(key: jax.Array, num_rounds: int, num_subsets: int) -> jax.Array:
+    """One random permutation of the T subsets per round (num_rounds x T), compiled as one
+    program: op by op, a fresh process compiled the key split and the shuffle separately."""
+    keys = jax.random.split(key, num_rounds)
+    return jax.vmap(lambda k: jax.random.permutation(k, num_subsets))(keys)
+
+
 def expander(key: jax.Array, num_subsets: int, num_examples: int, degree: int) -> Design:
     """Left-d-regular design: each example in exactly ``degree`` distinct subsets.
 
@@ -106,8 +115,7 @@ def expander(key: jax.Array, num_subsets: int, num_examples: int, degree: int) -
     t, n, d = num_subsets, num_examples, degree
     total = n * d
     num_rounds = -(-total // t)
-    keys = jax.random.split(key, num_rounds)
-    perms = np.array(jax.vmap(lambda k: jax.random.permutation(k, t))(keys))
+    perms = np.array(_round_permutations(key, num_rounds, t))
     for r in range(1, num_rounds):
         carried = (r * t) % d  # slots of the straddling example already in round r-1
         if carried == 0:

@@ -62,13 +62,22 @@ def subset_gradients(task, layers, data: dict, design, chunk: int, basis: dict) 
     """Each subset's mean of its members' kernel gradients rotated into ``basis``
     (``rotated``), per kernel T x r x O, accumulated chunk by chunk of training rows (memory
     T x P, never N x P)."""
-    n, t = design.num_examples, design.num_subsets
-    sizes = jnp.maximum(jnp.asarray(design.sizes_T), 1).astype(jnp.float32)
-    subsets_NxD = jnp.asarray(design.subsets_NxD)
+    t = design.num_subsets
+    sizes, subsets_NxD, idx = _design_tables(design, chunk)
     chunks, w = curvature.chunked(data, chunk)
-    idx = grads.padded_chunks({"i": jnp.arange(n)}, chunk)["i"]
     fn = _subset_fn(task, tuple(layers), t)
     return fn(task.params, chunks, w, idx, subsets_NxD, sizes, basis)
+
+
+def _design_tables(design, chunk: int):
+    """(|S_k| floored at 1 as float32 (T,), subsets_NxD, each chunk's row indices K x C, 0
+    on padding rows: their weight is 0) as device arrays, built on the host: op by op in jax
+    a fresh process compiled a program for each step."""
+    n = design.num_examples
+    chunk = max(1, min(int(chunk), n))
+    idx = np.pad(np.arange(n, dtype=np.int32), (0, -n % chunk)).reshape(-1, chunk)
+    sizes = np.maximum(design.sizes_T, 1).astype(np.float32)
+    return jnp.asarray(sizes), jnp.asarray(design.subsets_NxD), jnp.asarray(idx)
 
 
 def scatter(acc_L, rg_L, w_C, i_C, subsets_NxD, sizes_T):
@@ -110,9 +119,7 @@ def fused_fit(task, ek, eigen_correct: bool, design, rank: int = 0):
         raise ValueError(f"the design has {n} examples, the task {len(task.train)} train rows")
     if not eigen_correct and rank > 0:
         raise ValueError("without the eigenvalue correction the means are fused at full rank only")
-    sizes = jnp.maximum(jnp.asarray(design.sizes_T), 1).astype(jnp.float32)
-    subsets_NxD = jnp.asarray(design.subsets_NxD)
-    idx = grads.padded_chunks({"i": jnp.arange(n)}, max(1, int(ek.chunk)))["i"]
+    sizes, subsets_NxD, idx = _design_tables(design, int(ek.chunk))
     one = jax.tree.map(lambda a: a[:1], task.arrays(task.train))
     a_L, g_L = jax.eval_shape(lambda r: data_io(task, task.dense_layers(ek))(task.params, r), one)
     io_shapes = [(a.shape[-1], g.shape[-1]) for a, g in zip(a_L, g_L, strict=True)]

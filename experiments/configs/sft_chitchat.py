@@ -26,9 +26,11 @@ def get_config():
 def sft_tuned(c) -> None:
     """Chosen on the SFT validation pairs (two-seed ground truth), each method over the same
     Fisher (empirical / true) x damping (1e-4 / 3e-4 / 1e-3) grid, then the empirical Fisher
-    at 3e-3 and 1e-2 (experiments/RESULTS.md). The other baselines keep Shakespeare's."""
+    at 3e-3 and 1e-2 (experiments/RESULTS.md). After the true Fisher's labels changed
+    (session 10), EK-FAC's true-Fisher row was rerun at 1e-4 to 0.1: 1e-2 is its peak. The
+    other baselines keep Shakespeare's."""
     c.stride.kernels.fisher = "empirical"  # the library default's Fisher
     c.stride.stage1.gate_l2 = 3e-3
-    c.baselines.ekfac.update(fisher="sampled", damping=1e-3)  # the true-Fisher row's best
+    c.baselines.ekfac.update(fisher="sampled", damping=1e-2)  # the true-Fisher row's best
     c.variants.ekfac_empirical.update(damping=3e-3)
     c.baselines.kfac.update(fisher="empirical", damping=1e-2)  # the grid's edge

@@ -2,6 +2,7 @@
 
 On CPU the number is the peak increase of the process's resident set over its value at
 entry (XLA's CPU buffers live there); on GPU, the device allocator's peak bytes in use.
+``CompileTime`` sums the seconds jax spends compiling during a block of work.
 """
 
 from __future__ import annotations
@@ -47,6 +48,37 @@ class PeakMemory:
         stats = jax.local_devices()[0].memory_stats() or {}
         if "peak_bytes_in_use" in stats:
             self.peak_mb = stats["peak_bytes_in_use"] / 2**20
+        return False
+
+
+# jax's own compile events: tracing to a jaxpr, lowering to MLIR, XLA's backend compilation.
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+
+
+class CompileTime:
+    """``with CompileTime() as ct: ...`` then ``ct.seconds`` (tracing, lowering and XLA
+    compilation of every jitted program built in the block) and ``ct.programs`` (how many
+    XLA compilations). Blocks may nest; a persistent-cache hit compiles nothing."""
+
+    def __init__(self):
+        self.seconds, self.programs = 0.0, 0
+
+    def _listen(self, event: str, duration: float, **kwargs) -> None:
+        del kwargs
+        if event in _COMPILE_EVENTS:
+            self.seconds += duration
+            self.programs += event == _COMPILE_EVENTS[-1]
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
         return False
 
 

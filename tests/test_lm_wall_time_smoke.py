@@ -29,3 +29,5 @@ def test_rounds_rotate_and_time_every_label(tmp_path):
             assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("fit_s", "score_s", "total_s"))
             assert r["total_s"] == pytest.approx(r["fit_s"] + r["score_s"])
         assert m["median_total_s"] == m["runs"][1]["total_s"]  # rounds after the first
+        first = m["runs"][0]  # a fresh method compiles its passes; the time is inside fit_s
+        assert first["compilations"] > 0 and 0 < first["fit_compile_s"] < first["fit_s"]

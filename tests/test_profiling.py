@@ -40,3 +40,18 @@ def test_peak_memory_sees_a_large_allocation():
         big = np.ones((64, 1024, 1024), np.float32)  # 256 MiB
         big.sum()
     assert mem.peak_mb > 100
+
+
+def test_compile_time_counts_new_programs_only():
+    """``CompileTime`` sees a new jitted program's compilation (seconds > 0, one program) and
+    nothing for a second call of the same program, nor after its block has ended."""
+    f = jax.jit(lambda x: jnp.sin(x) * 3.0 + x.sum())
+    x = jnp.arange(7.0)
+    with profiling.CompileTime() as first:
+        f(x).block_until_ready()
+    with profiling.CompileTime() as again:
+        f(x).block_until_ready()
+    assert first.seconds > 0 and first.programs == 1
+    assert again.seconds == 0 and again.programs == 0
+    jax.jit(lambda x: jnp.cos(x) - 1.0)(x).block_until_ready()  # outside: not counted
+    assert first.programs == 1 and again.programs == 0

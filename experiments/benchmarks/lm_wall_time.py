@@ -9,8 +9,10 @@ call of each per round, so a load change hits them alike); the first round inclu
 compilation, so the table reports it apart from the median of the others. STRIDE is refitted
 every round (no reuse of the process's last fit). The order rotates by one method per round,
 so the process's one-time costs (first jitted calls of shared helpers) do not always fall on
-the first method. Labels are those of ``config.methods``
-(variants included); each runs with the block the LM job gives it (``benchmark.method_block``).
+the first method. Every run also records the seconds jax spent compiling during its fit and
+its score (``profiling.CompileTime``: tracing, lowering, XLA) and how many programs it built.
+Labels are those of ``config.methods`` (variants included); each runs with the block the LM
+job gives it (``benchmark.method_block``).
 """
 
 from __future__ import annotations
@@ -43,14 +45,24 @@ def timed(task, label: str, config, query) -> dict:
     m = methods.get(name, task.kind)
     with profiling.PeakMemory() as pm:
         t0 = time.perf_counter()
-        if name == "stride":
-            fitted = profiling.block_all(stride_method.fit(task, cfg, reuse=False))
-        else:
-            fitted = profiling.block_all(m.fit(task, cfg))
+        with profiling.CompileTime() as fit_c:
+            if name == "stride":
+                fitted = profiling.block_all(stride_method.fit(task, cfg, reuse=False))
+            else:
+                fitted = profiling.block_all(m.fit(task, cfg))
         t1 = time.perf_counter()
-        profiling.block_all(m.score(task, fitted, query, cfg))
+        with profiling.CompileTime() as score_c:
+            profiling.block_all(m.score(task, fitted, query, cfg))
         t2 = time.perf_counter()
-    return dict(fit_s=t1 - t0, score_s=t2 - t1, total_s=t2 - t0, peak_mb=pm.peak_mb)
+    return dict(
+        fit_s=t1 - t0,
+        score_s=t2 - t1,
+        total_s=t2 - t0,
+        peak_mb=pm.peak_mb,
+        fit_compile_s=fit_c.seconds,
+        score_compile_s=score_c.seconds,
+        compilations=fit_c.programs + score_c.programs,
+    )
 
 
 def run(config, workdir: str, labels, rounds: int) -> dict:
@@ -79,6 +91,9 @@ def run(config, workdir: str, labels, rounds: int) -> dict:
             median_fit_s=statistics.median(x["fit_s"] for x in rest),
             median_score_s=statistics.median(x["score_s"] for x in rest),
             median_total_s=statistics.median(x["total_s"] for x in rest),
+            median_compile_s=statistics.median(
+                x["fit_compile_s"] + x["score_compile_s"] for x in rest
+            ),
             peak_mb=max(x["peak_mb"] for x in rs),
             runs=rs,
         )
@@ -94,7 +109,10 @@ def main(argv):
     base = out["methods"].get("stride", {}).get("median_total_s")
     for label, m in out["methods"].items():
         ratio = f"  ({m['median_total_s'] / base:.2f}x STRIDE)" if base else ""
-        print(f"{label}: median {m['median_total_s']:.1f}s{ratio}, first {m['first_total_s']:.1f}s")
+        print(
+            f"{label}: median {m['median_total_s']:.1f}s{ratio} (of it compilation "
+            f"{m['median_compile_s']:.1f}s), first {m['first_total_s']:.1f}s"
+        )
 
 
 if __name__ == "__main__":

@@ -44,11 +44,16 @@ def num_rows(data: dict) -> int:
     return jax.tree.leaves(data)[0].shape[0]
 
 
+def chunk_size(n: int, chunk: int) -> int:
+    """Rows per chunk of ``padded_chunks`` over ``n`` rows: ``chunk``, at least 1, at most n."""
+    return max(1, min(int(chunk), n))
+
+
 def padded_chunks(data: dict, chunk: int) -> dict:
     """Rows reshaped to (num_chunks, chunk, ...); zero rows pad the end (a zero decoder row
     has no target token, so its loss is 0)."""
     n = num_rows(data)
-    chunk = max(1, min(int(chunk), n))
+    chunk = chunk_size(n, chunk)
     pad = -n % chunk
 
     def fold(a):

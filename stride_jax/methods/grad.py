@@ -209,12 +209,15 @@ def logra_projections(task, layers, cfg):
     E[a a^T] and E[g g^T] (``curvature.kron_factors`` with the data's targets)."""
     data, chunk = task.arrays(task.train), int(cfg.chunk)
 
-    def io(rows, key):
-        return task.dense_io(task.params, rows, layers, "empirical", key)
+    def io_at(params):
+        return lambda rows, key: task.dense_io(params, rows, layers, "empirical", key)
 
+    io = io_at(task.params)
     if cfg.init == "pca":
         chunks, w = curvature.chunked(data, chunk)
-        covs = jax.jit(lambda c, w: curvature.kron_factors(io, c, w))(chunks, w)
+        # The parameters are an argument, not constants baked into the program.
+        fn = jax.jit(lambda p, c, w: curvature.kron_factors(io_at(p), c, w))
+        covs = fn(task.params, chunks, w)
         top = [jnp.linalg.eigh(c)[1][:, ::-1] for pair in covs for c in pair]
         ranks = [cfg.rank_in, cfg.rank_out] * len(layers)
         mats = [v[:, :r] for v, r in zip(top, ranks, strict=True)]

@@ -44,7 +44,7 @@ from jax.flatten_util import ravel_pytree
 
 from stride_jax import methods
 from stride_jax.errors import ConfigError
-from stride_jax.func import curvature, grads
+from stride_jax.func import curvature, grads, programs
 
 FISHERS = ("empirical", "true", "sampled")
 
@@ -129,31 +129,23 @@ def _kfac_fit(task, cfg, eigen_correct: bool, extra=None, extra_pass: str = "fac
     _check_fisher(cfg)
     layers, chunk = task.dense_layers(cfg), max(1, int(cfg.chunk))
     key = jax.random.key(cfg.get("seed", 0)) if cfg.fisher == "sampled" else None
-    io = _io(task, task.params, layers, cfg.fisher)
     chunks, w = curvature.chunked(task.arrays(task.train), chunk)
     if extra_pass not in ("factors", "eigen") or (extra_pass == "eigen" and not eigen_correct):
         raise ValueError(f"extra_pass {extra_pass!r}: 'factors', or 'eigen' with eigen_correct")
 
-    def both(rows, key):
-        return task.dense_io(task.params, rows, layers, cfg.fisher, key, with_data=True)
-
     init_x, step_x, xs_K = extra if extra is not None else (None, None, None)
     on_factors, on_eigen = (extra is not None and extra_pass == p for p in ("factors", "eigen"))
+    factors_fn, eigen_fn = _kfac_programs(task, tuple(layers), cfg.fisher, step_x, extra_pass)
+    p0 = task.params
     if on_factors:
-        fn = jax.jit(lambda c, w, k, i, x: curvature.kron_factors(both, c, w, k, (i, step_x, x)))
-        factors, acc = fn(chunks, w, key, init_x, xs_K)
+        factors, acc = factors_fn(p0, chunks, w, key, init_x, xs_K)
     else:
-        factors = jax.jit(lambda c, w, k: curvature.kron_factors(io, c, w, k))(chunks, w, key)
+        factors = factors_fn(p0, chunks, w, key)
     la, qa, ls, qs = curvature.eigenbases(factors)
     if on_eigen:
-
-        def fn(c, w, a, s, k, i, x):
-            return curvature.ekfac_eigenvalues(both, c, w, a, s, k, (i, step_x, x))
-
-        lam, acc = jax.jit(fn)(chunks, w, qa, qs, key, init_x, xs_K)
+        lam, acc = eigen_fn(p0, chunks, w, qa, qs, key, init_x, xs_K)
     elif eigen_correct:
-        fn = jax.jit(lambda c, w, a, s, k: curvature.ekfac_eigenvalues(io, c, w, a, s, k))
-        lam = fn(chunks, w, qa, qs, key)
+        lam = eigen_fn(p0, chunks, w, qa, qs, key)
     else:
         lam = curvature.kfac_eigenvalues(la, ls)
     if cfg.relative_damping:
@@ -162,6 +154,35 @@ def _kfac_fit(task, cfg, eigen_correct: bool, extra=None, extra_pass: str = "fac
         lam = [m + cfg.damping for m in lam]
     state = {"layers": layers, "qa": qa, "qs": qs, "lam": lam}
     return state if extra is None else (state, acc)
+
+
+def _kfac_programs(task, layers: tuple, fisher: str, step_x, extra_pass: str):
+    """The jitted factors and eigenvalue-correction passes (``programs.per_task``: compiled
+    once per task, layers, Fisher and extra step). The parameters are their arguments, not
+    constants baked into them. ``step_x`` (None: no extra accumulator) rides along the pass
+    ``extra_pass`` names; it must be a module-level function (it is part of the key)."""
+
+    def io(params, with_data=False):
+        return lambda rows, k: task.dense_io(params, rows, layers, fisher, k, with_data=with_data)
+
+    def factors_pass():
+        if step_x is not None and extra_pass == "factors":
+            return lambda p, c, w, k, i, x: curvature.kron_factors(
+                io(p, True), c, w, k, (i, step_x, x)
+            )
+        return lambda p, c, w, k: curvature.kron_factors(io(p), c, w, k)
+
+    def eigen_pass():
+        if step_x is not None and extra_pass == "eigen":
+            return lambda p, c, w, a, s, k, i, x: curvature.ekfac_eigenvalues(
+                io(p, True), c, w, a, s, k, (i, step_x, x)
+            )
+        return lambda p, c, w, a, s, k: curvature.ekfac_eigenvalues(io(p), c, w, a, s, k)
+
+    on = extra_pass if step_x is not None else None
+    key = ("kfac", layers, fisher, step_x, on)
+    factors = programs.per_task(task, key + ("factors",), factors_pass)
+    return factors, programs.per_task(task, key + ("eigen",), eigen_pass)
 
 
 def kfac_fit(task, cfg):
@@ -175,24 +196,29 @@ def ekfac_fit(task, cfg):
 def kfac_score(task, state, query, cfg):
     """scores_QxN = sum over layers of <(F + lam)^-1 G_q, G_i>: query gradients
     preconditioned once (Q x I x O per layer), training rows ``chunk`` at a time."""
-    io = _io(task, task.params, state["layers"], "empirical")
-    chunk = max(1, int(cfg.chunk))
+    layers, chunk = tuple(state["layers"]), max(1, int(cfg.chunk))
+    key = ("kfac_score", layers, chunk)
+    fn = programs.per_task(task, key, lambda: _score_pass(task, layers, chunk))
+    arrays = task.arrays(task.train), task.arrays(query)
+    out = fn(task.params, *arrays, state["qa"], state["qs"], state["lam"])
+    return methods.as_scores(out)
 
-    def row_grads(rows):
-        a_L, _, [(_, g_L)] = io(rows, None)
+
+def _score_pass(task, layers: tuple, chunk: int):
+    def row_grads(params, rows):
+        a_L, _, [(_, g_L)] = task.dense_io(params, rows, layers, "empirical")
         return [curvature.row_grads(a, g) for a, g in zip(a_L, g_L, strict=True)]
 
-    def dots(rows, pre):
-        a_L, _, [(_, g_L)] = io(rows, None)
+    def dots(params, rows, pre):
+        a_L, _, [(_, g_L)] = task.dense_io(params, rows, layers, "empirical")
         return curvature.dense_dots(a_L, g_L, pre)
 
-    @jax.jit
-    def fn(train, q, qa, qs, lam):
-        pre = curvature.precondition(qa, qs, lam, grads.map_rows(row_grads, q, chunk))
-        return grads.map_rows(lambda r: dots(r, pre), train, chunk).T
+    def fn(params, train, q, qa, qs, lam):
+        g_q = grads.map_rows(lambda r: row_grads(params, r), q, chunk)
+        pre = curvature.precondition(qa, qs, lam, g_q)
+        return grads.map_rows(lambda r: dots(params, r, pre), train, chunk).T
 
-    out = fn(task.arrays(task.train), task.arrays(query), state["qa"], state["qs"], state["lam"])
-    return methods.as_scores(out)
+    return fn
 
 
 def _defaults(name):

@@ -7,11 +7,13 @@ its steered ``layers`` and arrays, jitted; the site and its config live in ``ker
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stride_jax.func import curvature, grads
+from stride_jax.func import curvature, grads, programs
 
 
 def data_io(task, layers):
@@ -65,7 +67,8 @@ def subset_gradients(task, layers, data: dict, design, chunk: int, basis: dict) 
     t = design.num_subsets
     sizes, subsets_NxD, idx = _design_tables(design, chunk)
     chunks, w = curvature.chunked(data, chunk)
-    fn = _subset_fn(task, tuple(layers), t)
+    key = ("kernel_subset_gradients", tuple(layers), t)
+    fn = programs.per_task(task, key, lambda: _subset_fn(task, tuple(layers), t))
     return fn(task.params, chunks, w, idx, subsets_NxD, sizes, basis)
 
 
@@ -122,29 +125,53 @@ def fused_fit(task, ek, eigen_correct: bool, design, rank: int = 0):
     if not eigen_correct and rank > 0:
         raise ValueError("without the eigenvalue correction the means are fused at full rank only")
     sizes, subsets_NxD, idx = _design_tables(design, int(ek.chunk))
-    one = jax.tree.map(lambda a: a[:1], task.arrays(task.train))
-    a_L, g_L = jax.eval_shape(lambda r: data_io(task, task.dense_layers(ek))(task.params, r), one)
-    io_shapes = [(a.shape[-1], g.shape[-1]) for a, g in zip(a_L, g_L, strict=True)]
+    layers = tuple(task.dense_layers(ek))
+    io_shapes = programs.memo(task, ("kernel_io_shapes", layers), lambda: _io_shapes(task, layers))
 
+    # The design's tables ride in the accumulator (not closed over), so the pass is one
+    # program per task, whatever the design (``programs.per_task``).
+    tables = (subsets_NxD, sizes)
     if rank <= 0:
-
-        def step(acc, rows, w_C, i_C, out, *eigenbases):  # eigenbases: unused here
-            a_L, g_L = out[0], out[3]  # the data labels' inputs and output gradients
-            rg = [curvature.row_grads(a, g) for a, g in zip(a_L, g_L, strict=True)]
-            return scatter(acc, rg, w_C, i_C, subsets_NxD, sizes)
-
-        init = [jnp.zeros((t, i, o)) for i, o in io_shapes]
+        init = ([jnp.zeros((t, i, o)) for i, o in io_shapes], tables)
         on = "eigen" if eigen_correct else "factors"
-        state, acc = influence._kfac_fit(task, ek, eigen_correct, (init, step, idx), on)
-        return state, acc, "subset_sums"
+        state, acc = influence._kfac_fit(task, ek, eigen_correct, (init, _sums_step, idx), on)
+        return state, acc[0], "subset_sums"
+
+    init = ([jnp.zeros((t, _rank(i, rank), o)) for i, o in io_shapes], tables)
+    step = _rotated_step(rank)
+    state, acc = influence._kfac_fit(task, ek, True, extra=(init, step, idx), extra_pass="eigen")
+    return state, acc[0], "subset_grads"
+
+
+def _io_shapes(task, layers: tuple) -> list[tuple[int, int]]:
+    """(inputs, outputs) of each steered kernel's rows: traced once on one training row."""
+    one = jax.tree.map(lambda a: a[:1], task.arrays(task.train))
+    a_L, g_L = jax.eval_shape(lambda r: data_io(task, layers)(task.params, r), one)
+    return [(a.shape[-1], g.shape[-1]) for a, g in zip(a_L, g_L, strict=True)]
+
+
+def _sums_step(acc, rows, w_C, i_C, out, *eigenbases):
+    """``fused_fit``'s step at full rank: each row's ``sum_t a_t g_t^T`` under the data labels
+    (``out[0]``, ``out[3]``) into its subsets' sums; ``eigenbases`` (EK-FAC's pass) unused."""
+    del rows, eigenbases
+    sums, (subsets_NxD, sizes) = acc
+    rg = [curvature.row_grads(a, g) for a, g in zip(out[0], out[3], strict=True)]
+    return scatter(sums, rg, w_C, i_C, subsets_NxD, sizes), (subsets_NxD, sizes)
+
+
+@functools.cache
+def _rotated_step(rank: int):
+    """``fused_fit``'s step with a ``rank``: the rows' gradients in the eigenbases, the input
+    side cut to its top ``rank`` directions (one function per rank: it keys the program)."""
 
     def step(acc, rows, w_C, i_C, out, qa, qs):
-        rg = rotated(out[0], out[3], {"qa": [top_directions(q, rank) for q in qa], "qs": qs})
-        return scatter(acc, rg, w_C, i_C, subsets_NxD, sizes)
+        del rows
+        sums, (subsets_NxD, sizes) = acc
+        basis = {"qa": [top_directions(q, rank) for q in qa], "qs": qs}
+        rg = rotated(out[0], out[3], basis)
+        return scatter(sums, rg, w_C, i_C, subsets_NxD, sizes), (subsets_NxD, sizes)
 
-    init = [jnp.zeros((t, _rank(i, rank), o)) for i, o in io_shapes]
-    state, acc = influence._kfac_fit(task, ek, True, extra=(init, step, idx), extra_pass="eigen")
-    return state, acc, "subset_grads"
+    return step
 
 
 def _subset_fn(task, layers, t: int):
@@ -153,7 +180,6 @@ def _subset_fn(task, layers, t: int):
     def row_grads(params, rows, basis):
         return rotated(*io(params, rows), basis)
 
-    @jax.jit
     def fn(params, chunks, w_KxC, idx_KxC, subsets_NxD, sizes_T, basis):
         def body(acc, xs):
             rows, w_C, i_C = xs
@@ -172,20 +198,20 @@ def gates(params: dict) -> list[jax.Array]:
     """Every operator's gates ``B_k = scale (F + lam)^-1 g_k`` per kernel (T x I x O), from
     ``fit_operators``' params: ``scale Q_A (g~_k / lam) Q_S^T`` (the responses never form
     them)."""
+    return _gates(params)
 
-    @jax.jit
-    def fn(params):
-        if "subset_sums" in params:  # the kernels' own coordinates: rotate them first
-            pairs = zip(params["subset_sums"], params["qa"], params["qs"], strict=True)
-            rot = [jnp.einsum("ai,tab,bj->tij", qa, g, qs) for g, qa, qs in pairs]
-        else:
-            rot = params["subset_grads"]
-        return [
-            params["scale"] * jnp.einsum("ir,tro,jo->tij", qa, g / lam, qs)
-            for g, qa, qs, lam in zip(rot, params["qa"], params["qs"], params["lam"], strict=True)
-        ]
 
-    return fn(params)
+@jax.jit
+def _gates(params: dict) -> list[jax.Array]:
+    if "subset_sums" in params:  # the kernels' own coordinates: rotate them first
+        pairs = zip(params["subset_sums"], params["qa"], params["qs"], strict=True)
+        rot = [jnp.einsum("ai,tab,bj->tij", qa, g, qs) for g, qa, qs in pairs]
+    else:
+        rot = params["subset_grads"]
+    return [
+        params["scale"] * jnp.einsum("ir,tro,jo->tij", qa, g / lam, qs)
+        for g, qa, qs, lam in zip(rot, params["qa"], params["qs"], params["lam"], strict=True)
+    ]
 
 
 def dots(a_L, b_L) -> jax.Array:
@@ -203,6 +229,13 @@ _DOT_BYTES = 1 << 28  # query gradients per block of the responses' contraction 
 
 
 def responses_fn(task, layers, chunk: int):
+    """The jitted ``fn(params, data_q, ops) -> y_QxT`` (``_responses``), compiled once per
+    task, layers and chunk: a later call with queries of the same shape compiles nothing."""
+    key = ("kernel_responses", tuple(layers), int(chunk))
+    return programs.per_task(task, key, lambda: _responses(task, tuple(layers), int(chunk)))
+
+
+def _responses(task, layers, chunk: int):
     """y_QxT = -sum_l <G_q^l, B_k^l> = -scale sum_l <Q_A^T G_q Q_S / lam, g~_k>: query
     gradients ``chunk`` rows at a time, rotated and preconditioned, then one contraction per
     block of queries (``_DOT_BYTES`` of them) against the rotated subset gradients (with
@@ -220,7 +253,6 @@ def responses_fn(task, layers, chunk: int):
         p = preconditioned(*io(params, r), ops)
         return back(p, ops) if "subset_sums" in ops else p
 
-    @jax.jit
     def fn(params, data_q, ops):
         subset = ops["subset_sums"] if "subset_sums" in ops else ops["subset_grads"]
         per_row = 4 * sum(int(np.prod(g.shape[1:])) for g in subset)
@@ -242,16 +274,20 @@ def opspace_scores(task, layers, chunk: int, basis: dict, query) -> np.ndarray:
     ``chunk`` at a time. At full rank this is EK-FAC at STRIDE's settings."""
     from stride_jax import methods
 
+    layers, chunk = tuple(layers), int(chunk)
     io = data_io(task, layers)
 
-    @jax.jit
-    def fn(params, train, data_q, basis):
-        pre_q = grads.map_rows(lambda r: preconditioned(*io(params, r), basis), data_q, chunk)
+    def build():
+        def fn(params, train, data_q, basis):
+            pre_q = grads.map_rows(lambda r: preconditioned(*io(params, r), basis), data_q, chunk)
 
-        def rows(r):
-            return dots(rotated(*io(params, r), basis), pre_q)
+            def rows(r):
+                return dots(rotated(*io(params, r), basis), pre_q)
 
-        return grads.map_rows(rows, train, chunk).T
+            return grads.map_rows(rows, train, chunk).T
 
+        return fn
+
+    fn = programs.per_task(task, ("kernel_opspace", layers, chunk), build)
     out = fn(task.params, task.arrays(task.train), task.arrays(query), basis)
     return methods.as_scores(out)

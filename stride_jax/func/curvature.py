@@ -62,8 +62,10 @@ def _shapes(io, chunks: dict):
     return [(a.shape[-1], g.shape[-1]) for a, g in zip(a_L, terms[0][1], strict=True)]
 
 
-def kron_factors(io, chunks: dict, w_KxC, key=None, extra=None):
+def kron_factors(io, chunks: dict, w_KxC, key=None, extra=None, shapes=None):
     """[(A_IxI, S_OxO)] per layer: E[a a^T] over real tokens, E[g g^T] per real token.
+    ``shapes``: [(I_l, O_l)] when the caller knows them (else ``io`` is traced once more for
+    them).
 
     ``extra = (init, step, xs_K)`` accumulates something else in the same pass over the rows
     (one forward and backward for both): ``step(acc, rows, w_C, x, out)``, ``out`` all that
@@ -85,7 +87,8 @@ def kron_factors(io, chunks: dict, w_KxC, key=None, extra=None):
             new.append((a_acc + outer(a_L[i], m), s_acc + s_new))
         return new, m.sum(), out
 
-    init = [(jnp.zeros((i, i)), jnp.zeros((o, o))) for i, o in _shapes(io, chunks)]
+    shapes = _shapes(io, chunks) if shapes is None else shapes
+    init = [(jnp.zeros((i, i)), jnp.zeros((o, o))) for i, o in shapes]
     if extra is None:
         acc, n_tok = _scan(lambda *a: factors(*a)[:2], init, chunks, w_KxC, key)
         return [(a / n_tok, s / n_tok) for a, s in acc]
@@ -140,7 +143,7 @@ def ekfac_eigenvalues(io, chunks: dict, w_KxC, qa, qs, key=None, extra=None):
         acc_x = None if extra is None else extra[1](acc[1], rows, w_C, x, out, qa, qs)
         return (new, acc_x), w_C.sum()
 
-    init = [jnp.zeros((i, o)) for i, o in _shapes(io, chunks)]
+    init = [jnp.zeros((a.shape[0], s.shape[0])) for a, s in zip(qa, qs, strict=True)]
     init_x, xs_K = (None, None) if extra is None else (extra[0], extra[2])
     (lam, acc_x), n_rows = _scan(body, (init, init_x), chunks, w_KxC, key, xs_K)
     lam = [m / n_rows for m in lam]

@@ -166,11 +166,12 @@ def _kfac_programs(task, layers: tuple, fisher: str, step_x, extra_pass: str):
         return lambda rows, k: task.dense_io(params, rows, layers, fisher, k, with_data=with_data)
 
     def factors_pass():
+        shapes = dense_shapes(task, layers)
         if step_x is not None and extra_pass == "factors":
             return lambda p, c, w, k, i, x: curvature.kron_factors(
-                io(p, True), c, w, k, (i, step_x, x)
+                io(p, True), c, w, k, (i, step_x, x), shapes
             )
-        return lambda p, c, w, k: curvature.kron_factors(io(p), c, w, k)
+        return lambda p, c, w, k: curvature.kron_factors(io(p), c, w, k, shapes=shapes)
 
     def eigen_pass():
         if step_x is not None and extra_pass == "eigen":
@@ -183,6 +184,18 @@ def _kfac_programs(task, layers: tuple, fisher: str, step_x, extra_pass: str):
     key = ("kfac", layers, fisher, step_x, on)
     factors = programs.per_task(task, key + ("factors",), factors_pass)
     return factors, programs.per_task(task, key + ("eigen",), eigen_pass)
+
+
+def dense_shapes(task, layers: tuple) -> list[tuple[int, int]]:
+    """[(I_l, O_l)]: the widths of ``task.dense_io``'s inputs and output gradients per layer
+    (a classifier's inputs count the bias's constant 1), traced once per task and layers."""
+
+    def trace():
+        one = jax.tree.map(lambda a: a[:1], task.arrays(task.train))
+        a_L, _, terms = jax.eval_shape(lambda r: task.dense_io(task.params, r, layers), one)
+        return [(a.shape[-1], g.shape[-1]) for a, g in zip(a_L, terms[0][1], strict=True)]
+
+    return programs.memo(task, ("dense_shapes", tuple(layers)), trace)
 
 
 def kfac_fit(task, cfg):

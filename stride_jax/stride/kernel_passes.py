@@ -126,7 +126,7 @@ def fused_fit(task, ek, eigen_correct: bool, design, rank: int = 0):
         raise ValueError("without the eigenvalue correction the means are fused at full rank only")
     sizes, subsets_NxD, idx = _design_tables(design, int(ek.chunk))
     layers = tuple(task.dense_layers(ek))
-    io_shapes = programs.memo(task, ("kernel_io_shapes", layers), lambda: _io_shapes(task, layers))
+    io_shapes = influence.dense_shapes(task, layers)
 
     # The design's tables ride in the accumulator (not closed over), so the pass is one
     # program per task, whatever the design (``programs.per_task``).
@@ -141,13 +141,6 @@ def fused_fit(task, ek, eigen_correct: bool, design, rank: int = 0):
     step = _rotated_step(rank)
     state, acc = influence._kfac_fit(task, ek, True, extra=(init, step, idx), extra_pass="eigen")
     return state, acc[0], "subset_grads"
-
-
-def _io_shapes(task, layers: tuple) -> list[tuple[int, int]]:
-    """(inputs, outputs) of each steered kernel's rows: traced once on one training row."""
-    one = jax.tree.map(lambda a: a[:1], task.arrays(task.train))
-    a_L, g_L = jax.eval_shape(lambda r: data_io(task, layers)(task.params, r), one)
-    return [(a.shape[-1], g.shape[-1]) for a, g in zip(a_L, g_L, strict=True)]
 
 
 def _sums_step(acc, rows, w_C, i_C, out, *eigenbases):

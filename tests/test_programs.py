@@ -118,3 +118,22 @@ def test_second_stride_kernel_fit_and_score_compile_nothing(task):
     moved, n_other = run(other)
     assert n_other == 0
     assert not np.allclose(moved, first)  # a new design, new subsets: new scores
+
+
+def test_ekfac_scores_queries_in_blocks_when_they_do_not_fit(task, monkeypatch):
+    """``kfac_score`` splits the queries into blocks (the last one padded) when their
+    preconditioned gradients would not fit; the scores are the unblocked ones."""
+    from stride_jax.methods import influence
+
+    m, cfg = _ekfac(task, fisher="empirical")
+    state = m.fit(task, cfg)
+    whole = np.asarray(m.score(task, state, task.query, cfg))
+    num_params = sum(x.size for x in state["lam"])
+    assert influence.query_block(len(task.query), num_params) == len(task.query)
+    monkeypatch.setattr(influence, "_QUERY_BYTES", 8 * num_params * 2)  # two queries a block
+    assert influence.query_block(len(task.query), num_params) == 2
+    blocked = np.asarray(m.score(task, state, task.query, cfg))
+    assert blocked.shape == whole.shape == (len(task.query), len(task.train))
+    np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-6 * np.abs(whole).max())
+    monkeypatch.setattr(influence, "_QUERY_BYTES", 1)  # nothing fits: one query at a time
+    assert influence.query_block(len(task.query), num_params) == 1

@@ -9,8 +9,13 @@ call of each per round, so a load change hits them alike); the first round inclu
 compilation, so the table reports it apart from the median of the others. STRIDE is refitted
 every round (no reuse of the process's last fit). The order rotates by one method per round,
 so the process's one-time costs (first jitted calls of shared helpers) do not always fall on
-the first method. Every run also records the seconds jax spent compiling during its fit and
-its score (``profiling.CompileTime``: tracing, lowering, XLA) and how many programs it built.
+the first method. The passes of STRIDE's kernel operators, EK-FAC and K-FAC are kept per task
+(``func.programs``): their later rounds compile nothing, and a method whose programs another
+has already built (EK-FAC's scoring, shared by both Fishers; K-FAC's factors, EK-FAC's first
+pass) compiles less in its first round too. The other methods build their jitted closures
+anew, so every one of their rounds compiles. Every run also records the seconds jax spent
+compiling during its fit and its score (``profiling.CompileTime``: tracing, lowering, XLA)
+and how many programs it built.
 Labels are those of ``config.methods`` (variants included); each runs with the block the LM
 job gives it (``benchmark.method_block``).
 """

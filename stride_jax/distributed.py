@@ -60,9 +60,12 @@ def initialize(coordinator_address: str | None, num_processes, process_id) -> No
 
 def set_compilation_cache(directory: str | None) -> None:
     """Keep XLA's compiled programs in ``directory`` (JAX's persistent compilation cache), so a
-    rerun, or another binary on the same shapes, loads them instead of compiling; None: as is."""
+    rerun, or another binary on the same shapes, loads them instead of compiling; None: as is.
+    Every program is kept, not only those that took jax's default 1 s to compile: a STRIDE
+    fit's responses, Lasso and design programs take 0.1-0.7 s each on lm_shakespeare."""
     if directory:
         jax.config.update("jax_compilation_cache_dir", directory)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def is_multiprocess() -> bool:

@@ -35,6 +35,8 @@ Rows are processed ``chunk`` at a time; training gradients stay in the factored 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -149,12 +151,16 @@ def _kfac_fit(task, cfg, eigen_correct: bool, extra=None, extra_pass: str = "fac
         lam = eigen_fn(p0, chunks, w, qa, qs, key)
     else:
         lam = curvature.kfac_eigenvalues(la, ls)
-    if cfg.relative_damping:
-        lam = [m + cfg.damping * m.mean() for m in lam]
-    else:
-        lam = [m + cfg.damping for m in lam]
+    lam = _damped(lam, jnp.float32(cfg.damping), bool(cfg.relative_damping))
     state = {"layers": layers, "qa": qa, "qs": qs, "lam": lam}
     return state if extra is None else (state, acc)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _damped(lam, damping, relative: bool):
+    """Each layer's eigenvalues plus the damping (times their mean when ``relative``): one
+    program (op by op, a fresh process compiled five)."""
+    return [m + damping * m.mean() if relative else m + damping for m in lam]
 
 
 def _kfac_programs(task, layers: tuple, fisher: str, step_x, extra_pass: str):
@@ -225,16 +231,15 @@ def kfac_score(task, state, query, cfg):
             block,
             num_params,
         )
+    fitted = state["qa"], state["qs"], state["lam"]
+    if block >= num_q:  # the usual case: one call, nothing padded or sliced
+        return methods.as_scores(fn(task.params, train, q, *fitted))
     blocks = grads.padded_chunks(q, block)  # one shape for every block: one program
     out = [
-        fn(task.params, train, jax.tree.map(lambda a, k=k: a[k], blocks), *_fitted(state))
+        fn(task.params, train, jax.tree.map(lambda a, k=k: a[k], blocks), *fitted)
         for k in range(-(-num_q // block))
     ]
     return methods.as_scores(jnp.concatenate(out)[:num_q])
-
-
-def _fitted(state):
-    return state["qa"], state["qs"], state["lam"]
 
 
 _QUERY_BYTES = 4 << 30  # the queries' preconditioned gradients held at once, at most

@@ -284,6 +284,12 @@ def _design_arrays(design_or_arrays):
     )
 
 
+@jax.jit
+def _all_finite(x) -> jax.Array:
+    """Whether every entry is finite: one program (op by op, a fresh process compiled three)."""
+    return jnp.isfinite(x).all()
+
+
 def _validate(config: LassoConfig, members_TxS, y_QxT, key) -> None:
     num_subsets = int(members_TxS.shape[0])
     if y_QxT.ndim != 2:
@@ -295,7 +301,7 @@ def _validate(config: LassoConfig, members_TxS, y_QxT, key) -> None:
         )
     if y_QxT.shape[0] < 1:
         raise ValueError("responses y_QxT have no queries (Q = 0)")
-    if not bool(jnp.all(jnp.isfinite(y_QxT))):
+    if not bool(_all_finite(y_QxT)):
         raise ValueError("responses y_QxT contain NaN or inf")
     if config.solver not in _SOLVERS:
         raise ValueError(f"unknown solver {config.solver!r}; choose one of {list(_SOLVERS)}")

@@ -54,9 +54,8 @@ def _scan(body, init, chunks: dict, w: jax.Array, key, xs_K=None):
     return acc, n_K.sum()
 
 
-def _shapes(io, chunks: dict):
-    """[(I_l, O_l)] per layer, from an abstract call of ``io`` on one chunk."""
-    rows = jax.tree.map(lambda a: a[0], chunks)
+def io_shapes(io, rows: dict) -> list[tuple[int, int]]:
+    """[(I_l, O_l)] per layer, from an abstract call of ``io`` on ``rows``."""
     # A key, not None: a sampled-Fisher io draws labels even when only shapes are asked for.
     a_L, _, terms = jax.eval_shape(io, rows, jax.random.key(0))[:3]
     return [(a.shape[-1], g.shape[-1]) for a, g in zip(a_L, terms[0][1], strict=True)]
@@ -87,7 +86,8 @@ def kron_factors(io, chunks: dict, w_KxC, key=None, extra=None, shapes=None):
             new.append((a_acc + outer(a_L[i], m), s_acc + s_new))
         return new, m.sum(), out
 
-    shapes = _shapes(io, chunks) if shapes is None else shapes
+    if shapes is None:
+        shapes = io_shapes(io, jax.tree.map(lambda a: a[0], chunks))
     init = [(jnp.zeros((i, i)), jnp.zeros((o, o))) for i, o in shapes]
     if extra is None:
         acc, n_tok = _scan(lambda *a: factors(*a)[:2], init, chunks, w_KxC, key)

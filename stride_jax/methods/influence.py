@@ -120,10 +120,6 @@ def exact_score(task, state, query, cfg):
 # ---------------------------------------------------------------- K-FAC / EK-FAC
 
 
-def _io(task, params, layers, fisher):
-    return lambda rows, key: task.dense_io(params, rows, layers, fisher, key)
-
-
 def _kfac_fit(task, cfg, eigen_correct: bool, extra=None, extra_pass: str = "factors"):
     """The fitted state; with ``extra`` (an extra accumulator for ``curvature.kron_factors``,
     ``extra_pass="factors"``, or for ``curvature.ekfac_eigenvalues``, ``"eigen"``; its
@@ -199,8 +195,7 @@ def dense_shapes(task, layers: tuple) -> list[tuple[int, int]]:
 
     def trace():
         one = jax.tree.map(lambda a: a[:1], task.arrays(task.train))
-        a_L, _, terms = jax.eval_shape(lambda r: task.dense_io(task.params, r, layers), one)
-        return [(a.shape[-1], g.shape[-1]) for a, g in zip(a_L, terms[0][1], strict=True)]
+        return curvature.io_shapes(lambda r, k: task.dense_io(task.params, r, layers, key=k), one)
 
     return programs.memo(task, ("dense_shapes", tuple(layers)), trace)
 
@@ -223,17 +218,16 @@ def kfac_score(task, state, query, cfg):
     num_q = grads.num_rows(q)
     num_params = sum(m.size for m in state["lam"])  # one eigenvalue per kernel entry
     block = query_block(num_q, num_params)
-    if block < num_q:
-        logging.info(
-            "kfac/ekfac scoring: %d queries in blocks of %d (Q x %d preconditioned gradients "
-            "would not fit in memory); the training rows are read once per block",
-            num_q,
-            block,
-            num_params,
-        )
     fitted = state["qa"], state["qs"], state["lam"]
     if block >= num_q:  # the usual case: one call, nothing padded or sliced
         return methods.as_scores(fn(task.params, train, q, *fitted))
+    logging.info(
+        "kfac/ekfac scoring: %d queries in blocks of %d (Q x %d preconditioned gradients "
+        "would not fit in memory); the training rows are read once per block",
+        num_q,
+        block,
+        num_params,
+    )
     blocks = grads.padded_chunks(q, block)  # one shape for every block: one program
     out = [
         fn(task.params, train, jax.tree.map(lambda a, k=k: a[k], blocks), *fitted)

@@ -147,9 +147,8 @@ def _sums_step(acc, rows, w_C, i_C, out, *eigenbases):
     """``fused_fit``'s step at full rank: each row's ``sum_t a_t g_t^T`` under the data labels
     (``out[0]``, ``out[3]``) into its subsets' sums; ``eigenbases`` (EK-FAC's pass) unused."""
     del rows, eigenbases
-    sums, (subsets_NxD, sizes) = acc
     rg = [curvature.row_grads(a, g) for a, g in zip(out[0], out[3], strict=True)]
-    return scatter(sums, rg, w_C, i_C, subsets_NxD, sizes), (subsets_NxD, sizes)
+    return _into_subsets(acc, rg, w_C, i_C)
 
 
 @functools.cache
@@ -159,12 +158,17 @@ def _rotated_step(rank: int):
 
     def step(acc, rows, w_C, i_C, out, qa, qs):
         del rows
-        sums, (subsets_NxD, sizes) = acc
         basis = {"qa": [top_directions(q, rank) for q in qa], "qs": qs}
-        rg = rotated(out[0], out[3], basis)
-        return scatter(sums, rg, w_C, i_C, subsets_NxD, sizes), (subsets_NxD, sizes)
+        return _into_subsets(acc, rotated(out[0], out[3], basis), w_C, i_C)
 
     return step
+
+
+def _into_subsets(acc, rg_L, w_C, i_C):
+    """The fused steps' accumulator ``(sums, (subsets_NxD, sizes))`` with the rows' gradients
+    ``rg_L`` scattered into their subsets' sums (the design's tables carried unchanged)."""
+    sums, tables = acc
+    return scatter(sums, rg_L, w_C, i_C, *tables), tables
 
 
 def _subset_fn(task, layers, t: int):

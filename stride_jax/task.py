@@ -55,6 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stride_jax.func import programs
+
 KINDS = ("classifier", "decoder")
 
 
@@ -140,7 +142,11 @@ class Task(abc.ABC):
 
     def row_losses(self, rows, params=None, batch: int = 64) -> jax.Array:
         """Per-row loss of every row of ``rows`` under ``params`` (default: base), in batches."""
-        fn = jax.jit(lambda p, d: _map_rows(lambda r: self.loss(p, r), d, batch))
+
+        def build():
+            return lambda p, d: _map_rows(lambda r: self.loss(p, r), d, batch)
+
+        fn = programs.per_task(self, ("row_losses", int(batch)), build)
         return fn(self.params if params is None else params, self.arrays(rows))
 
     # --- parameter subsets ---------------------------------------------------------------------

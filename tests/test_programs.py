@@ -137,3 +137,24 @@ def test_ekfac_scores_queries_in_blocks_when_they_do_not_fit(task, monkeypatch):
     np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-6 * np.abs(whole).max())
     monkeypatch.setattr(influence, "_QUERY_BYTES", 1)  # nothing fits: one query at a time
     assert influence.query_block(len(task.query), num_params) == 1
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("graddot", {}),
+        ("trak1", dict(proj_dim=16)),
+        ("trak1", dict(proj_dim=16, max_proj_bytes=1)),  # R regenerated per row
+        ("logra", dict(init="pca", rank_in=4, rank_out=4)),
+        ("logra", dict(init="random", rank_in=4, rank_out=4)),
+    ],
+)
+def test_second_gradient_baseline_call_compiles_nothing(task, name, overrides):
+    """GradDot's, TRAK's and LoGRA's passes (and LoGRA's PCA) are kept per task too."""
+    m = methods.get(name, task.kind)
+    cfg = m.default_config(task.kind)
+    cfg.update(chunk=8, **overrides)
+    first, n_first = _fit_score(task, m, cfg)
+    again, n_again = _fit_score(task, m, cfg)
+    assert n_first > 0 and n_again == 0
+    np.testing.assert_array_equal(again, first)

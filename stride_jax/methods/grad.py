@@ -46,7 +46,7 @@ import numpy as np
 
 from stride_jax import methods
 from stride_jax.errors import ConfigError
-from stride_jax.func import curvature, grads, projections
+from stride_jax.func import curvature, grads, programs, projections
 from stride_jax.resources import Progress
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -112,7 +112,11 @@ def _dot_score(normalize: bool):
     def score(task, state, query, cfg):
         """sum_c lr_c g_q(theta_c) . g_i(theta_c) (unit gradients when ``normalize``)."""
         names, chunk = task.param_names(cfg), int(cfg.chunk)
-        fn = jax.jit(lambda p, tr, q: grads.dot_scores(task, p, names, tr, q, chunk, normalize))
+
+        def build():
+            return lambda p, tr, q: grads.dot_scores(task, p, names, tr, q, chunk, normalize)
+
+        fn = programs.per_task(task, ("dot_scores", names, chunk, normalize), build)
         train, q = task.arrays(task.train), task.arrays(query)
         total = 0.0
         for params, lr in zip(state["ckpts"], state["lr_C"], strict=True):
@@ -128,9 +132,13 @@ def _dot_score(normalize: bool):
 def trak_features(task, names, k: int, chunk: int, dense: bool):
     """Jitted ``(params, proj_key, data) -> (phi_NxK, w_N)``: projected per-row output
     gradients (k = 0: the raw gradients, K = P) and the output's reweighting. ``dense``
-    builds R once (P x K in memory); otherwise every row regenerates it block by block."""
+    builds R once (P x K in memory); otherwise every row regenerates it block by block.
+    Kept per task (``programs.per_task``): fit, score and a later call share it."""
+    key = ("trak_features", names, int(k), int(chunk), bool(dense))
+    return programs.per_task(task, key, lambda: _trak_run(task, names, k, chunk, dense))
 
-    @jax.jit
+
+def _trak_run(task, names, k: int, chunk: int, dense: bool):
     def run(params, proj_key, data):
         p = grads.num_params(params, names)
         proj_PxK = projections.projection(proj_key, p, k) if dense and k else None
@@ -185,9 +193,14 @@ def _trak_score(task, states, query, cfg):
 def logra_features(task, layers, chunk: int):
     """Jitted ``(params, projs, data) -> phi_NxK``: per dense layer vec((A P_in)^T (G P_out))
     (r_in x r_out) from the task's token-level inputs A and output gradients G
-    (``task.dense_io``), layers concatenated."""
+    (``task.dense_io``), layers concatenated. Kept per task (``programs.per_task``)."""
+    layers, chunk = tuple(layers), int(chunk)
+    return programs.per_task(
+        task, ("logra_features", layers, chunk), lambda: _logra_run(task, layers, chunk)
+    )
 
-    @jax.jit
+
+def _logra_run(task, layers, chunk: int):
     def run(params, projs, data):
         def feats(rows):
             a_L, _, terms = task.dense_io(params, rows, layers)
@@ -215,8 +228,12 @@ def logra_projections(task, layers, cfg):
     io = io_at(task.params)
     if cfg.init == "pca":
         chunks, w = curvature.chunked(data, chunk)
+
         # The parameters are an argument, not constants baked into the program.
-        fn = jax.jit(lambda p, c, w: curvature.kron_factors(io_at(p), c, w))
+        def build():
+            return lambda p, c, w: curvature.kron_factors(io_at(p), c, w)
+
+        fn = programs.per_task(task, ("logra_pca", tuple(layers)), build)
         covs = fn(task.params, chunks, w)
         top = [jnp.linalg.eigh(c)[1][:, ::-1] for pair in covs for c in pair]
         ranks = [cfg.rank_in, cfg.rank_out] * len(layers)

@@ -19,6 +19,7 @@ from flax import nnx
 from stride_jax import distributed
 from stride_jax.data import Dataset
 from stride_jax.errors import ConfigError
+from stride_jax.func import programs
 from stride_jax.models.mlp import cross_entropy
 from stride_jax.task import Task, as_weights
 
@@ -137,12 +138,15 @@ class ClassifierTask(Task):
         from stride_jax.models import mlp
 
         c, b, n = self.model_config, self.arrays(self.train), len(self.train)
-        fn = jax.jit(
-            lambda k: mlp.fit_trajectory(
-                c, k, b["x"], b["y"], jnp.ones(n), self.num_classes, num_checkpoints
+
+        def build():  # the rows are arguments; kept per task, recipe and C
+            return lambda k, x, y, w: mlp.fit_trajectory(
+                c, k, x, y, w, self.num_classes, num_checkpoints
             )
-        )
-        _, stacked, lr_C = fn(jax.random.key(c.seed))
+
+        key = ("trajectory", repr(c), int(num_checkpoints))
+        fn = programs.per_task(self, key, build)
+        _, stacked, lr_C = fn(jax.random.key(c.seed), b["x"], b["y"], jnp.ones(n))
         ckpts = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(num_checkpoints)]
         return ckpts, lr_C
 

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from stride_jax import resources, sharding
+from stride_jax.func import programs
 from stride_jax.models import lm_train
 from stride_jax.task import Task, as_weights
 
@@ -165,10 +166,12 @@ class DecoderTask(Task):
 
         recipe = self.recipe
         ends_C = mlp.checkpoint_steps(recipe.steps, num_checkpoints)
-        run = jax.jit(
-            lambda s, d, w, k, n: lm_train.run_steps(recipe, self.graphdef, s, k, d, w, n)[0],
-            static_argnums=4,
-        )
+
+        def build():  # kept per task and recipe: a second TracIn fit compiles nothing
+            return lambda s, d, w, k, n: lm_train.run_steps(recipe, self.graphdef, s, k, d, w, n)[0]
+
+        key = ("trajectory", recipe.to_json())
+        run = programs.per_task(self, key, build, static_argnums=4)
         state = {**lm_train.init_state(recipe, self.params0), "step": jnp.int32(0)}
         data, w, key = self.data(), jnp.ones(len(self.train)), jax.random.key(self.seed)
         ckpts, start = [], 0

@@ -336,3 +336,27 @@ def test_low_rank_operators_read_the_top_input_directions(setup):
         pre = np.einsum("ir,qro,jo->qij", q_r, np.einsum("ir,qio,oj->qrj", q_r, gq, qs) / lam_r, qs)
         want_s = want_s + np.einsum("qio,nio->qn", pre, gn)
     np.testing.assert_allclose(got, want_s, rtol=2e-3, atol=2e-3 * np.abs(want_s).max())
+
+
+def test_stage1_check_refuses_non_finite_gradients_and_bad_eigenvalues():
+    """The fit's check (one summed reduction over the T x P gradients) against a per-entry
+    reference: any NaN or infinity in a gradient, any non-positive or non-finite damped
+    eigenvalue is refused; finite gradients of both signs pass."""
+    rng = np.random.default_rng(0)
+    g_L = [jnp.asarray(rng.normal(size=(5, 3, 4)), jnp.float32) for _ in range(2)]
+    lam_L = [jnp.asarray(rng.uniform(0.1, 1, size=(3, 4)), jnp.float32) for _ in range(2)]
+
+    def reference(g, lam):
+        finite = all(np.isfinite(np.asarray(x)).all() for x in [*g, *lam])
+        return finite and all((np.asarray(m) > 0).all() for m in lam)
+
+    cases = [(g_L, lam_L)]
+    for bad in (np.nan, np.inf, -np.inf):
+        cases.append(([g_L[0], g_L[1].at[2, 1, 3].set(bad)], lam_L))
+        cases.append((g_L, [lam_L[0].at[0, 0].set(bad), lam_L[1]]))
+    cases.append(([g_L[0].at[0, 0, 0].set(np.inf), g_L[1].at[0, 0, 0].set(-np.inf)], lam_L))
+    for bad in (0.0, -1e-3):
+        cases.append((g_L, [lam_L[0], lam_L[1].at[1, 2].set(bad)]))
+    got = [bool(kernels._finite_and_positive(g, lam)) for g, lam in cases]
+    assert got == [reference(g, lam) for g, lam in cases]
+    assert got[0] and not any(got[1:])

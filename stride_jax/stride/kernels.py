@@ -200,9 +200,14 @@ class KernelSite(sites.Site):
 @jax.jit
 def _finite_and_positive(g_L, lam_L) -> jax.Array:
     """Whether every subset gradient and damped eigenvalue is finite and every eigenvalue
-    positive: one program (op by op, a fresh process compiled two per array)."""
-    finite = [jnp.isfinite(x).all() for x in [*g_L, *lam_L]]
-    return jnp.stack(finite + [(m > 0).all() for m in lam_L]).all()
+    positive: one program (op by op, a fresh process compiled two per array). The T x P
+    gradients are checked through their sum, which a NaN or an infinity makes non-finite:
+    on lm_shakespeare's 0.5 GB that program compiles in 0.13-0.17 s and runs in 15 ms,
+    against 0.30-0.33 s and 95-104 ms for an ``isfinite`` per entry (a sum of finite
+    gradients past float32's 3e38 would be refused too)."""
+    total = sum(jnp.sum(g) for g in g_L)
+    lam_ok = [(m > 0).all() & jnp.isfinite(m).all() for m in lam_L]
+    return jnp.isfinite(total) & jnp.stack(lam_ok).all()
 
 
 def gate_params(site: KernelSite) -> int:

@@ -60,6 +60,14 @@ A STRIDE config (``method_config(task, "stride")`` prints the values for the tas
 - ``lasso_compressed``: Lasso settings that replace ``lasso``'s when the design has fewer
   subsets than examples (T < N); the decoder default selects harder there (lam_frac 1e-3 on a
   6-point path) than at T >= N (lam_frac 3e-5), where the Lasso only re-estimates influence.
+- ``recovery``: "lasso" (the batched Lasso above), "kernel" (the training rows' own
+  responses decode each query's: ``stride_jax.stride.posterior``; one more responses pass
+  over the training rows in the fit, N x T floats kept, dense scores) or "auto" (the kernel
+  recovery for the kernel operators when T < N, the Lasso otherwise; the decoder default:
+  at T = N/2 on validation 0.364 against the Lasso's 0.313 on Shakespeare, 0.498 against
+  0.463 on SFT).
+  ``recovery_jitter``: the ridge added to the subsets' mean responses, relative to their
+  mean diagonal.
 - ``size_weighted`` (classifiers): scale each subset's response by its size before the Lasso.
 - Batch sizes (memory, not results): ``response_batch`` (classifiers: query rows per fused
   response call); decoders: ``encode_batch`` (rows per encoding call), ``op_chunk``

@@ -3,7 +3,9 @@
 ``fit(task, cfg)``: the design over the training rows, the base model encoded once at the
 site, stage 1 (Gauss-Newton and / or Adam, resumable from ``task.workdir``).
 ``score(task, fitted, query_rows, cfg)``: all T responses per query row in one fused call,
-then the batched Lasso; scores are per training row (``task.sum_to_examples`` adds chunks up).
+then the batched Lasso (or, with ``stride.recovery="kernel"``, the decoder of ``posterior``
+built in the fit from the training rows' own responses); scores are per training row
+(``task.sum_to_examples`` adds chunks up).
 ``attribute_rows`` returns the diagnostics too (responses, lambdas, active-set sizes).
 """
 
@@ -20,7 +22,7 @@ from absl import logging
 
 from stride_jax import checkpoint, distributed, sharding
 from stride_jax.errors import ConfigError
-from stride_jax.stride import defaults, recover, subsets
+from stride_jax.stride import defaults, posterior, recover, subsets
 
 
 @dataclasses.dataclass
@@ -48,6 +50,8 @@ class Fitted:
     seconds: dict
     # (query rows object, y_QxT) of the last ``score``: a Lasso sweep reuses the responses.
     last_responses: tuple = ()
+    # ``stride.recovery="kernel"``: the training rows' responses and their factor (``posterior``)
+    decoder: posterior.Decoder | None = None
 
 
 def design_for(dc, n: int, kind: str = "classifier") -> subsets.Design:
@@ -158,10 +162,27 @@ def _fit(task, cfg) -> Fitted:
         changed = checkpoint.claim(workdir, stage1_slice)  # N and the resolved T too
         if changed:
             logging.warning("stride: config changed (%s); retraining stage 1", ", ".join(changed))
+    recovery, jitter = posterior.resolve(cfg, design), posterior.jitter(cfg)
+    if recovery == "kernel":
+        posterior.check_memory(design.num_examples, design.num_subsets)
     t0 = time.time()
     cache = site.encode(task.train)
     graphdef, params, history = site.fit_operators(cache, design, _keys(cfg)[:2], mesh, workdir)
-    return Fitted(site, design, graphdef, params, history, {"stage1": time.time() - t0})
+    fitted = Fitted(site, design, graphdef, params, history, {"stage1": time.time() - t0})
+    if recovery == "kernel":
+        t0 = time.time()
+        r = site.stage2_responses(graphdef, params, cache, task.train, mesh)
+        r_NxT = np.asarray(distributed.to_host(r), np.float32)
+        fitted.decoder = posterior.factor(design, r_NxT, jitter)
+        fitted.seconds["train_responses"] = time.time() - t0
+        logging.info(
+            "stride: kernel recovery: the %d training rows' responses to %d operators and "
+            "their factor in %.2fs",
+            design.num_examples,
+            design.num_subsets,
+            fitted.seconds["train_responses"],
+        )
+    return fitted
 
 
 def responses(fitted: Fitted, query, mesh) -> np.ndarray:
@@ -192,6 +213,16 @@ def attribute_rows(task, fitted: Fitted, query, cfg) -> Scores:
         y_QxT.std(),
     )
     t0 = time.time()
+    if fitted.decoder is not None:
+        scores = posterior.decode(fitted.decoder, y_QxT)
+        seconds["recovery"] = time.time() - t0
+        logging.info(
+            "stride: kernel recovery of %d queries in %.2fs", len(y_QxT), seconds["recovery"]
+        )
+        fitted.seconds.update(responses=seconds["responses"], recovery=seconds["recovery"])
+        n = fitted.design.num_examples
+        lam_Q, nnz_Q = np.zeros(len(y_QxT), np.float32), np.full(len(y_QxT), n)
+        return Scores(scores, y_QxT, lam_Q, nnz_Q, fitted.design, fitted.history, seconds)
     out = recover.lasso_scores(
         fitted.design,
         lasso_targets(y_QxT, fitted.design, cfg),

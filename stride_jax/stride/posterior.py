@@ -1,0 +1,144 @@
+"""Recovery through the training rows' own responses (``stride.recovery="kernel"``).
+
+The Lasso decodes each query's T responses alone, with a sparsity prior. But the operators
+can also be asked about the training rows themselves: ``R_NxT[i, k]``, training row i's
+response to operator k, is computed exactly as a query's (one more pass over the rows, after
+stage 1). With first-order responses every operator answers to the mean of its members'
+influence, ``y_q = c A b_q`` (A the T x N design with rows 1 / |S_k| on the members, ``c``
+the gate's scale), and the training rows' responses are ``R = c K A^T`` with
+``K_ij = g_i^T (F + lam)^-1 g_j`` the operator space's influence between training rows. So
+
+    b_q = R (A R + jitter)^-1 y_q
+
+is the posterior mean of b_q under the Gaussian prior whose covariance is K (a query whose
+preconditioned gradient is isotropic has exactly that covariance of influences), given the T
+responses; equivalently, the query's gradient projected onto the span of the T operators'
+gradients. It needs no sparsity: influence on language models is dense (the Lasso keeps most
+rows). At T = N (A invertible) it returns the operator-space influence itself; at T < N it
+keeps the part of each row's gradient the operators span.
+
+On the validation queries of lm_shakespeare and chit-chat SFT (kernel operators, linear
+responses; experiments/RESULTS.md) it scored 0.364 / 0.498 at T = N/2 and 0.316 at T = N/4,
+against the Lasso's 0.313 / 0.463 and 0.233. At T = N the Lasso is kept (validation
+preferred it, 0.3931 against the exact solve's 0.3910). Cost: one responses pass over the
+N training rows (query-independent, in the fit), N x T floats kept, a T x T Cholesky factor
+in float64 on the host; each query then costs an N x T product, dense scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
+
+from stride_jax import resources
+from stride_jax.errors import ConfigError
+from stride_jax.stride.subsets import Design
+
+RECOVERIES = ("lasso", "kernel", "auto")
+
+
+def resolve(cfg, design: Design) -> str:
+    """``stride.recovery`` for this design: "lasso", or "kernel"; "auto" is the kernel
+    recovery for the kernel operators (``hook="kernels"``: closed-form gates, first-order
+    responses, so ``y = c A b`` holds exactly) on a compressive design (T < N), and the Lasso
+    otherwise (Adam-trained operators and forward responses are not linear in the design)."""
+    recovery = str(cfg.get("recovery", "lasso"))
+    if recovery not in RECOVERIES:
+        raise ConfigError(f"stride.recovery must be one of {RECOVERIES}, got {recovery!r}")
+    if recovery == "auto":
+        compressed = design.num_subsets < design.num_examples
+        return "kernel" if compressed and cfg.get("hook") == "kernels" else "lasso"
+    return recovery
+
+
+def jitter(cfg) -> float:
+    value = float(cfg.get("recovery_jitter", 1e-4))
+    if not value >= 0:
+        raise ConfigError(f"stride.recovery_jitter must be >= 0, got {value}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+    """The training rows' responses ``r_NxT`` (float32), the Cholesky factor of
+    ``s (A R) + jitter`` (T x T, float64) and the sign ``s`` that makes it positive."""
+
+    r_NxT: np.ndarray
+    factor: tuple
+    sign: float
+
+
+def check_memory(num_examples: int, num_subsets: int) -> None:
+    """Refuse, before any work, a recovery whose N x T responses and T x T factor (twice, in
+    float64) would take more than half the host's available memory."""
+    need = 4 * num_examples * num_subsets + 2 * 8 * num_subsets**2
+    have = resources.host_available_bytes()
+    if need > have // 2:
+        raise ConfigError(
+            f"stride.recovery='kernel' needs {resources.human_bytes(need)} for the training "
+            f"rows' responses (N = {num_examples} x T = {num_subsets}) and the T x T factor, "
+            f"more than half of the {resources.human_bytes(have)} available: set "
+            "stride.recovery='lasso' (or 'auto' with T >= N)"
+        )
+
+
+def subset_means(design: Design, r_NxT: np.ndarray) -> np.ndarray:
+    """``A R`` (T x T, float64): each subset's mean of its members' rows of ``r_NxT``, one
+    member slot at a time (memory T x T, not T x S x T)."""
+    n, t = design.num_examples, design.num_subsets
+    if r_NxT.shape != (n, t):
+        raise ValueError(f"the training rows' responses are {r_NxT.shape}, expected ({n}, {t})")
+    padded = np.concatenate([np.asarray(r_NxT, np.float64), np.zeros((1, t))])
+    out = np.zeros((t, t))
+    for slot in design.members_TxS.T:
+        out += padded[slot]
+    return out / np.maximum(design.sizes_T, 1)[:, None]
+
+
+def factor(design: Design, r_NxT: np.ndarray, jitter_frac: float) -> Decoder:
+    """The decoder of ``r_NxT`` (N x T training-row responses): ``A R`` symmetrised, its sign
+    made positive (the responses' sign convention cancels), ``jitter_frac`` times its mean
+    diagonal added, Cholesky-factored in float64."""
+    r_NxT = np.asarray(r_NxT, np.float32)
+    if not np.isfinite(r_NxT).all():
+        raise FloatingPointError(
+            "stride.recovery='kernel': the training rows' responses are not finite"
+        )
+    m = subset_means(design, r_NxT)
+    m = (m + m.T) / 2
+    scale = float(np.mean(np.diag(m)))
+    if scale == 0:
+        raise FloatingPointError(
+            "stride.recovery='kernel': every training row's response is zero (no operator "
+            "moves any training row's loss)"
+        )
+    sign = 1.0 if scale > 0 else -1.0
+    m = sign * m + jitter_frac * abs(scale) * np.eye(m.shape[0])
+    try:
+        chol = scipy.linalg.cho_factor(m, lower=True, check_finite=False)
+    except np.linalg.LinAlgError as e:
+        raise FloatingPointError(
+            "stride.recovery='kernel': the subsets' mean responses are not positive definite "
+            f"at recovery_jitter={jitter_frac:g} (nonlinear responses, or duplicate subsets): "
+            "raise stride.recovery_jitter or use recovery='lasso'"
+        ) from e
+    return Decoder(r_NxT, chol, sign)
+
+
+def decode(dec: Decoder, y_QxT: np.ndarray) -> np.ndarray:
+    """scores_QxN = ``(R (A R + jitter)^-1 y_q)`` for every query (float32)."""
+    y = np.asarray(y_QxT, np.float64)
+    if y.ndim != 2 or y.shape[1] != dec.r_NxT.shape[1]:
+        raise ValueError(f"responses {y.shape} do not match the decoder's T = {dec.r_NxT.shape[1]}")
+    # (A R)^-1 = s (s A R)^-1: the factor's sign goes onto the responses.
+    alpha_TxQ = scipy.linalg.cho_solve(dec.factor, dec.sign * y.T, check_finite=False)
+    out = jnp.matmul(
+        jnp.asarray(dec.r_NxT),
+        jnp.asarray(alpha_TxQ, jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    return np.asarray(out, np.float32).T

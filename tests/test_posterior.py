@@ -1,0 +1,161 @@
+"""The kernel recovery (``stride.recovery="kernel"``, ``stride/posterior.py``): decoding each
+query's T responses through the training rows' own responses.
+
+References are independent of the decoder's formula: the query's gradient projected onto the
+span of the subsets' mean gradients by least squares (numpy), and, on a real task, the
+operator-space influence between all rows (``opspace``) pushed through the same projection.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from stride_jax import methods
+from stride_jax.errors import ConfigError
+from stride_jax.stride import defaults, kernels, method, posterior, subsets
+from stride_jax.stride import kernel_passes as passes
+
+
+def _linear_system(n=30, p=50, t=12, q=4, degree=3, seed=0):
+    """Rows' gradients G (n x p), queries' z (q x p), an expander design and the responses
+    a site with first-order responses would give: y = c A G z, R = c G (A G)^T."""
+    rng = np.random.default_rng(seed)
+    g = rng.normal(size=(n, p)) * rng.uniform(0.2, 2.0, size=(1, p))
+    z = rng.normal(size=(q, p))
+    design = subsets.expander(jax.random.key(seed), t, n, degree)
+    a = design.dense() / np.maximum(design.sizes_T, 1)[:, None]
+    return g, z, design, a
+
+
+def _projected(g, z, a):
+    """b_q = G z_q with z_q replaced by its least-squares projection onto the rows of A G."""
+    s = a @ g  # T x P: the subsets' mean gradients
+    coef, *_ = np.linalg.lstsq(s.T, z.T, rcond=None)  # P x Q onto span(S^T)
+    return (g @ (s.T @ coef)).T
+
+
+@pytest.mark.parametrize("c", [0.01, -3.0])
+def test_decoder_is_the_projection_of_the_query_gradient_onto_the_subsets(c):
+    g, z, design, a = _linear_system()
+    r = c * g @ (a @ g).T  # N x T: each training row's response to each operator
+    y = c * (a @ g @ z.T).T  # Q x T
+    dec = posterior.factor(design, r.astype(np.float32), jitter_frac=1e-10)
+    got = posterior.decode(dec, y)
+    want = c * _projected(g, z, a)  # the decoder keeps the responses' scale
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+    assert np.corrcoef(got.ravel(), (g @ z.T).T.ravel())[0, 1] < 0.999  # T < N: not exact
+
+
+def test_decoder_at_full_rank_returns_the_influence_itself():
+    g, z, design, a = _linear_system(n=20, p=60, t=20, degree=3)
+    assert np.linalg.matrix_rank(a) == 20
+    r = g @ (a @ g).T
+    got = posterior.decode(posterior.factor(design, r, 1e-10), (a @ g @ z.T).T)
+    want = (g @ z.T).T
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+
+
+def test_subset_means_of_the_rows():
+    g, _, design, a = _linear_system()
+    r = np.random.default_rng(1).normal(size=(design.num_examples, design.num_subsets))
+    np.testing.assert_allclose(posterior.subset_means(design, r), a @ r, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="expected"):
+        posterior.subset_means(design, r[:, :-1])
+
+
+def test_bad_responses_are_refused():
+    g, _, design, a = _linear_system()
+    r = (g @ (a @ g).T).astype(np.float32)
+    bad = r.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(FloatingPointError, match="not finite"):
+        posterior.factor(design, bad, 1e-4)
+    with pytest.raises(FloatingPointError, match="zero"):
+        posterior.factor(design, np.zeros_like(r), 1e-4)
+    indefinite = r.copy()
+    indefinite[:, 0] = -50 * np.abs(indefinite).max()  # one operator's responses flipped, huge
+    with pytest.raises(FloatingPointError, match="recovery_jitter"):
+        posterior.factor(design, indefinite, 0.0)
+    dec = posterior.factor(design, r, 1e-4)
+    with pytest.raises(ValueError, match="T ="):
+        posterior.decode(dec, np.zeros((2, design.num_subsets + 1)))
+
+
+@pytest.fixture(scope="module")
+def task():
+    from conftest import tiny_decoder_task
+
+    return tiny_decoder_task(block_len=12, n_train=24, n_query=3)[1]
+
+
+def _cfg(t, recovery="kernel", degree=2):
+    cfg = defaults.decoder()
+    cfg.design.update(num_subsets=t, degree=degree)
+    cfg.stage1.curvature_batch = 5
+    cfg.recovery = recovery
+    return cfg
+
+
+@pytest.mark.parametrize("t, degree", [(8, 2), (24, 5)])  # 24 x 24 at degree 5: full rank
+def test_kernel_operators_decode_to_the_projected_operator_space_influence(task, t, degree):
+    """On a real decoder: STRIDE's scores with recovery="kernel" against the operator-space
+    influence between every pair of rows (``opspace_scores``, EK-FAC at STRIDE's settings)
+    pushed through K A^T (A K A^T)^-1 A; at T = N (24 rows) that is the influence itself."""
+    cfg = _cfg(t, degree=degree)
+    cfg.recovery_jitter = 1e-9  # the formula itself (cond(A K A^T) ~ 1e5 at T = N here)
+    fitted = method.fit(task, cfg, reuse=False)
+    assert fitted.decoder is not None and fitted.seconds["train_responses"] >= 0
+    got = np.asarray(method.score(task, fitted, task.query, cfg), np.float64)
+    chunk, layers = kernels.chunk_rows(task, cfg), fitted.site.layers
+    basis = {k: fitted.params[k] for k in ("qa", "qs", "lam")}
+    b = np.asarray(passes.opspace_scores(task, layers, chunk, basis, task.query), np.float64)
+    k = np.asarray(passes.opspace_scores(task, layers, chunk, basis, task.train), np.float64)
+    k = (k + k.T) / 2
+    a = fitted.design.dense() / np.maximum(fitted.design.sizes_T, 1)[:, None]
+    c = -float(fitted.params["scale"])
+    ka = k @ a.T
+    want = c * (ka @ np.linalg.solve(a @ ka, a @ b.T)).T
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-3 * np.abs(want).max())
+    if t == len(task.train):
+        assert np.linalg.matrix_rank(a) == t
+        np.testing.assert_allclose(got, c * b, rtol=2e-2, atol=2e-3 * np.abs(b).max())
+
+
+def test_auto_is_the_kernel_recovery_below_n_and_the_lasso_at_n(task):
+    n = len(task.train)
+    for t, want in [(8, "kernel"), (n, "lasso")]:
+        design = method.design_for(_cfg(t, "auto").design, n, "decoder")
+        assert posterior.resolve(_cfg(t, "auto"), design) == want
+    assert method.fit(task, _cfg(n, "auto"), reuse=False).decoder is None
+    residual = _cfg(8, "auto")
+    residual.hook = "residual"  # Adam-trained or forward responses: not linear in the design
+    assert posterior.resolve(residual, method.design_for(residual.design, n, "decoder")) == "lasso"
+    assert defaults.decoder().recovery == "auto"
+    assert defaults.classifier().recovery == "lasso"
+
+
+def test_bad_recovery_settings_are_refused_before_any_work(task, monkeypatch):
+    with pytest.raises(ConfigError, match="recovery must be one of"):
+        method.fit(task, _cfg(8, "ridge"), reuse=False)
+    monkeypatch.setattr(posterior.resources, "host_available_bytes", lambda: 1000)
+    monkeypatch.setattr(kernels.KernelSite, "fit_operators", _never)
+    with pytest.raises(ConfigError, match="recovery='lasso'"):
+        method.fit(task, _cfg(8), reuse=False)
+    monkeypatch.undo()
+    monkeypatch.setattr(kernels.KernelSite, "fit_operators", _never)
+    cfg = _cfg(8)
+    cfg.recovery_jitter = -1.0
+    with pytest.raises(ConfigError, match="recovery_jitter"):
+        method.fit(task, cfg, reuse=False)
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("stage 1 ran before the refusal")
+
+
+def test_stride_method_registry_runs_the_kernel_recovery(task):
+    m = methods.get("stride", "decoder")
+    cfg = _cfg(8)
+    scores = np.asarray(m.score(task, m.fit(task, cfg), task.query, cfg))
+    assert scores.shape == (len(task.query), len(task.train)) and np.isfinite(scores).all()
+    assert np.count_nonzero(scores) == scores.size  # dense, unlike the Lasso's

@@ -130,6 +130,14 @@ def test_auto_is_the_kernel_recovery_below_n_and_the_lasso_at_n(task):
     residual = _cfg(8, "auto")
     residual.hook = "residual"  # Adam-trained or forward responses: not linear in the design
     assert posterior.resolve(residual, method.design_for(residual.design, n, "decoder")) == "lasso"
+    small = _cfg(8, "auto")
+    design = method.design_for(small.design, n, "decoder")
+    need = posterior.memory_need(n, 8)
+    with pytest.MonkeyPatch.context() as mp:  # R would not fit: auto falls back to the Lasso
+        mp.setattr(posterior, "_available", lambda: need)
+        assert posterior.resolve(small, design) == "lasso"
+        mp.setattr(posterior, "_available", lambda: 2 * need + 2)
+        assert posterior.resolve(small, design) == "kernel"
     assert defaults.decoder().recovery == "auto"
     assert defaults.classifier().recovery == "lasso"
 
@@ -137,7 +145,7 @@ def test_auto_is_the_kernel_recovery_below_n_and_the_lasso_at_n(task):
 def test_bad_recovery_settings_are_refused_before_any_work(task, monkeypatch):
     with pytest.raises(ConfigError, match="recovery must be one of"):
         method.fit(task, _cfg(8, "ridge"), reuse=False)
-    monkeypatch.setattr(posterior.resources, "host_available_bytes", lambda: 1000)
+    monkeypatch.setattr(posterior, "_available", lambda: 1000)
     monkeypatch.setattr(kernels.KernelSite, "fit_operators", _never)
     with pytest.raises(ConfigError, match="recovery='lasso'"):
         method.fit(task, _cfg(8), reuse=False)

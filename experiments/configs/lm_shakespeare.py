@@ -49,9 +49,11 @@ def comparison_rows(c, half: int, quarter: int) -> None:
     """The LM configs' methods: STRIDE's default and the same at T = ``half`` and ``quarter``
     (N/2 and N/4; only T changed), operator-space influence, the residual-stream recipe and its
     operator-space influence, the paper's recipe at T = N/4,
-    every baseline, and EK-FAC with the empirical Fisher (the data's labels; its best
-    validation setting) beside the true-Fisher one."""
+    every baseline, EK-FAC with the empirical Fisher (the data's labels; its best
+    validation setting) beside the true-Fisher one, and TRAK with 10 models (the issue's
+    compressed target is stated against TRAK-10) at TRAK-1's validation-chosen setting."""
     c.variants.ekfac_empirical = dict(method="ekfac", layers=2, fisher="empirical", damping=3e-4)
+    c.variants.trak10 = dict(method="trak", layers=2, damping=1.0, num_models=10)
     # The paper's recipe (``stride.defaults.paper``) in its compressive regime. Stage 1 is cut
     # to 300 steps of 4 member rows (from 600 x 10) so that it and its four ablations fit on
     # 2 CPU cores.
@@ -69,4 +71,4 @@ def comparison_rows(c, half: int, quarter: int) -> None:
     c.variants.opspace_residual = dict(method="opspace", preset="residual")
     stride_rows = ("stride", "stride_half", "stride_quarter", "opspace")
     stride_rows += ("stride_residual", "opspace_residual", "stride_paper")
-    c.methods = (*stride_rows, *LM_METHODS[2:], "ekfac_empirical")
+    c.methods = (*stride_rows, *LM_METHODS[2:], "ekfac_empirical", "trak10")

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
+from absl import logging
 
 from stride_jax import resources
 from stride_jax.errors import ConfigError
@@ -51,7 +52,18 @@ def resolve(cfg, design: Design) -> str:
         raise ConfigError(f"stride.recovery must be one of {RECOVERIES}, got {recovery!r}")
     if recovery == "auto":
         compressed = design.num_subsets < design.num_examples
-        return "kernel" if compressed and cfg.get("hook") == "kernels" else "lasso"
+        if not (compressed and cfg.get("hook") == "kernels"):
+            return "lasso"
+        need, have = memory_need(design.num_examples, design.num_subsets), _available()
+        if need > have // 2:  # e.g. millions of rows: the Lasso streams, R would not fit
+            logging.info(
+                "auto: stride.recovery: auto -> 'lasso' (the kernel recovery's %s exceeds half "
+                "of the %s available)",
+                resources.human_bytes(need),
+                resources.human_bytes(have),
+            )
+            return "lasso"
+        return "kernel"
     return recovery
 
 
@@ -72,11 +84,19 @@ class Decoder:
     sign: float
 
 
+def memory_need(num_examples: int, num_subsets: int) -> int:
+    """Bytes of the N x T responses (float32) and the T x T system and factor (float64)."""
+    return 4 * num_examples * num_subsets + 2 * 8 * num_subsets**2
+
+
+def _available() -> int:
+    return resources.host_available_bytes()
+
+
 def check_memory(num_examples: int, num_subsets: int) -> None:
     """Refuse, before any work, a recovery whose N x T responses and T x T factor (twice, in
     float64) would take more than half the host's available memory."""
-    need = 4 * num_examples * num_subsets + 2 * 8 * num_subsets**2
-    have = resources.host_available_bytes()
+    need, have = memory_need(num_examples, num_subsets), _available()
     if need > have // 2:
         raise ConfigError(
             f"stride.recovery='kernel' needs {resources.human_bytes(need)} for the training "

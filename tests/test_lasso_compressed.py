@@ -38,6 +38,7 @@ def test_stage2_uses_the_compressed_settings_only_below_n(num_subsets, compresse
     _, task = tiny_decoder_task(block_len=12, n_train=24, n_query=2)
     cfg = defaults.decoder()
     cfg.design.update(num_subsets=num_subsets, degree=2)
+    cfg.recovery = "lasso"  # the default ("auto") decodes T < N without the Lasso (below)
     seen = []
     real = recover.lasso_scores
 
@@ -50,3 +51,9 @@ def test_stage2_uses_the_compressed_settings_only_below_n(num_subsets, compresse
     method.score(task, fitted, task.query, cfg)
     assert seen == [method.lasso_config(cfg, compressed)]
     assert seen[0].lam_frac == (1e-3 if compressed else 3e-5)
+    seen.clear()
+    cfg.recovery = "auto"
+    fitted = method.fit(task, cfg, reuse=False)
+    method.score(task, fitted, task.query, cfg)
+    assert (fitted.decoder is not None) == compressed  # the kernel recovery below N
+    assert len(seen) == (0 if compressed else 1)

@@ -122,14 +122,18 @@ def test_kernel_operators_decode_to_the_projected_operator_space_influence(task,
 
 
 def test_auto_is_the_kernel_recovery_below_n_and_the_lasso_at_n(task):
+    """ "auto": the kernel recovery for closed-form operators at T < N, else the Lasso."""
     n = len(task.train)
     for t, want in [(8, "kernel"), (n, "lasso")]:
         design = method.design_for(_cfg(t, "auto").design, n, "decoder")
         assert posterior.resolve(_cfg(t, "auto"), design) == want
     assert method.fit(task, _cfg(n, "auto"), reuse=False).decoder is None
-    residual = _cfg(8, "auto")
-    residual.hook = "residual"  # Adam-trained or forward responses: not linear in the design
-    assert posterior.resolve(residual, method.design_for(residual.design, n, "decoder")) == "lasso"
+    adam = _cfg(8, "auto")
+    adam.hook = "residual"
+    adam.stage1.update(init="zero", steps=10)  # Adam-trained operators: the Lasso
+    assert posterior.resolve(adam, method.design_for(adam.design, n, "decoder")) == "lasso"
+    adam.stage1.update(init="newton", steps=0)  # any site's closed-form step: the kernel one
+    assert posterior.resolve(adam, method.design_for(adam.design, n, "decoder")) == "kernel"
     small = _cfg(8, "auto")
     design = method.design_for(small.design, n, "decoder")
     need = posterior.memory_need(n, 8)
@@ -139,7 +143,7 @@ def test_auto_is_the_kernel_recovery_below_n_and_the_lasso_at_n(task):
         mp.setattr(posterior, "_available", lambda: 2 * need + 2)
         assert posterior.resolve(small, design) == "kernel"
     assert defaults.decoder().recovery == "auto"
-    assert defaults.classifier().recovery == "lasso"
+    assert defaults.classifier().recovery == "auto"
 
 
 def test_bad_recovery_settings_are_refused_before_any_work(task, monkeypatch):
@@ -167,3 +171,26 @@ def test_stride_method_registry_runs_the_kernel_recovery(task):
     scores = np.asarray(m.score(task, m.fit(task, cfg), task.query, cfg))
     assert scores.shape == (len(task.query), len(task.train)) and np.isfinite(scores).all()
     assert np.count_nonzero(scores) == scores.size  # dense, unlike the Lasso's
+
+
+def test_forward_responses_that_are_not_positive_definite_are_floored(caplog):
+    """A's mean responses with negative eigenvalues (as forward responses can give): the
+    eigenvalues below the jitter's floor are raised to it, against a dense numpy reference."""
+    g, z, design, a = _linear_system()
+    rng = np.random.default_rng(3)
+    r = g @ (a @ g).T
+    w0, v0 = np.linalg.eigh(a @ r)
+    u = v0[:, :1]  # push A R's smallest eigenvalue below zero: R -= lam A^+ u u^T
+    r = r - (w0[0] + 0.5 * np.mean(w0)) * np.linalg.pinv(a) @ u @ u.T
+    y = rng.normal(size=(4, 12))
+    m = a @ r
+    m = (m + m.T) / 2
+    w, v = np.linalg.eigh(m)
+    assert w.min() < 0  # the perturbation made it indefinite
+    floor = 1e-2 * np.mean(np.diag(m))
+    want = (r @ (v @ np.diag(1 / np.maximum(w, floor)) @ v.T) @ y.T).T
+    with caplog.at_level("WARNING"):
+        dec = posterior.factor(design, r, 1e-2)
+    assert dec.factor[0] == "eigh" and "not positive definite" in caplog.text
+    got = posterior.decode(dec, y)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())

@@ -27,7 +27,9 @@ from stride_jax.stride import defaults, posterior, recover, subsets
 
 @dataclasses.dataclass
 class Scores:
-    """``scores_QxN`` (higher = the row lowers the query's loss), with diagnostics."""
+    """``scores_QxN`` (higher = the row lowers the query's loss), with diagnostics: the
+    responses, each query's Lasso lambda and active-set size (with the kernel recovery: 0
+    and N, its scores are dense)."""
 
     scores_QxN: np.ndarray
     responses_QxT: np.ndarray

@@ -60,6 +60,8 @@ def resolve(cfg, design: Design) -> str:
         s1 = cfg.get("stage1", {})
         closed_form = s1.get("init", "zero") == "newton" and int(s1.get("steps", 1)) == 0
         if not (compressed and closed_form):
+            why = "T >= N" if not compressed else "Adam-trained operators"
+            logging.info("auto: stride.recovery: auto -> 'lasso' (%s)", why)
             return "lasso"
         need, have = memory_need(design.num_examples, design.num_subsets), _available()
         if need > have // 2:  # e.g. millions of rows: the Lasso streams, R would not fit
@@ -70,6 +72,11 @@ def resolve(cfg, design: Design) -> str:
                 resources.human_bytes(have),
             )
             return "lasso"
+        logging.info(
+            "auto: stride.recovery: auto -> 'kernel' (T = %d < N = %d, closed-form stage 1)",
+            design.num_subsets,
+            design.num_examples,
+        )
         return "kernel"
     return recovery
 

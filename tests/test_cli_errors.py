@@ -40,6 +40,10 @@ CASES = {
         [QUICK, "--config.stride.design.num_subsets=5000"],
         "error: stride.design.num_subsets=5000 is more than the 400 training rows x degree 5",
     ),
+    "unknown STRIDE recovery": (
+        [QUICK, "--config.stride.recovery=ridge"],
+        "error: stride.recovery must be one of ('lasso', 'kernel', 'auto'), got 'ridge'",
+    ),
     "LM split larger than the corpus": (
         [LM_QUICK, "--config.data.n_train=100000"],
         "exceeds the 17378 shakespeare blocks; lower them, or leave them unset",

@@ -194,3 +194,12 @@ def test_forward_responses_that_are_not_positive_definite_are_floored(caplog):
     assert dec.factor[0] == "eigh" and "not positive definite" in caplog.text
     got = posterior.decode(dec, y)
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+
+
+def test_the_job_refuses_a_bad_recovery_in_a_variant_before_any_work():
+    from stride_jax.job import config as job_config
+
+    config = job_config.base_config("decoder")
+    config.variants.odd = dict(method="stride", recovery_jitter=-1.0)
+    with pytest.raises(ConfigError, match="recovery_jitter must be >= 0"):
+        job_config.validate(config)

@@ -279,8 +279,13 @@ def validate(config) -> None:
         )
     _positive(config, "groundtruth.num_models", "lds.n_boot")
     from stride_jax.stride import method as stride_method
+    from stride_jax.stride import posterior
 
     stride_method.lasso_config(config.stride, compressed=True)  # unknown Lasso keys
+    for label in ("stride", *config.variants, *config.methods):
+        name, block = method_block(config, label)
+        if name == "stride":  # a bad recovery fails here, not after the retrains
+            posterior.check_config(block)
     if kind == "decoder":
         _positive(config, "groundtruth.seeds")
     if not config.groundtruth.models_per_batch >= 0:

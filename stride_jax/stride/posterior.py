@@ -46,15 +46,22 @@ from stride_jax.stride.subsets import Design
 RECOVERIES = ("lasso", "kernel", "auto")
 
 
+def check_config(cfg) -> None:
+    """Refuse an unknown ``stride.recovery`` or a negative ``recovery_jitter`` (by name)."""
+    recovery = str(cfg.get("recovery", "lasso"))
+    if recovery not in RECOVERIES:
+        raise ConfigError(f"stride.recovery must be one of {RECOVERIES}, got {recovery!r}")
+    jitter(cfg)
+
+
 def resolve(cfg, design: Design) -> str:
     """``stride.recovery`` for this design: "lasso", or "kernel"; "auto" is the kernel
     recovery for operators in closed form (one Gauss-Newton step, ``stage1.init="newton"``
     and ``steps=0``: the gates are linear in the subsets' mean gradients) on a compressive
     design (T < N), and the Lasso otherwise (Adam-trained operators; T >= N, where the Lasso
     scored above the exact solve on validation)."""
+    check_config(cfg)
     recovery = str(cfg.get("recovery", "lasso"))
-    if recovery not in RECOVERIES:
-        raise ConfigError(f"stride.recovery must be one of {RECOVERIES}, got {recovery!r}")
     if recovery == "auto":
         compressed = design.num_subsets < design.num_examples
         s1 = cfg.get("stage1", {})

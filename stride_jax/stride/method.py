@@ -173,6 +173,11 @@ def _fit(task, cfg) -> Fitted:
     fitted = Fitted(site, design, graphdef, params, history, {"stage1": time.time() - t0})
     if recovery == "kernel":
         t0 = time.time()
+        logging.info(
+            "stride: kernel recovery: responses of the %d training rows to the %d operators",
+            design.num_examples,
+            design.num_subsets,
+        )
         r = site.stage2_responses(graphdef, params, cache, task.train, mesh)
         r_NxT = np.asarray(distributed.to_host(r), np.float32)
         fitted.decoder = posterior.factor(design, r_NxT, jitter)

@@ -282,7 +282,7 @@ def validate(config) -> None:
     from stride_jax.stride import posterior
 
     stride_method.lasso_config(config.stride, compressed=True)  # unknown Lasso keys
-    for label in ("stride", *config.variants, *config.methods):
+    for label in dict.fromkeys(("stride", *config.variants, *config.methods)):
         name, block = method_block(config, label)
         if name == "stride":  # a bad recovery fails here, not after the retrains
             posterior.check_config(block)

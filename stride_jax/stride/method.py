@@ -165,8 +165,6 @@ def _fit(task, cfg) -> Fitted:
         if changed:
             logging.warning("stride: config changed (%s); retraining stage 1", ", ".join(changed))
     recovery, jitter = posterior.resolve(cfg, design), posterior.jitter(cfg)
-    if recovery == "kernel":
-        posterior.check_memory(design.num_examples, design.num_subsets)
     t0 = time.time()
     cache = site.encode(task.train)
     graphdef, params, history = site.fit_operators(cache, design, _keys(cfg)[:2], mesh, workdir)

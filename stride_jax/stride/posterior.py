@@ -55,11 +55,12 @@ def check_config(cfg) -> None:
 
 
 def resolve(cfg, design: Design) -> str:
-    """``stride.recovery`` for this design: "lasso", or "kernel"; "auto" is the kernel
-    recovery for operators in closed form (one Gauss-Newton step, ``stage1.init="newton"``
-    and ``steps=0``: the gates are linear in the subsets' mean gradients) on a compressive
-    design (T < N), and the Lasso otherwise (Adam-trained operators; T >= N, where the Lasso
-    scored above the exact solve on validation)."""
+    """``stride.recovery`` for this design: "lasso", or "kernel" (refused, before any work,
+    when its arrays would not fit: ``check_memory``); "auto" is the kernel recovery for
+    operators in closed form (one Gauss-Newton step, ``stage1.init="newton"`` and
+    ``steps=0``: the gates are linear in the subsets' mean gradients) on a compressive design
+    (T < N), and the Lasso otherwise (Adam-trained operators; T >= N, where the Lasso scored
+    above the exact solve on validation; arrays that would not fit)."""
     check_config(cfg)
     recovery = str(cfg.get("recovery", "lasso"))
     if recovery == "auto":
@@ -70,8 +71,8 @@ def resolve(cfg, design: Design) -> str:
             why = "T >= N" if not compressed else "Adam-trained operators"
             logging.info("auto: stride.recovery: auto -> 'lasso' (%s)", why)
             return "lasso"
-        need, have = memory_need(design.num_examples, design.num_subsets), _available()
-        if need > have // 2:  # e.g. millions of rows: the Lasso streams, R would not fit
+        fits, need, have = _fits(design.num_examples, design.num_subsets)
+        if not fits:  # e.g. millions of rows: the Lasso streams, R would not fit
             logging.info(
                 "auto: stride.recovery: auto -> 'lasso' (the kernel recovery's %s exceeds half "
                 "of the %s available)",
@@ -85,6 +86,8 @@ def resolve(cfg, design: Design) -> str:
             design.num_examples,
         )
         return "kernel"
+    if recovery == "kernel":
+        check_memory(design.num_examples, design.num_subsets)
     return recovery
 
 
@@ -116,11 +119,18 @@ def _available() -> int:
     return resources.host_available_bytes()
 
 
+def _fits(num_examples: int, num_subsets: int) -> tuple[bool, int, int]:
+    """(whether the recovery's arrays fit in half the host's available memory, their bytes,
+    the bytes available)."""
+    need, have = memory_need(num_examples, num_subsets), _available()
+    return need <= have // 2, need, have
+
+
 def check_memory(num_examples: int, num_subsets: int) -> None:
     """Refuse, before any work, a recovery whose N x T responses and T x T factor (twice, in
     float64) would take more than half the host's available memory."""
-    need, have = memory_need(num_examples, num_subsets), _available()
-    if need > have // 2:
+    fits, need, have = _fits(num_examples, num_subsets)
+    if not fits:
         raise ConfigError(
             f"stride.recovery='kernel' needs {resources.human_bytes(need)} for the training "
             f"rows' responses (N = {num_examples} x T = {num_subsets}) and the T x T factor, "
@@ -170,14 +180,14 @@ def factor(design: Design, r_NxT: np.ndarray, jitter_frac: float) -> Decoder:
         pass
     # Not positive definite: forward responses are not linear in the design. Its eigenvalues
     # below the floor are raised to it (the nearest positive definite system in that sense).
-    w, v = np.linalg.eigh(m)
-    low = int((w < floor).sum())
     if floor <= 0:
         raise FloatingPointError(
             "stride.recovery='kernel': the subsets' mean responses are not positive definite "
             f"and recovery_jitter={jitter_frac:g}: raise stride.recovery_jitter or use "
             "recovery='lasso'"
         )
+    w, v = np.linalg.eigh(m)
+    low = int((w < floor).sum())
     logging.warning(
         "stride: kernel recovery: the subsets' mean responses are not positive definite "
         "(%d of %d eigenvalues below recovery_jitter x their mean: nonlinear responses); "

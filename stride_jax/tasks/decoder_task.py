@@ -170,8 +170,7 @@ class DecoderTask(Task):
         def build():  # kept per task and recipe: a second TracIn fit compiles nothing
             return lambda s, d, w, k, n: lm_train.run_steps(recipe, self.graphdef, s, k, d, w, n)[0]
 
-        key = ("trajectory", recipe.to_json())
-        run = programs.per_task(self, key, build, static_argnums=4)
+        run = programs.per_task(self, ("trajectory", recipe.to_json()), build, static_argnums=4)
         state = {**lm_train.init_state(recipe, self.params0), "step": jnp.int32(0)}
         data, w, key = self.data(), jnp.ones(len(self.train)), jax.random.key(self.seed)
         ckpts, start = [], 0

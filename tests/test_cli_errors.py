@@ -42,7 +42,7 @@ CASES = {
     ),
     "unknown STRIDE recovery": (
         [QUICK, "--config.stride.recovery=ridge"],
-        "error: stride.recovery must be one of ('lasso', 'kernel', 'auto'), got 'ridge'",
+        "error: stride.recovery must be one of ('lasso', 'kernel', 'solve', 'auto'), got 'ridge'",
     ),
     "LM split larger than the corpus": (
         [LM_QUICK, "--config.data.n_train=100000"],

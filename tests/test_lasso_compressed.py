@@ -7,7 +7,7 @@ import pytest
 
 from stride_jax.errors import ConfigError
 from stride_jax.job import config as job_config
-from stride_jax.stride import defaults, method, recover
+from stride_jax.stride import defaults, method, posterior, recover
 
 
 def test_decoder_default_switches_lasso_below_n():
@@ -38,7 +38,7 @@ def test_stage2_uses_the_compressed_settings_only_below_n(num_subsets, compresse
     _, task = tiny_decoder_task(block_len=12, n_train=24, n_query=2)
     cfg = defaults.decoder()
     cfg.design.update(num_subsets=num_subsets, degree=2)
-    cfg.recovery = "lasso"  # the default ("auto") decodes T < N without the Lasso (below)
+    cfg.recovery = "lasso"  # the default ("auto") decodes without the Lasso (below)
     seen = []
     real = recover.lasso_scores
 
@@ -55,5 +55,6 @@ def test_stage2_uses_the_compressed_settings_only_below_n(num_subsets, compresse
     cfg.recovery = "auto"
     fitted = method.fit(task, cfg, reuse=False)
     method.score(task, fitted, task.query, cfg)
-    assert (fitted.decoder is not None) == compressed  # the kernel recovery below N
-    assert len(seen) == (0 if compressed else 1)
+    # the kernel recovery below N, the exact solve at N: no Lasso either way
+    want = posterior.Decoder if compressed else posterior.Solve
+    assert isinstance(fitted.decoder, want) and not seen

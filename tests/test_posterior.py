@@ -1,5 +1,6 @@
 """The kernel recovery (``stride.recovery="kernel"``, ``stride/posterior.py``): decoding each
-query's T responses through the training rows' own responses.
+query's T responses through the training rows' own responses; and the exact solve at T >= N
+(``stride.recovery="solve"``), against numpy's least squares.
 
 References are independent of the decoder's formula: the query's gradient projected onto the
 span of the subsets' mean gradients by least squares (numpy), and, on a real task, the
@@ -121,13 +122,18 @@ def test_kernel_operators_decode_to_the_projected_operator_space_influence(task,
         np.testing.assert_allclose(got, c * b, rtol=2e-2, atol=2e-3 * np.abs(b).max())
 
 
-def test_auto_is_the_kernel_recovery_below_n_and_the_lasso_at_n(task):
-    """ "auto": the kernel recovery for closed-form operators at T < N, else the Lasso."""
+def test_auto_is_the_kernel_recovery_below_n_and_the_exact_solve_at_n(task):
+    """ "auto": for closed-form operators the kernel recovery at T < N and, with linear
+    responses, the exact solve at T >= N; the Lasso for Adam-trained operators, for forward
+    responses at T >= N, and when the arrays would not fit."""
     n = len(task.train)
-    for t, want in [(8, "kernel"), (n, "lasso")]:
+    for t, want in [(8, "kernel"), (n, "solve"), (n + 6, "solve")]:
         design = method.design_for(_cfg(t, "auto").design, n, "decoder")
         assert posterior.resolve(_cfg(t, "auto"), design) == want
-    assert method.fit(task, _cfg(n, "auto"), reuse=False).decoder is None
+    assert isinstance(method.fit(task, _cfg(n, "auto"), reuse=False).decoder, posterior.Solve)
+    forward = _cfg(n, "auto")
+    forward.responses = "forward"
+    assert posterior.resolve(forward, method.design_for(forward.design, n, "decoder")) == "lasso"
     adam = _cfg(8, "auto")
     adam.hook = "residual"
     adam.stage1.update(init="zero", steps=10)  # Adam-trained operators: the Lasso
@@ -142,8 +148,88 @@ def test_auto_is_the_kernel_recovery_below_n_and_the_lasso_at_n(task):
         assert posterior.resolve(small, design) == "lasso"
         mp.setattr(posterior, "_available", lambda: 2 * need + 2)
         assert posterior.resolve(small, design) == "kernel"
+    full = method.design_for(_cfg(n, "auto").design, n, "decoder")
+    with pytest.MonkeyPatch.context() as mp:  # nor would A^T A, or N is past SOLVE_MAX_N
+        mp.setattr(posterior, "_available", lambda: 2 * 8 * n * n)
+        assert posterior.resolve(_cfg(n, "auto"), full) == "lasso"
+        mp.setattr(posterior, "_available", lambda: 4 * 8 * n * n)
+        assert posterior.resolve(_cfg(n, "auto"), full) == "solve"
+        mp.setattr(posterior, "SOLVE_MAX_N", n - 1)
+        assert posterior.resolve(_cfg(n, "auto"), full) == "lasso"
     assert defaults.decoder().recovery == "auto"
     assert defaults.classifier().recovery == "auto"
+
+
+def _dense_mean(design):
+    return design.dense() / np.maximum(design.sizes_T, 1)[:, None]
+
+
+@pytest.mark.parametrize(
+    "kind, t, n, degree",
+    [
+        ("interleaved", 20, 20, 4),  # T = N, full rank
+        ("interleaved", 33, 20, 3),  # T > N, unequal subset sizes
+        ("expander", 20, 20, 4),  # T = N, d divides T: blocks of 5 rows, rank 17
+        ("expander", 45, 20, 5),
+    ],
+)
+def test_exact_solve_is_the_least_squares_solution(kind, t, n, degree):
+    """Against numpy's least squares on the dense mean operator (the minimum-norm solution
+    where the design is rank-deficient); at full rank the exact influences come back."""
+    rng = np.random.default_rng(t + n)
+    design = subsets.make_design(jax.random.key(t), kind, t, n, degree)
+    a = _dense_mean(design)
+    b = rng.normal(size=(5, n))
+    y = (a @ b.T).T + 1e-3 * rng.normal(size=(5, t))  # not exactly consistent at T > N
+    got = posterior.decode(posterior.solve_factor(design), y)
+    want = np.linalg.lstsq(a, y.T, rcond=None)[0].T
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    if np.linalg.matrix_rank(a) == n:
+        clean = posterior.decode(posterior.solve_factor(design), (a @ b.T).T)
+        np.testing.assert_allclose(clean, b, rtol=1e-4, atol=1e-4)
+
+
+def test_exact_solve_logs_the_null_directions_of_a_rank_deficient_design(caplog):
+    blocks = subsets.expander(jax.random.key(0), 20, 20, 4)  # 4 blocks of 5 rows: rank 17
+    assert np.linalg.matrix_rank(_dense_mean(blocks)) == 17
+    with caplog.at_level("WARNING"):
+        posterior.solve_factor(blocks)
+    assert "3 of 20 directions" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        posterior.solve_factor(subsets.interleaved(jax.random.key(0), 20, 20, 4))
+    assert "rank-deficient" not in caplog.text
+
+
+def test_exact_solve_refuses_a_compressive_design_and_wrong_shapes(task, monkeypatch):
+    n = len(task.train)
+    dec = posterior.solve_factor(subsets.interleaved(jax.random.key(0), 20, 20, 4))
+    with pytest.raises(ValueError, match="T = 20"):
+        posterior.decode(dec, np.zeros((2, 21)))
+    monkeypatch.setattr(kernels.KernelSite, "fit_operators", _never)
+    with pytest.raises(ConfigError, match="needs T >= N"):
+        method.fit(task, _cfg(8, "solve"), reuse=False)
+    monkeypatch.setattr(posterior, "_available", lambda: 1000)
+    with pytest.raises(ConfigError, match="normal equations"):
+        method.fit(task, _cfg(n, "solve"), reuse=False)
+
+
+def test_kernel_operators_solved_exactly_give_the_operator_space_influence(task):
+    """STRIDE at T = N with recovery="solve" (an interleaved design: full rank) returns the
+    operator-space influence (``opspace_scores``) times the gates' scale."""
+    n = len(task.train)
+    cfg = _cfg(n, "solve", degree=5)
+    cfg.design.kind = "interleaved"
+    assert np.linalg.matrix_rank(method.design_for(cfg.design, n, "decoder").dense()) == n
+    fitted = method.fit(task, cfg, reuse=False)
+    assert isinstance(fitted.decoder, posterior.Solve) and fitted.seconds["solve_factor"] >= 0
+    got = method.attribute_rows(task, fitted, task.query, cfg)
+    assert (got.nnz_Q == n).all() and (got.lam_Q == 0).all()
+    chunk, layers = kernels.chunk_rows(task, cfg), fitted.site.layers
+    basis = {k: fitted.params[k] for k in ("qa", "qs", "lam")}
+    b = np.asarray(passes.opspace_scores(task, layers, chunk, basis, task.query), np.float64)
+    want = -float(fitted.params["scale"]) * b
+    np.testing.assert_allclose(got.scores_QxN, want, rtol=2e-2, atol=2e-3 * np.abs(want).max())
 
 
 def test_bad_recovery_settings_are_refused_before_any_work(task, monkeypatch):

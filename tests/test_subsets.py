@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 
 import stride_jax.stride.subsets as subsets
-from stride_jax.stride.subsets import Design, bernoulli, expander, make_design, retention_masks
+from stride_jax.stride.subsets import (
+    Design,
+    bernoulli,
+    expander,
+    interleaved,
+    make_design,
+    retention_masks,
+)
 
 # (T, N, d): ordinary, d == T, N < T, T == 1, N*d not divisible by T, d == 1, many rounds,
 # N*d < T (a single partial round: some subsets empty).
@@ -123,7 +130,43 @@ def test_expander_round_trip_arrays():
     np.testing.assert_array_equal(back.dense(), des.dense())
 
 
-@pytest.mark.parametrize("builder", [expander, bernoulli])
+@pytest.mark.parametrize("t,n,d", EXPANDER_CASES + [(2000, 2000, 5), (30, 30, 5)])
+def test_interleaved_invariants(t, n, d):
+    """Every example in exactly d distinct subsets, sizes within one, both tables agree (the
+    expander's layout where no repeat-free swap exists, e.g. d == T)."""
+    des = interleaved(jax.random.key(t * 1000 + n * 10 + d), t, n, d)
+    a = dense_from_subsets(des.subsets_NxD, t, n)
+    assert a.max() <= 1
+    np.testing.assert_array_equal(a.sum(0), np.full(n, d))
+    assert np.ptp(a.sum(1)) <= 1
+    np.testing.assert_array_equal(a, dense_from_members(des.members_TxS, t, n))
+    np.testing.assert_array_equal(des.dense(), a.astype(np.float32))
+    assert des.kind in ("interleaved", "expander")
+    if d == t > 1:  # every example in every subset: a repeat has no partner to swap with
+        assert des.kind == "expander"
+
+
+def test_interleaved_removes_the_expanders_blocks():
+    """When d divides T, the expander's blocks of T / d consecutive examples each meet every
+    subset once, so A loses rank; the interleaved layout of the same permutations does not."""
+    for t, n, d, lost in [(60, 60, 5, 4), (40, 30, 4, 2)]:
+        key = jax.random.key(t + n)
+        blocks = dense_from_subsets(expander(key, t, n, d).subsets_NxD, t, n)
+        mixed = dense_from_subsets(interleaved(key, t, n, d).subsets_NxD, t, n)
+        assert np.linalg.matrix_rank(blocks) == n - lost
+        assert np.linalg.matrix_rank(mixed) == n
+        # the same permutations: every subset's size is the same in both
+        np.testing.assert_array_equal(blocks.sum(1), mixed.sum(1))
+
+
+def test_interleaved_deterministic_and_dispatched():
+    key = jax.random.key(5)
+    a, b = interleaved(key, 40, 40, 5), make_design(key, "interleaved", 40, 40, 5)
+    np.testing.assert_array_equal(a.members_TxS, b.members_TxS)
+    assert not np.array_equal(a.dense(), interleaved(jax.random.key(6), 40, 40, 5).dense())
+
+
+@pytest.mark.parametrize("builder", [expander, interleaved, bernoulli])
 @pytest.mark.parametrize(
     "t,n,d,match",
     [

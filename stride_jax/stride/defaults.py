@@ -117,7 +117,9 @@ def classifier() -> ml_collections.ConfigDict:
             hook="logits",  # or "hidden", or "kernels" (operators on every dense kernel)
             kernels=dict(KERNELS),
             lasso_compressed=dict(),  # Lasso settings over ``lasso`` when T < N (none here)
-            recovery="auto",  # "lasso" / "kernel" / "auto": the kernel recovery at T < N
+            # "lasso" / "kernel" / "solve" / "auto": the kernel recovery at T < N, the Lasso
+            # at T >= N (forward responses are not exactly linear: no exact solve)
+            recovery="auto",
             recovery_jitter=1e-4,  # recovery="kernel": ridge on A R, times its mean diagonal
             hidden_rank=64,
             hidden_basis="whitened",  # hook="hidden": "whitened" or "pca" directions
@@ -132,14 +134,16 @@ def decoder() -> ml_collections.ConfigDict:
     """The decoder default (since 2026-12-04): kernel operators (``hook="kernels"``,
     ``stride.kernels``) on every MLP kernel, their Gauss-Newton step with EK-FAC curvature
     from the empirical Fisher (the data's labels: one backward pass per chunk gives the
-    curvature and the subset sums), linear responses, and a nearly unregularised Lasso
-    (lam_frac 3e-5, a 2-point path of 150 steps each). Chosen on the validation queries of
+    curvature and the subset sums), linear responses, an interleaved design
+    (``subsets.interleaved``) and ``recovery="auto"``: at T >= N the exact solve of A b = y,
+    at T < N the kernel recovery (``posterior``). Chosen on the validation queries of
     lm_shakespeare (100 blocks) and chit-chat SFT, two-seed ground truth
     (experiments/RESULTS.md): Shakespeare 0.390 against 0.319 for the residual-stream recipe
-    (``decoder_residual``) and 0.393 for EK-FAC; SFT 0.524 (the true Fisher 0.511). At T = N
-    the design has full rank (up to a few columns) and the responses are linear, so a smaller
-    lambda only removes shrinkage: lam_frac 0.02 / 0.005 / 0.001 / 1e-4 gave 0.373 / 0.384 /
-    0.387 / 0.388 with a 6-point path of 50 steps.
+    (``decoder_residual``) and 0.393 for EK-FAC; SFT 0.524 (the true Fisher 0.511). The Lasso
+    (``recovery="lasso"``) keeps its settings for T >= N: the responses are linear, so a
+    smaller lambda only removes shrinkage (lam_frac 0.02 / 0.005 / 0.001 / 1e-4 gave 0.373 /
+    0.384 / 0.387 / 0.388 with a 6-point path of 50 steps; 3e-5, a 2-point path of 150
+    steps each).
 
     The gates hold T x P floats, P the steered kernels' parameters (65,536 on lm_shakespeare's
     two MLPs; 2.7 million per block on SmolLM2-135M): on wide models narrow ``kernels.layers``
@@ -155,7 +159,14 @@ def decoder() -> ml_collections.ConfigDict:
     # At T < N, ``recovery="auto"`` decodes the responses through the training rows' own
     # (``posterior``): on validation 0.364 / 0.498 at T = N/2 (Shakespeare / SFT) and 0.316 /
     # 0.441 at N/4, against the Lasso's 0.313 / 0.463 and 0.233 / 0.378. lasso_compressed
-    # applies to recovery="lasso" at T < N.
+    # applies to recovery="lasso" at T < N. At T >= N it is the exact solve of A b = y
+    # (linear responses determine every row), on an interleaved design: the expander's
+    # consecutive layout has rank N - 4 at T = N (blocks of rows that meet every subset
+    # once), the interleaved one full rank. Validation at T = N, Shakespeare / SFT: 0.3947 /
+    # 0.5249 against the expander's Lasso 0.3931 / 0.5250 and exact solve 0.3939 / 0.5244;
+    # at N/2 the two layouts tie over design seeds 2-6 (0.3634 / 0.4988 against 0.3636 /
+    # 0.4986; experiments/RESULTS.md, session 13).
+    cfg.design.kind = "interleaved"
     return cfg
 
 
@@ -189,7 +200,7 @@ def decoder_adam() -> ml_collections.ConfigDict:
             hook="residual",  # or "kernels": operators on the MLPs' dense kernels
             kernels=dict(KERNELS),
             lasso_compressed=dict(),  # Lasso settings over ``lasso`` when T < N (none here)
-            recovery="auto",  # "lasso" / "kernel" / "auto" (posterior.py): Adam: the Lasso
+            recovery="auto",  # "lasso" / "kernel" / "solve" / "auto" (posterior.py): Adam: Lasso
             recovery_jitter=1e-4,  # recovery="kernel": ridge on A R, times its mean diagonal
             layer=-1,
             vocab_chunk=8192,

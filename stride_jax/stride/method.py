@@ -4,7 +4,8 @@
 site, stage 1 (Gauss-Newton and / or Adam, resumable from ``task.workdir``).
 ``score(task, fitted, query_rows, cfg)``: all T responses per query row in one fused call,
 then the batched Lasso (or, with ``stride.recovery="kernel"``, the decoder of ``posterior``
-built in the fit from the training rows' own responses); scores are per training row
+built in the fit from the training rows' own responses; with "solve", at T >= N, the least-
+squares solve of the design factored in the fit); scores are per training row
 (``task.sum_to_examples`` adds chunks up).
 ``attribute_rows`` returns the diagnostics too (responses, lambdas, active-set sizes).
 """
@@ -28,8 +29,8 @@ from stride_jax.stride import defaults, posterior, recover, subsets
 @dataclasses.dataclass
 class Scores:
     """``scores_QxN`` (higher = the row lowers the query's loss), with diagnostics: the
-    responses, each query's Lasso lambda and active-set size (with the kernel recovery: 0
-    and N, its scores are dense)."""
+    responses, each query's Lasso lambda and active-set size (with the kernel recovery or the
+    exact solve: 0 and N, their scores are dense)."""
 
     scores_QxN: np.ndarray
     responses_QxT: np.ndarray
@@ -52,8 +53,9 @@ class Fitted:
     seconds: dict
     # (query rows object, y_QxT) of the last ``score``: a Lasso sweep reuses the responses.
     last_responses: tuple = ()
-    # ``stride.recovery="kernel"``: the training rows' responses and their factor (``posterior``)
-    decoder: posterior.Decoder | None = None
+    # ``stride.recovery="kernel"``: the training rows' responses and their factor; "solve": the
+    # design's normal equations, factored (``posterior``)
+    decoder: posterior.Decoder | posterior.Solve | None = None
 
 
 def design_for(dc, n: int, kind: str = "classifier") -> subsets.Design:
@@ -169,6 +171,16 @@ def _fit(task, cfg) -> Fitted:
     cache = site.encode(task.train)
     graphdef, params, history = site.fit_operators(cache, design, _keys(cfg)[:2], mesh, workdir)
     fitted = Fitted(site, design, graphdef, params, history, {"stage1": time.time() - t0})
+    if recovery == "solve":
+        t0 = time.time()
+        fitted.decoder = posterior.solve_factor(design)
+        fitted.seconds["solve_factor"] = time.time() - t0
+        logging.info(
+            "stride: exact solve: the design's %d x %d normal equations factored in %.2fs",
+            design.num_examples,
+            design.num_examples,
+            fitted.seconds["solve_factor"],
+        )
     if recovery == "kernel":
         t0 = time.time()
         logging.info(
@@ -221,9 +233,8 @@ def attribute_rows(task, fitted: Fitted, query, cfg) -> Scores:
     if fitted.decoder is not None:
         scores = posterior.decode(fitted.decoder, y_QxT)
         seconds["recovery"] = time.time() - t0
-        logging.info(
-            "stride: kernel recovery of %d queries in %.2fs", len(y_QxT), seconds["recovery"]
-        )
+        how = "exact solve" if isinstance(fitted.decoder, posterior.Solve) else "kernel recovery"
+        logging.info("stride: %s of %d queries in %.2fs", how, len(y_QxT), seconds["recovery"])
         fitted.seconds.update(responses=seconds["responses"], recovery=seconds["recovery"])
         n = fitted.design.num_examples
         lam_Q, nnz_Q = np.zeros(len(y_QxT), np.float32), np.full(len(y_QxT), n)

@@ -129,6 +129,60 @@ def expander(key: jax.Array, num_subsets: int, num_examples: int, degree: int) -
     return _from_pairs(stream, np.repeat(np.arange(n), d), t, n, "expander")
 
 
+def interleaved(key: jax.Array, num_subsets: int, num_examples: int, degree: int) -> Design:
+    """Left-d-regular design without the rounds' blocks: each example in exactly ``degree``
+    distinct subsets, sizes within one of each other, as ``expander``, but example i takes
+    the stream's slots i, i + N, ..., i + (d - 1) N instead of d consecutive ones.
+
+    ``expander`` gives each example d consecutive slots of a stream of random permutations
+    of the T subsets, so (when d divides T) each permutation is filled by a block of T / d
+    examples that meets every subset exactly once: ``A 1_block`` is the same for every such
+    block, and the differences of the blocks' indicators are null directions of A (at T = N
+    with d = 5: 4 of them, so A has rank N - 4 and a block's total influence is not
+    identified). Interleaved, each example's d slots lie in d different stretches of the
+    stream (at T = N: one slot in each of d independent permutations, the sum-of-
+    permutations construction of random regular bipartite graphs). Where one example would
+    get a subset twice, that slot is swapped with another slot of the same permutation (sizes
+    unchanged) that creates no repeat; if none exists (T close to d), the ``expander`` layout
+    is used instead."""
+    _check(num_subsets, num_examples, degree)
+    t, n, d = num_subsets, num_examples, degree
+    total = n * d
+    num_rounds = -(-total // t)
+    stream = np.array(_round_permutations(key, num_rounds, t)).reshape(-1)[:total]
+    pos_NxD = np.arange(n)[:, None] + n * np.arange(d)[None]  # example i's stream slots
+    if not _repair_repeats(stream, pos_NxD, t, n):
+        return expander(key, num_subsets, num_examples, degree)
+    return _from_pairs(stream[pos_NxD].reshape(-1), np.repeat(np.arange(n), d), t, n, "interleaved")
+
+
+def _repair_repeats(stream: np.ndarray, pos_NxD: np.ndarray, t: int, n: int) -> bool:
+    """Swap (in place) each slot that repeats a subset of its example with a slot of the same
+    permutation (stream stretch of length t) whose swap repeats nothing; False when some slot
+    has no such partner."""
+    total = stream.size
+    table = stream[pos_NxD]
+    for i in np.flatnonzero([len(set(row)) < len(row) for row in table]):
+        for j in range(pos_NxD.shape[1]):
+            row = stream[pos_NxD[i]]
+            if (row == row[j]).sum() == 1:
+                continue
+            p = int(pos_NxD[i, j])
+            start = (p // t) * t
+            for q in range(start, min(start + t, total)):
+                k, jj = q % n, q // n
+                if k == i:
+                    continue
+                mine, theirs = stream[pos_NxD[i]], stream[pos_NxD[k]]
+                if stream[q] in mine or stream[p] in np.delete(theirs, jj):
+                    continue
+                stream[p], stream[q] = stream[q], stream[p]
+                break
+            else:
+                return False
+    return True
+
+
 def bernoulli(key: jax.Array, num_subsets: int, num_examples: int, degree: int) -> Design:
     """Ablation design: each entry of A is Bernoulli(degree / T), so degrees vary.
 
@@ -146,7 +200,7 @@ def bernoulli(key: jax.Array, num_subsets: int, num_examples: int, degree: int) 
 
 
 def make_design(key: jax.Array, kind: str, num_subsets: int, num_examples: int, degree: int):
-    builders = {"expander": expander, "bernoulli": bernoulli}
+    builders = {"expander": expander, "interleaved": interleaved, "bernoulli": bernoulli}
     if kind not in builders:
         raise ValueError(f"unknown design kind {kind!r}; choose one of {sorted(builders)}")
     return builders[kind](key, num_subsets, num_examples, degree)

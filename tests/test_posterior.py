@@ -160,6 +160,19 @@ def test_auto_is_the_kernel_recovery_below_n_and_the_exact_solve_at_n(task):
     assert defaults.classifier().recovery == "auto"
 
 
+def test_auto_design_is_interleaved_at_n_and_the_expander_below(caplog):
+    cfg = defaults.decoder()
+    assert cfg.design.kind == "auto" and defaults.classifier().design.kind == "expander"
+    for t, want in [(40, "interleaved"), (50, "interleaved"), (20, "expander")]:
+        cfg.design.num_subsets = t
+        with caplog.at_level("INFO"):
+            design = method.design_for(cfg.design, 40, "decoder")
+        assert design.kind == want and f"auto -> '{want}'" in caplog.text
+        caplog.clear()
+    cfg.design.update(num_subsets=40, kind="expander")
+    assert method.design_for(cfg.design, 40, "decoder").kind == "expander"
+
+
 def _dense_mean(design):
     return design.dense() / np.maximum(design.sizes_T, 1)[:, None]
 

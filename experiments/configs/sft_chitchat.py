@@ -31,8 +31,8 @@ def sft_tuned(c) -> None:
     other baselines keep Shakespeare's."""
     c.stride.kernels.fisher = "empirical"  # the library default's Fisher
     c.stride.stage1.gate_l2 = 3e-3
-    # At T = N the expander's Lasso (0.5250), not the default's interleaved design and exact
-    # solve (0.5249), nor the expander's exact solve (0.5244) or kernel recovery (0.5243);
+    # At T = N the expander's Lasso (0.52501), not the default's interleaved design and exact
+    # solve (0.52497), nor the expander's exact solve (0.5244) or kernel recovery (0.5243);
     # session 13. STRIDE at N/2 and N/4 keeps "auto" (the kernel recovery) on the expander.
     c.stride.design.kind = "expander"
     c.stride.recovery = "lasso"

@@ -325,7 +325,7 @@ def _validate_classifier(config) -> None:
             f"config.stride.stage1.steps must be > 0 (or 0 with stage1.init='newton'), "
             f"got {st.steps}"
         )
-    kinds = ("expander", "interleaved", "bernoulli")
+    kinds = ("expander", "interleaved", "bernoulli", "auto")
     if config.stride.design.kind not in kinds:
         raise ConfigError(
             f"config.stride.design.kind must be one of {kinds}, got {config.stride.design.kind!r}"

@@ -64,17 +64,29 @@ def design_for(dc, n: int, kind: str = "classifier") -> subsets.Design:
     if n < 1:
         raise ValueError("need at least one training example")
     t = resolve_num_subsets(dc, n, kind)
-    design = subsets.make_design(jax.random.key(dc.seed), dc.kind, t, n, dc.degree)
+    design = subsets.make_design(jax.random.key(dc.seed), design_kind(dc, t, n), t, n, dc.degree)
     sizes = design.sizes_T
     logging.info(
         "stride: %s design, T=%d subsets, d=%d, subset sizes %d..%d",
-        dc.kind,
+        design.kind,
         design.num_subsets,
         dc.degree,
         sizes.min(),
         sizes.max(),
     )
     return design
+
+
+def design_kind(dc, t: int, n: int) -> str:
+    """``stride.design.kind``; "auto" (the decoder default) is "interleaved" at T >= N, where
+    the expander's blocks would leave A rank-deficient for the exact solve (``posterior``),
+    and "expander" at T < N, where the two layouts tie on validation (experiments/RESULTS.md,
+    session 13)."""
+    if dc.kind != "auto":
+        return dc.kind
+    chosen = "interleaved" if t >= n else "expander"
+    logging.info("auto: stride.design.kind: auto -> %r (T = %d, N = %d)", chosen, t, n)
+    return chosen
 
 
 def resolve_num_subsets(dc, n: int, kind: str) -> int:
@@ -127,8 +139,24 @@ def lasso_config(cfg, compressed: bool) -> recover.LassoConfig:
     return recover.LassoConfig(**lasso)
 
 
-def _keys(cfg):
-    return jax.random.split(jax.random.key(cfg.seed), 3)  # sketch, stage 1, Lasso
+class _Keys:
+    """``stride.seed``'s three keys (sketch, stage 1, Lasso), split on first use: the kernel
+    operators and the exact solve use none, and a fresh process then compiles no split."""
+
+    def __init__(self, seed: int):
+        self._seed, self._keys = int(seed), None
+
+    def __getitem__(self, i):
+        if self._keys is None:
+            self._keys = jax.random.split(jax.random.key(self._seed), 3)
+        return self._keys[i]
+
+    def __iter__(self):
+        return (self[i] for i in range(3))
+
+
+def _keys(cfg) -> _Keys:
+    return _Keys(cfg.seed)
 
 
 def _stage1_slice(cfg) -> dict:
@@ -169,7 +197,7 @@ def _fit(task, cfg) -> Fitted:
     recovery, jitter = posterior.resolve(cfg, design), posterior.jitter(cfg)
     t0 = time.time()
     cache = site.encode(task.train)
-    graphdef, params, history = site.fit_operators(cache, design, _keys(cfg)[:2], mesh, workdir)
+    graphdef, params, history = site.fit_operators(cache, design, _keys(cfg), mesh, workdir)
     fitted = Fitted(site, design, graphdef, params, history, {"stage1": time.time() - t0})
     if recovery == "solve":
         t0 = time.time()

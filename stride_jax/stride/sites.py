@@ -66,7 +66,8 @@ class Site:
 
     def fit_operators(self, cache, design, keys, mesh, workdir):
         """Stage 1 on the training rows' ``cache``: (ops graphdef, ops params, history).
-        ``keys`` = (sketch key, stage-1 key). The default builds ``stage1_inputs`` and runs
+        ``keys[0]`` / ``keys[1]``: the sketch and stage-1 keys (``method._Keys``: split on
+        first use). The default builds ``stage1_inputs`` and runs
         ``stage1.fit_operators`` (Gauss-Newton and / or Adam, resumable from ``workdir``)."""
         from stride_jax.stride import stage1
 

@@ -12,6 +12,7 @@ squares solve of the design factored in the fit); scores are per training row
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -184,6 +185,14 @@ def fit(task, cfg, *, reuse: bool = True) -> Fitted:
     return fitted
 
 
+_SOLVER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="stride-solve")
+
+
+def _timed_factor(design):
+    t0 = time.time()
+    return posterior.solve_factor(design), time.time() - t0
+
+
 def _fit(task, cfg) -> Fitted:
     site = task.site(cfg)
     mesh = task.mesh if task.mesh is not None else sharding.make_mesh()
@@ -195,16 +204,21 @@ def _fit(task, cfg) -> Fitted:
         if changed:
             logging.warning("stride: config changed (%s); retraining stage 1", ", ".join(changed))
     recovery, jitter = posterior.resolve(cfg, design), posterior.jitter(cfg)
+    # The exact solve's factor depends on the design alone: it is computed on the host in a
+    # thread while stage 1 compiles and runs (scipy releases the GIL), and joined after.
+    solving = _SOLVER.submit(_timed_factor, design) if recovery == "solve" else None
     t0 = time.time()
     cache = site.encode(task.train)
-    graphdef, params, history = site.fit_operators(cache, design, _keys(cfg), mesh, workdir)
+    try:
+        graphdef, params, history = site.fit_operators(cache, design, _keys(cfg), mesh, workdir)
+    finally:
+        factor = solving.result() if solving is not None else None  # raises what it raised
     fitted = Fitted(site, design, graphdef, params, history, {"stage1": time.time() - t0})
-    if recovery == "solve":
-        t0 = time.time()
-        fitted.decoder = posterior.solve_factor(design)
-        fitted.seconds["solve_factor"] = time.time() - t0
+    if factor is not None:
+        fitted.decoder, fitted.seconds["solve_factor"] = factor
         logging.info(
-            "stride: exact solve: the design's %d x %d normal equations factored in %.2fs",
+            "stride: exact solve: the design's %d x %d normal equations factored in %.2fs "
+            "(beside stage 1)",
             design.num_examples,
             design.num_examples,
             fitted.seconds["solve_factor"],

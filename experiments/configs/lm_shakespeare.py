@@ -15,7 +15,15 @@ def get_config():
     comparison_rows(c, half=1000, quarter=500)
     # The paper recipe's ablations (each loss off, the Bernoulli design) at the same budget.
     c.ablations, c.ablation_base = ABLATION_NAMES, "stride_paper"
+    opspace_at_stride(c)
     return c
+
+
+def opspace_at_stride(c) -> None:
+    """``opspace`` (operator-space influence, the row that isolates STRIDE's subsets and
+    recovery) at STRIDE's own settings: its Fisher, damping and seed (the Fisher's labels).
+    Until session 13 it ran at the library default (the empirical Fisher, gate_l2 1e-3)."""
+    c.baselines.opspace = c.stride.copy_and_resolve_references()
 
 
 def tuned_baselines(c) -> None:

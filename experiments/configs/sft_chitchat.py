@@ -20,6 +20,7 @@ def get_config():
     lm_shakespeare.tuned_baselines(c)
     lm_shakespeare.comparison_rows(c, half=1162, quarter=580)
     sft_tuned(c)
+    lm_shakespeare.opspace_at_stride(c)
     return c
 
 

@@ -23,9 +23,12 @@ A STRIDE config (``method_config(task, "stride")`` prints the values for the tas
 - ``seed``: the key of the linearity sketch, stage 1's sampling and the Lasso.
 - ``design``: which training examples each of the T steering operators stands for.
   ``kind`` "expander" (every example in exactly ``degree`` subsets, sizes within one of
-  each other) or "bernoulli" (random membership); ``num_subsets`` T, the number of operators
-  (0, the default: automatic, classifier min(3000, N * degree // 2), decoder min(8192, N);
-  see ``stride.defaults.auto_num_subsets``; a T set by hand must leave no subset empty);
+  each other), "interleaved" (the same, without the expander's blocks of rows that meet
+  every subset once: full rank at T >= N), "auto" (the decoder default: interleaved at
+  T >= N, the expander below) or "bernoulli" (random membership); ``num_subsets`` T, the
+  number of operators (0, the default: automatic, classifier min(3000, N * degree // 2),
+  decoder min(8192, N); see ``stride.defaults.auto_num_subsets``; a T set by hand must
+  leave no subset empty);
   ``degree`` d; ``seed``.
 - ``hook``: where the operators attach. Classifiers: "logits" (the default), "hidden" (also
   the MLP's last hidden layer, with a ``hidden_rank`` basis of ``hidden_basis`` "whitened"
@@ -62,11 +65,14 @@ A STRIDE config (``method_config(task, "stride")`` prints the values for the tas
   6-point path) than at T >= N (lam_frac 3e-5), where the Lasso only re-estimates influence.
 - ``recovery``: "lasso" (the batched Lasso above), "kernel" (the training rows' own
   responses decode each query's: ``stride_jax.stride.posterior``; one more responses pass
-  over the training rows in the fit, N x T floats kept, dense scores) or "auto" (the
-  default: the kernel recovery for closed-form operators, ``stage1.init="newton"`` with
-  ``steps=0``, when T < N; the Lasso otherwise. On validation at T = N/2: 0.364 against the
-  Lasso's 0.313 on Shakespeare, 0.498 against 0.463 on SFT, 0.719 against 0.711 on
-  MNIST-5k; at N/4 0.316 / 0.441 / 0.716 against 0.233 / 0.378 / 0.678).
+  over the training rows in the fit, N x T floats kept, dense scores), "solve" (T >= N only:
+  the least-squares solve of A b = y, the design's N x N normal equations factored once in
+  float64; dense scores) or "auto" (the default: for closed-form operators,
+  ``stage1.init="newton"`` with ``steps=0``, the kernel recovery when T < N and, with
+  linear responses, the exact solve when T >= N; the Lasso otherwise. On validation at
+  T = N/2: 0.364 against the Lasso's 0.313 on Shakespeare, 0.498 against 0.463 on SFT,
+  0.719 against 0.711 on MNIST-5k; at N/4 0.316 / 0.441 / 0.716 against 0.233 / 0.378 /
+  0.678; at T = N on Shakespeare the exact solve 0.3947 against the Lasso's 0.3931).
   ``recovery_jitter``: the ridge added to the subsets' mean responses, relative to their
   mean diagonal.
 - ``size_weighted`` (classifiers): scale each subset's response by its size before the Lasso.

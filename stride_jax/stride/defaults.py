@@ -134,10 +134,11 @@ def decoder() -> ml_collections.ConfigDict:
     """The decoder default (since 2026-12-04): kernel operators (``hook="kernels"``,
     ``stride.kernels``) on every MLP kernel, their Gauss-Newton step with EK-FAC curvature
     from the empirical Fisher (the data's labels: one backward pass per chunk gives the
-    curvature and the subset sums), linear responses, an interleaved design
-    (``subsets.interleaved``) and ``recovery="auto"``: at T >= N the exact solve of A b = y,
-    at T < N the kernel recovery (``posterior``). Chosen on the validation queries of
-    lm_shakespeare (100 blocks) and chit-chat SFT, two-seed ground truth
+    curvature and the subset sums), linear responses, ``design.kind="auto"`` (at T >= N the
+    full-rank ``subsets.interleaved``, below it the expander) and ``recovery="auto"`` (at
+    T >= N the exact solve of A b = y, at T < N the kernel recovery: ``posterior``). Chosen
+    on the validation queries of lm_shakespeare (100 blocks) and chit-chat SFT, two-seed
+    ground truth
     (experiments/RESULTS.md): Shakespeare 0.390 against 0.319 for the residual-stream recipe
     (``decoder_residual``) and 0.393 for EK-FAC; SFT 0.524 (the true Fisher 0.511). The Lasso
     (``recovery="lasso"``) keeps its settings for T >= N: the responses are linear, so a

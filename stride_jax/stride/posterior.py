@@ -95,8 +95,12 @@ def _auto(cfg, n: int, t: int) -> str:
             return _chose("lasso", "T >= N, forward responses: not exactly linear in the design")
         fits, need, have = _solve_fits(n)
         if not fits or n > SOLVE_MAX_N:
-            why = f"N = {n} rows: the exact solve's N x N factor ({resources.human_bytes(need)})"
-            return _chose("lasso", f"{why} exceeds {SOLVE_MAX_N} rows or half the memory")
+            why = (
+                f"the exact solve's N x N factor for N = {n} ({resources.human_bytes(need)}) "
+                f"is past SOLVE_MAX_N = {SOLVE_MAX_N} rows or half of the "
+                f"{resources.human_bytes(have)} available"
+            )
+            return _chose("lasso", why)
         return _chose("solve", f"T = {t} >= N = {n}, closed-form stage 1, linear responses")
     fits, need, have = _fits(n, t)
     if not fits:  # e.g. millions of rows: the Lasso streams, R would not fit

@@ -303,3 +303,15 @@ def test_the_job_refuses_a_bad_recovery_in_a_variant_before_any_work():
     config.variants.odd = dict(method="stride", recovery_jitter=-1.0)
     with pytest.raises(ConfigError, match="recovery_jitter must be >= 0"):
         job_config.validate(config)
+
+
+@pytest.mark.parametrize("kind", ["decoder", "classifier"])
+def test_the_job_refuses_an_unknown_design_kind_for_either_task_kind(kind):
+    from stride_jax.job import config as job_config
+
+    config = job_config.base_config(kind)
+    config.stride.design.kind = "random"
+    with pytest.raises(ConfigError, match="design.kind must be one of .*'auto'.*'random'"):
+        job_config.validate(config)
+    config.stride.design.kind = "interleaved"
+    job_config.validate(config)

@@ -298,7 +298,12 @@ def validate(config) -> None:
 
 
 def _validate_design(config) -> None:
+    from stride_jax.stride import subsets
+
     dc = config.stride.design
+    kinds = (*subsets.KINDS, "auto")
+    if dc.kind not in kinds:
+        raise ConfigError(f"config.stride.design.kind must be one of {kinds}, got {dc.kind!r}")
     if not (isinstance(dc.num_subsets, int) and dc.num_subsets >= 0):
         raise ConfigError(
             f"config.stride.design.num_subsets must be an integer >= 0 (0: automatic), got "
@@ -324,11 +329,6 @@ def _validate_classifier(config) -> None:
         raise ConfigError(
             f"config.stride.stage1.steps must be > 0 (or 0 with stage1.init='newton'), "
             f"got {st.steps}"
-        )
-    kinds = ("expander", "interleaved", "bernoulli", "auto")
-    if config.stride.design.kind not in kinds:
-        raise ConfigError(
-            f"config.stride.design.kind must be one of {kinds}, got {config.stride.design.kind!r}"
         )
 
 

@@ -140,11 +140,10 @@ def decoder() -> ml_collections.ConfigDict:
     on the validation queries of lm_shakespeare (100 blocks) and chit-chat SFT, two-seed
     ground truth (experiments/RESULTS.md): Shakespeare 0.390 against 0.319 for the
     residual-stream recipe (``decoder_residual``) and 0.393 for EK-FAC; SFT 0.524 (the true
-    Fisher 0.511). The Lasso
-    (``recovery="lasso"``) keeps its settings for T >= N: the responses are linear, so a
-    smaller lambda only removes shrinkage (lam_frac 0.02 / 0.005 / 0.001 / 1e-4 gave 0.373 /
-    0.384 / 0.387 / 0.388 with a 6-point path of 50 steps; 3e-5, a 2-point path of 150
-    steps each).
+    Fisher 0.511). The Lasso (``recovery="lasso"``) keeps its settings for T >= N: the
+    responses are linear, so a smaller lambda only removes shrinkage (lam_frac 0.02 / 0.005
+    / 0.001 / 1e-4 gave 0.373 / 0.384 / 0.387 / 0.388 with a 6-point path of 50 steps; 3e-5,
+    a 2-point path of 150 steps each).
 
     The gates hold T x P floats, P the steered kernels' parameters (65,536 on lm_shakespeare's
     two MLPs; 2.7 million per block on SmolLM2-135M): on wide models narrow ``kernels.layers``

@@ -208,8 +208,8 @@ def _fit(task, cfg) -> Fitted:
     # thread while stage 1 compiles and runs (scipy releases the GIL), and joined after.
     solving = _SOLVER.submit(_timed_factor, design) if recovery == "solve" else None
     t0 = time.time()
-    cache = site.encode(task.train)
     try:
+        cache = site.encode(task.train)
         graphdef, params, history = site.fit_operators(cache, design, _keys(cfg), mesh, workdir)
     finally:
         factor = solving.result() if solving is not None else None  # raises what it raised

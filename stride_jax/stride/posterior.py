@@ -27,14 +27,16 @@ responses are not exactly linear in the design, so ``A R`` can have negative eig
 training rows (query-independent, in the fit), N x T floats kept, a T x T Cholesky factor in
 float64 on the host; each query then costs an N x T product, dense scores.
 
-At T >= N (``stride.recovery="solve"``) the design has full column rank and linear responses
+At T >= N (``stride.recovery="solve"``), where the design has full column rank (the
+interleaved layout; the expander loses a few directions when d divides T), linear responses
 determine every row's influence: ``b_q = argmin ||A b - y_q||^2``, the Lasso's lambda -> 0
 limit, needs no training rows' responses (at T = N, ``R (A R)^-1 = A^-1`` whatever R is). The
 normal equations ``A^T A`` (N x N, float64, formed from the sparse design) are factored once
 in the fit; each query then costs a sparse product and an N x N triangular solve pair. On the
-validation queries at T = N it scored 0.3949 against the Lasso's 0.3931 on Shakespeare and
-0.5243 against 0.5250 on SFT (experiments/RESULTS.md, session 13); it is the operator-space
-influence itself (``opspace``), reached through the subsets.
+validation queries at T = N, on the interleaved design, it scored 0.3947 against the
+expander's Lasso 0.3931 on Shakespeare and 0.52497 against 0.52501 on SFT (on the expander
+itself 0.3939 / 0.5244; experiments/RESULTS.md, session 13); on a full-rank design it is the
+operator-space influence itself (``opspace``), reached through the subsets.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ from stride_jax.stride.subsets import Design
 
 RECOVERIES = ("lasso", "kernel", "solve", "auto")
 # "auto" takes the exact solve at T >= N up to this many training rows: its N x N factor costs
-# O(N^3) on the host (N = 2,000: 0.1 s; 16,384: about a minute on 2 cores).
+# O(N^3) on the host (N = 2,000: 0.28 s with the normal equations, measured on 2 cores; at
+# 16,384, 500 times that by the N^3 count).
 SOLVE_MAX_N = 16384
 
 
@@ -191,16 +194,12 @@ def check_solve(num_examples: int, num_subsets: int) -> None:
 
 
 def subset_means(design: Design, r_NxT: np.ndarray) -> np.ndarray:
-    """``A R`` (T x T, float64): each subset's mean of its members' rows of ``r_NxT``, one
-    member slot at a time (memory T x T, not T x S x T)."""
+    """``A R`` (T x T, float64): each subset's mean of its members' rows of ``r_NxT``
+    (``mean_operator``, sparse, times R)."""
     n, t = design.num_examples, design.num_subsets
     if r_NxT.shape != (n, t):
         raise ValueError(f"the training rows' responses are {r_NxT.shape}, expected ({n}, {t})")
-    padded = np.concatenate([np.asarray(r_NxT, np.float64), np.zeros((1, t))])
-    out = np.zeros((t, t))
-    for slot in design.members_TxS.T:
-        out += padded[slot]
-    return out / np.maximum(design.sizes_T, 1)[:, None]
+    return np.asarray(mean_operator(design) @ np.asarray(r_NxT, np.float64))
 
 
 def factor(design: Design, r_NxT: np.ndarray, jitter_frac: float) -> Decoder:

@@ -165,8 +165,7 @@ def _repair_repeats(stream: np.ndarray, pos_NxD: np.ndarray, t: int, n: int) -> 
     permutation (stream stretch of length t) whose swap repeats nothing; False when some slot
     has no such partner."""
     total = stream.size
-    table = stream[pos_NxD]
-    for i in np.flatnonzero([len(set(row)) < len(row) for row in table]):
+    for i in np.flatnonzero([len(set(row)) < len(row) for row in stream[pos_NxD]]):
         for j in range(pos_NxD.shape[1]):
             row = stream[pos_NxD[i]]
             if (row == row[j]).sum() == 1:
@@ -175,10 +174,7 @@ def _repair_repeats(stream: np.ndarray, pos_NxD: np.ndarray, t: int, n: int) -> 
             start = (p // t) * t
             for q in range(start, min(start + t, total)):
                 k, jj = q % n, q // n
-                if k == i:
-                    continue
-                mine, theirs = stream[pos_NxD[i]], stream[pos_NxD[k]]
-                if stream[q] in mine or stream[p] in np.delete(theirs, jj):
+                if k == i or stream[q] in row or stream[p] in np.delete(stream[pos_NxD[k]], jj):
                     continue
                 stream[p], stream[q] = stream[q], stream[p]
                 break
@@ -203,11 +199,14 @@ def bernoulli(key: jax.Array, num_subsets: int, num_examples: int, degree: int) 
     return _from_pairs(subset_ids, example_ids, num_subsets, num_examples, "bernoulli")
 
 
+_BUILDERS = {"expander": expander, "interleaved": interleaved, "bernoulli": bernoulli}
+KINDS = tuple(_BUILDERS)  # ``stride.design.kind`` also takes "auto" (``method.design_kind``)
+
+
 def make_design(key: jax.Array, kind: str, num_subsets: int, num_examples: int, degree: int):
-    builders = {"expander": expander, "interleaved": interleaved, "bernoulli": bernoulli}
-    if kind not in builders:
-        raise ValueError(f"unknown design kind {kind!r}; choose one of {sorted(builders)}")
-    return builders[kind](key, num_subsets, num_examples, degree)
+    if kind not in _BUILDERS:
+        raise ValueError(f"unknown design kind {kind!r}; choose one of {sorted(_BUILDERS)}")
+    return _BUILDERS[kind](key, num_subsets, num_examples, degree)
 
 
 def retention_masks(key: jax.Array, num_models: int, num_examples: int, alpha: float):

@@ -140,7 +140,8 @@ def test_fused_pass_equals_the_curvature_then_a_subset_pass(setup, fisher, curva
     site = task.site(cfg)
     data = site.encode(task.train)
     ek, ec = kernels.ekfac_config(task, cfg), kernels.eigen_correct(cfg)
-    state, got, key = passes.fused_fit(task, ek, ec, fitted.design, rank)
+    state, got, key, ok = passes.fused_fit(task, ek, ec, fitted.design, rank)
+    assert bool(ok)  # every row's gradient finite
     ref_state = site.curvature()
     basis = passes.input_basis(ref_state, rank) if rank else _plain(task, site.layers)
     ref = passes.subset_gradients(task, site.layers, data, fitted.design, 5, basis)
@@ -152,6 +153,35 @@ def test_fused_pass_equals_the_curvature_then_a_subset_pass(setup, fisher, curva
         want = np.asarray(want)
         assert g.shape == want.shape and (rank == 0 or g.shape[1] <= rank)
         np.testing.assert_allclose(np.asarray(g), want, rtol=1e-3, atol=1e-5 * abs(want).max())
+
+
+def test_fused_flag_turns_false_on_a_non_finite_row_gradient():
+    """The fused passes' finiteness flag (``_into_subsets``, read by the fit instead of a pass
+    over the T x P sums) against a per-entry reference: it stays true over finite chunks of
+    both signs, turns false on a chunk holding a NaN or an infinity, and stays false."""
+    rng = np.random.default_rng(0)
+    t, c = 6, 4
+    subsets_NxD = jnp.asarray(rng.integers(0, t, size=(8, 2)), jnp.int32)
+    sizes = jnp.ones(t, jnp.float32)
+    sums = [jnp.zeros((t, 3, 2)), jnp.zeros((t, 2, 5))]
+    acc = (sums, (subsets_NxD, sizes), jnp.asarray(True))
+    w_C, i_C = jnp.ones(c), jnp.arange(c)
+
+    def chunk(bad=None):
+        rg = [jnp.asarray(rng.normal(size=(c, *g.shape[1:])), jnp.float32) for g in sums]
+        if bad is not None:
+            rg[1] = rg[1].at[2, 1, 3].set(bad)
+        return rg
+
+    seen = []
+    for bad in (None, None, np.nan, None):
+        rg = chunk(bad)
+        acc = passes._into_subsets(acc, rg, w_C, i_C)
+        seen.append(all(np.isfinite(np.asarray(g)).all() for g in rg))
+        assert bool(acc[2]) == all(seen)
+    for bad in (np.inf, -np.inf):
+        fresh = (sums, (subsets_NxD, sizes), jnp.asarray(True))
+        assert not bool(passes._into_subsets(fresh, chunk(bad), w_C, i_C)[2])
 
 
 def test_kfac_with_a_rank_needs_a_pass_of_its_own(setup):
@@ -357,6 +387,6 @@ def test_stage1_check_refuses_non_finite_gradients_and_bad_eigenvalues():
     cases.append(([g_L[0].at[0, 0, 0].set(np.inf), g_L[1].at[0, 0, 0].set(-np.inf)], lam_L))
     for bad in (0.0, -1e-3):
         cases.append((g_L, [lam_L[0], lam_L[1].at[1, 2].set(bad)]))
-    got = [bool(kernels._finite_and_positive(g, lam)) for g, lam in cases]
+    got = [kernels._finite_and_positive(g, lam) for g, lam in cases]
     assert got == [reference(g, lam) for g, lam in cases]
     assert got[0] and not any(got[1:])

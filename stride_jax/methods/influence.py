@@ -124,7 +124,8 @@ def _kfac_fit(task, cfg, eigen_correct: bool, extra=None, extra_pass: str = "fac
     """The fitted state; with ``extra`` (an extra accumulator for ``curvature.kron_factors``,
     ``extra_pass="factors"``, or for ``curvature.ekfac_eigenvalues``, ``"eigen"``; its
     ``xs_K`` chunked by ``cfg.chunk``) also that accumulator: (state, acc). Its step reads
-    ``task.dense_io(..., with_data=True)``: the data labels' output gradients come fourth."""
+    ``task.dense_io(..., with_data=True)``: the data labels' output gradients come fourth.
+    The extra's initial value is donated to the pass: its arrays are deleted by the call."""
     _check_fisher(cfg)
     layers, chunk = task.dense_layers(cfg), max(1, int(cfg.chunk))
     key = jax.random.key(cfg.get("seed", 0)) if cfg.fisher == "sampled" else None
@@ -185,8 +186,18 @@ def _kfac_programs(task, layers: tuple, fisher: str, step_x, extra_pass: str):
 
     on = extra_pass if step_x is not None else None
     key = ("kfac", layers, fisher, step_x, on)
-    factors = programs.per_task(task, key + ("factors",), factors_pass)
-    return factors, programs.per_task(task, key + ("eigen",), eigen_pass)
+    # The extra accumulator's initial value is donated: the pass's carry takes over its
+    # buffer instead of allocating its own. STRIDE's T subset sums are T x P (0.5 GB at
+    # T = N on lm_shakespeare); without it a fit held them twice, and freshly mapped memory
+    # is slow to touch (about 1.8 s per GB on the 2-core sandbox, BENCHMARKS.md session 14).
+    donate = {"factors": dict(donate_argnums=4), "eigen": dict(donate_argnums=6)}
+    factors = programs.per_task(
+        task, key + ("factors",), factors_pass, **donate["factors"] if on == "factors" else {}
+    )
+    eigen = programs.per_task(
+        task, key + ("eigen",), eigen_pass, **donate["eigen"] if on == "eigen" else {}
+    )
+    return factors, eigen
 
 
 def dense_shapes(task, layers: tuple) -> list[tuple[int, int]]:

@@ -105,15 +105,16 @@ def fused_fit(task, ek, eigen_correct: bool, design, rank: int = 0):
     - At full rank (``rank`` 0) the means stay in the kernels' own coordinates: per kernel
       T x I x O, each row's ``sum_t a_t g_t^T`` with no rotation. With ``eigen_correct``
       (EK-FAC) they ride along the eigenvalue-correction pass; without (K-FAC: one pass in
-      all) along the Kronecker factors' pass. Returns (state, means, "subset_sums"). The
+      all) along the Kronecker factors' pass. Returns (state, means, "subset_sums", ok). The
       responses rotate the Q preconditioned query gradients back instead (Q << N). On
       lm_shakespeare that is 36 G multiply-adds fewer, and the wall time moved within the
       host's noise.
     - With a ``rank`` (EK-FAC only) they need the eigenbasis, so they ride along the
       eigenvalue-correction pass in the eigenbases it has just computed: per kernel
       T x r x O, ``Q_A^T g_k Q_S`` with ``Q_A`` cut to its top ``rank`` input directions
-      (``input_basis``). Returns (state, means, "subset_grads").
+      (``input_basis``). Returns (state, means, "subset_grads", ok).
 
+    ``ok`` (a device bool) says whether every row's gradient was finite (``_into_subsets``).
     Under the empirical Fisher the curvature's backward pass is the data labels' own; under
     the true Fisher the data's labels take a second backward from the same forward
     (``task.dense_io(with_data=True)``)."""
@@ -129,18 +130,25 @@ def fused_fit(task, ek, eigen_correct: bool, design, rank: int = 0):
     io_shapes = influence.dense_shapes(task, layers)
 
     # The design's tables ride in the accumulator (not closed over), so the pass is one
-    # program per task, whatever the design (``programs.per_task``).
-    tables = (subsets_NxD, sizes)
+    # program per task, whatever the design (``programs.per_task``). So does a flag: whether
+    # every update added to the sums was finite (``_into_subsets``).
+    tables, ok = (subsets_NxD, sizes), jnp.asarray(True)
     if rank <= 0:
-        init = ([jnp.zeros((t, i, o)) for i, o in io_shapes], tables)
+        init = (_zeros(tuple((t, i, o) for i, o in io_shapes)), tables, ok)
         on = "eigen" if eigen_correct else "factors"
         state, acc = influence._kfac_fit(task, ek, eigen_correct, (init, _sums_step, idx), on)
-        return state, acc[0], "subset_sums"
+        return state, acc[0], "subset_sums", acc[2]
 
-    init = ([jnp.zeros((t, _rank(i, rank), o)) for i, o in io_shapes], tables)
+    init = (_zeros(tuple((t, _rank(i, rank), o) for i, o in io_shapes)), tables, ok)
     step = _rotated_step(rank)
     state, acc = influence._kfac_fit(task, ek, True, extra=(init, step, idx), extra_pass="eigen")
-    return state, acc[0], "subset_grads"
+    return state, acc[0], "subset_grads", acc[2]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _zeros(shapes: tuple) -> list[jax.Array]:
+    """float32 zeros of each shape: one program (op by op, one per distinct shape)."""
+    return [jnp.zeros(s, jnp.float32) for s in shapes]
 
 
 def _sums_step(acc, rows, w_C, i_C, out, *eigenbases):
@@ -165,10 +173,14 @@ def _rotated_step(rank: int):
 
 
 def _into_subsets(acc, rg_L, w_C, i_C):
-    """The fused steps' accumulator ``(sums, (subsets_NxD, sizes))`` with the rows' gradients
-    ``rg_L`` scattered into their subsets' sums (the design's tables carried unchanged)."""
-    sums, tables = acc
-    return scatter(sums, rg_L, w_C, i_C, *tables), tables
+    """The fused steps' accumulator ``(sums, (subsets_NxD, sizes), ok)`` with the rows'
+    gradients ``rg_L`` scattered into their subsets' sums (the design's tables carried
+    unchanged) and ``ok`` false once a chunk's gradients are not finite (their sum is checked:
+    a NaN or an infinity anywhere makes it non-finite). The fit reads the flag instead of a
+    pass of its own over the T x P sums (a program of its own in a fresh process)."""
+    sums, tables, ok = acc
+    finite = jnp.isfinite(sum(jnp.sum(g) for g in rg_L))
+    return scatter(sums, rg_L, w_C, i_C, *tables), tables, ok & finite
 
 
 def _subset_fn(task, layers, t: int):

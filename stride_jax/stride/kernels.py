@@ -233,7 +233,9 @@ def gate_params(site: KernelSite) -> int:
 
 
 def _gate_bytes(site: KernelSite, num_subsets: int) -> int:
-    """What T operators' subset gradients take: T x P float32, twice while they accumulate."""
+    """What T operators' subset gradients take, counted twice: T x P float32 for the sums,
+    and as much again as headroom. The pass's carry takes over the zeros' buffer (donated),
+    so the sums are held once, but the refusal stays on the safe side."""
     return 8 * num_subsets * gate_params(site)
 
 

@@ -35,8 +35,9 @@ def sft_tuned(c) -> None:
     # At T = N the default (design.kind and recovery "auto": the interleaved design and the
     # exact solve, 0.52497) and the expander's Lasso (0.52501) tie on validation: 0.00004
     # apart, against 0.0005 between draws of the Fisher's labels. As on Shakespeare, the tie
-    # goes to the cheaper: the solve compiles no Lasso (a first call 0.83-0.86x EK-FAC's
-    # against the Lasso's 0.96-1.05x, BENCHMARKS.md session 14). The expander's exact solve
+    # goes to the cheaper: the solve compiles no Lasso (a first call 0.84x / 0.86x EK-FAC's,
+    # true / empirical Fisher, against the Lasso's 1.01x / 1.04x: ratios of the means of three
+    # first calls, BENCHMARKS.md session 14). The expander's exact solve
     # (0.5244) and kernel recovery (0.5243) score lower. Sessions 13-14.
     # STRIDE at N/2: gate_l2 3e-4 / 1e-3 / 3e-3 / 1e-2 / 3e-2 gave 0.4923 / 0.4948 / 0.4980 /
     # 0.5010 / 0.4991 with the kernel recovery (session 13; TRAK-10 got two more points too).
